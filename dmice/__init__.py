@@ -1,0 +1,22 @@
+"""dmice: multiple imputation by chained equations on Dask.
+
+The public API is :func:`impute`, :func:`open`, :func:`analyze` and :func:`pool`.
+"""
+
+from __future__ import annotations
+
+from dmice.api import impute, open
+from dmice.errors import DmiceError, InputError, OutputError
+from dmice.result import MultipleImputation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DmiceError",
+    "InputError",
+    "MultipleImputation",
+    "OutputError",
+    "__version__",
+    "impute",
+    "open",
+]

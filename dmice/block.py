@@ -1,0 +1,443 @@
+"""The per-partition state of a run and the work done on it inside one task.
+
+A :class:`Block` holds one partition, encoded once: the design matrix of the
+observed values, the internal values of each imputed variable, and the
+imputed cells of every chain.  A *visit* (:func:`visit`) imputes one variable
+in all m chains and, in the same pass, computes the sufficient statistics of
+the next variable's model, so each visit is one round of tasks.
+
+Blocks are treated as immutable: a visit returns a new block that shares every
+array it did not change.  Tasks are therefore pure functions of their inputs
+and keyed random streams, and a retried or recomputed task gives the same
+result.  Nothing here touches dask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.linalg.blas import dsyrk
+from scipy.special import expit, log_expit, softmax
+
+from dmice import rng as _rng
+from dmice.schema import CONTINUOUS, NOMINAL, ORDINAL, Variable, from_codes, to_codes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every task needs to know about the run (sent once per task, small)."""
+
+    variables: tuple[Variable, ...]
+    n_cols: int  # columns of the encoded design, intercept included
+    m: int
+    seed: int
+    pool_rate: dict[int, float]  # variable index -> fraction of observed rows kept as donors/sample
+
+
+@dataclass
+class Block:
+    part: int
+    n: int
+    D0: np.ndarray  # (n, n_cols) encoded design, zeros in missing cells
+    values: dict[int, np.ndarray]  # imputed variable -> internal values, NaN if missing
+    mis: dict[int, np.ndarray]  # imputed variable -> rows missing
+    obs: dict[int, np.ndarray]  # imputed variable -> rows observed
+    mis_pos: dict[int, np.ndarray]  # imputed variable -> position in imp[j] per row, -1 if observed
+    pool: dict[int, np.ndarray]  # imputed variable -> positions in obs[j] of donor/sample rows
+    pairs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    imp: dict[int, np.ndarray] = field(default_factory=dict)  # imputed variable -> (m, n_mis)
+    cache: dict[Any, np.ndarray] = field(default_factory=dict)  # statistics that never change
+    out: dict[str, Any] | None = None  # statistics returned by the last task
+
+
+def _encode_into(X: np.ndarray, sel: np.ndarray, local_cols: np.ndarray, v: Variable,
+                 vals: np.ndarray) -> None:
+    """Write internal values of variable ``v`` into rows ``sel`` of ``X``."""
+    if v.kind == CONTINUOUS:
+        X[sel, local_cols[0]] = (vals - v.center) / v.scale
+    elif v.kind in (NOMINAL, ORDINAL):
+        X[np.ix_(sel, local_cols)] = 0.0
+        codes = vals.astype(np.int64)
+        hit = codes > 0
+        rows = sel if sel.dtype != bool else np.nonzero(sel)[0]
+        X[rows[hit], local_cols[codes[hit] - 1]] = 1.0
+    else:
+        X[sel, local_cols[0]] = vals
+
+
+def encode_partition(df: pd.DataFrame, plan: Plan, part: int) -> Block:
+    """Encode one partition: design of observed values, missing masks, donor pools."""
+    n = len(df)
+    D0 = np.zeros((n, plan.n_cols))
+    D0[:, 0] = 1.0
+    values, mis, obs, mis_pos, pool = {}, {}, {}, {}, {}
+    for j, v in enumerate(plan.variables):
+        if v.width == 0 and not v.imputed:
+            continue
+        x = to_codes(df[v.name], v)
+        miss = np.isnan(x)
+        ok = ~miss
+        cols = np.arange(*v.cols)
+        if v.width:
+            _encode_into(D0, np.nonzero(ok)[0], cols, v, x[ok])
+        if v.imputed:
+            values[j] = x
+            mis[j] = np.nonzero(miss)[0]
+            obs[j] = np.nonzero(ok)[0]
+            pos = np.full(n, -1, dtype=np.int64)
+            pos[mis[j]] = np.arange(len(mis[j]))
+            mis_pos[j] = pos
+            g = _rng.generator(plan.seed, _rng.POOL, j, part)
+            rate = plan.pool_rate.get(j, 1.0)
+            keep = np.arange(len(obs[j])) if rate >= 1.0 else \
+                np.nonzero(g.random(len(obs[j])) < rate)[0]
+            pool[j] = keep
+    # rows missing in two variables at once, as positions in each one's missing rows
+    pairs = {}
+    keys = sorted(mis)
+    for a, k in enumerate(keys):
+        for l in keys[a + 1:]:
+            _, pk, pl = np.intersect1d(mis[k], mis[l], assume_unique=True, return_indices=True)
+            pairs[(k, l)] = (pk, pl)
+    return Block(part=part, n=n, D0=D0, values=values, mis=mis, obs=obs, mis_pos=mis_pos, pool=pool,
+                 pairs=pairs)
+
+
+def sample_values(block: Block) -> dict[int, np.ndarray]:
+    """Observed values in the sampling pool of each imputed variable (for the initial fill)."""
+    return {j: block.values[j][block.obs[j][p]] for j, p in block.pool.items()}
+
+
+def init_fill(block: Block, plan: Plan, pools: dict[int, np.ndarray]) -> Block:
+    """Fill each chain's missing cells with random observed values (mice's initial ``sample``)."""
+    imp = {}
+    for j, idx in block.mis.items():
+        vals = np.empty((plan.m, len(idx)))
+        for c in range(plan.m):
+            g = _rng.generator(plan.seed, _rng.INIT, c, j, block.part)
+            vals[c] = pools[j][g.integers(0, len(pools[j]), len(idx))]
+        imp[j] = vals
+    return replace(block, imp=imp, out=None)
+
+
+def encoded(v: Variable, vals: np.ndarray) -> np.ndarray:
+    """Encoded design columns of internal values ``vals`` (any shape): shape ``vals.shape + (width,)``."""
+    if v.kind == CONTINUOUS:
+        return ((vals - v.center) / v.scale)[..., None]
+    if v.kind in (NOMINAL, ORDINAL):
+        return np.eye(v.n_levels)[vals.astype(np.int64)][..., 1:]
+    return vals[..., None]
+
+
+def imputed_parts(block: Block, plan: Plan, skip: int | None = None) -> list[tuple[int, np.ndarray]]:
+    """The imputed cells of every chain as ``(variable, values (m, rows, width))``, in encoded form.
+
+    The design of chain c is ``D0 + E_c`` where ``E_c`` holds these values in the
+    missing cells (``D0`` is zero there).
+    """
+    out = []
+    for k, vals in block.imp.items():
+        v = plan.variables[k]
+        if k == skip or v.width == 0 or not len(block.mis[k]):
+            continue
+        out.append((k, encoded(v, vals)))
+    return out
+
+
+def design(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Encoded design of ``rows`` x ``cols`` for every chain: ``(m, len(rows), len(cols))``."""
+    full = np.repeat(block.D0[rows][None], plan.m, axis=0)
+    for k, V in imputed_parts(block, plan):
+        pos = block.mis_pos[k][rows]
+        sel = np.nonzero(pos >= 0)[0]
+        if len(sel):
+            full[:, sel, plan.variables[k].cols[0]:plan.variables[k].cols[1]] = V[:, pos[sel]]
+    return full[:, :, cols]
+
+
+def _small_matmul(V: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``V @ B`` for ``V (m, r, w)`` and ``B (m, w, l)`` with small w and l, without batched BLAS calls."""
+    out = V[:, :, 0, None] * B[:, None, 0, :]
+    for i in range(1, V.shape[2]):
+        out += V[:, :, i, None] * B[:, None, i, :]
+    return out
+
+
+def _wgram(D: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``D' diag(w) D``; a symmetric rank-k update (half the flops) when ``w >= 0``."""
+    if np.any(w < 0):
+        return (D * w[:, None]).T @ D
+    X = D * np.sqrt(w)[:, None]
+    G = dsyrk(1.0, X, trans=1, lower=0)
+    return np.triu(G) + np.triu(G, 1).T
+
+
+def linear_predictor(block: Block, plan: Plan, B: np.ndarray, rows: np.ndarray | None = None,
+                     parts: list[tuple[int, np.ndarray]] | None = None) -> np.ndarray:
+    """``(D0 + E_c)[rows] @ B[c]`` for every chain; ``B`` is ``(m, Q)`` or ``(m, Q, L)``."""
+    squeeze = B.ndim == 2
+    if squeeze:
+        B = B[..., None]
+    D = block.D0 if rows is None else block.D0[rows]
+    eta = np.matmul(D, B)
+    for k, V in parts if parts is not None else imputed_parts(block, plan):
+        a, b = plan.variables[k].cols
+        if rows is None:
+            eta[:, block.mis[k]] += _small_matmul(V, B[:, a:b])
+        else:
+            pos = block.mis_pos[k][rows]
+            sel = np.nonzero(pos >= 0)[0]
+            if len(sel):
+                eta[:, sel] += _small_matmul(V[:, pos[sel]], B[:, a:b])
+    return eta[..., 0] if squeeze else eta
+
+
+def cross_product(block: Block, plan: Plan, R: np.ndarray,
+                  parts: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """``(D0 + E_c)' R[c]`` for every chain; ``R`` is ``(m, n)``; returns ``(m, Q)``."""
+    g = R @ block.D0
+    for k, V in parts:
+        a, b = plan.variables[k].cols
+        g[:, a:b] += np.matmul(R[:, None, block.mis[k]], V)[:, 0]
+    return g
+
+
+def weighted_gram(block: Block, plan: Plan, W: np.ndarray, parts: list[tuple[int, np.ndarray]],
+                  base: np.ndarray | None = None) -> np.ndarray:
+    """``(D0 + E_c)' diag(W[c]) (D0 + E_c)`` for every chain: ``(m, Q, Q)``.
+
+    ``W`` is ``(m, n)``, or ``(n,)`` when shared by the chains, in which case ``base``
+    may hold the cached ``D0' diag(W) D0``.  The terms involving the imputed cells cost
+    O(missing cells x Q) per chain, so a shared, cached base makes a visit's cost grow
+    with the number of missing cells rather than the number of rows.
+    """
+    m = plan.m
+    D0 = block.D0
+    if W.ndim == 1:
+        if base is None:
+            base = _wgram(D0, W)
+        G = np.repeat(base[None], m, axis=0)
+        Wc = np.broadcast_to(W, (m, len(W)))
+    else:
+        G = np.stack([_wgram(D0, W[c]) for c in range(m)])
+        Wc = W
+    cols = {k: plan.variables[k].cols for k, _ in parts}
+    WV = {}
+    for k, V in parts:
+        a, b = cols[k]
+        rows = block.mis[k]
+        WV[k] = V * Wc[:, rows, None]
+        C = np.matmul(D0[rows].T, WV[k])
+        G[:, :, a:b] += C
+        G[:, a:b, :] += C.transpose(0, 2, 1)
+        G[:, a:b, a:b] += np.matmul(V.transpose(0, 2, 1), WV[k])
+    for i, (k, _) in enumerate(parts):
+        for l, Vl in parts[i + 1:]:
+            pk, pl = block.pairs[(k, l)] if (k, l) in block.pairs else block.pairs[(l, k)][::-1]
+            if not len(pk):
+                continue
+            T = np.matmul(WV[k][:, pk].transpose(0, 2, 1), Vl[:, pl])
+            (a, b), (c0, c1) = cols[k], cols[l]
+            G[:, a:b, c0:c1] += T
+            G[:, c0:c1, a:b] += T.transpose(0, 2, 1)
+    return G
+
+
+# ---------------------------------------------------------------------------
+# imputation of one variable from drawn parameters
+
+
+def _match(yhat_mis: np.ndarray, donor_yhat: np.ndarray, donor_y: np.ndarray, donors: int,
+           g: np.random.Generator) -> np.ndarray:
+    """Type-1 predictive mean matching against sorted donor predictions.
+
+    The ``donors`` nearest donors of a value form a contiguous run of the sorted
+    predictions; it is found by growing the run one donor at a time towards the
+    nearer side, then one donor of the run is taken at random.
+    """
+    S = len(donor_yhat)
+    d = min(donors, S)
+    hi = np.searchsorted(donor_yhat, yhat_mis)  # run is [lo, hi)
+    lo = hi.copy()
+    ext = np.concatenate([[-np.inf], donor_yhat, [np.inf]])  # ext[i + 1] == donor_yhat[i]
+    for _ in range(d):
+        left = yhat_mis - ext[lo]  # distance to donor lo - 1
+        right = ext[hi + 1] - yhat_mis  # distance to donor hi
+        take_left = left <= right
+        lo = np.where(take_left, lo - 1, lo)
+        hi = np.where(take_left, hi, hi + 1)
+    return donor_y[lo + g.integers(0, d, len(yhat_mis))]
+
+
+def impute_values(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int,
+                  g: np.random.Generator) -> np.ndarray:
+    """New internal values for the missing rows of one chain from their linear predictor(s)."""
+    method = order["method"]
+    n = eta.shape[0]
+    if method == "sample":
+        pool = order["values"]
+        return pool[g.integers(0, len(pool), n)]
+    if method == "norm":
+        return v.center + v.scale * (eta + order["sigma"][c] * g.standard_normal(n))
+    if method == "pmm":
+        return _match(eta, order["donor_yhat"][c], order["donor_y"][c], order["donors"], g)
+    if method == "logreg":
+        return (g.random(n) < expit(eta)).astype(np.float64)
+    if method == "polyreg":
+        full = np.zeros((n, eta.shape[1] + 1))
+        full[:, 1:] = eta
+        P = softmax(full, axis=1)
+        u = g.random(n)
+        return np.minimum((P.cumsum(axis=1) < u[:, None]).sum(axis=1), eta.shape[1]).astype(float)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _chain_summary(vals: np.ndarray, v: Variable) -> np.ndarray:
+    """Per-chain sums that give the mean and sd (continuous) or level counts (categorical)."""
+    if v.kind == CONTINUOUS:
+        return np.stack([np.full(len(vals), vals.shape[1], dtype=float), vals.sum(axis=1),
+                         (vals ** 2).sum(axis=1)], axis=1)
+    K = v.n_levels
+    return np.stack([np.bincount(r.astype(np.int64), minlength=K) for r in vals]).astype(float)
+
+
+# ---------------------------------------------------------------------------
+# statistics for the next model
+
+
+def _full_coef(plan: Plan, xcols: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Coefficients on the predictor columns spread to all Q design columns (zeros elsewhere)."""
+    B = np.zeros((plan.m, plan.n_cols) + beta.shape[2:])
+    B[:, xcols] = beta
+    return B
+
+
+def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, Any]:
+    """Sufficient statistics of one conditional model for all chains (see :mod:`dmice.stats`)."""
+    j = request["var"]
+    v = plan.variables[j]
+    xcols = request["xcols"]
+    kind = request["stat"]
+    obs = block.obs[j]
+    parts = imputed_parts(block, plan, skip=j)
+    w = np.zeros(block.n)
+    w[obs] = 1.0
+    out_sum: dict[str, np.ndarray] = {"n": np.array(float(len(obs)))}
+    out_cat: dict[str, np.ndarray] = {}
+    if kind == "gram":
+        key = ("gram", j)
+        if key not in block.cache:
+            D = block.D0[obs]
+            block.cache[key] = D.T @ D
+        G = weighted_gram(block, plan, w, parts, base=block.cache[key])
+        sel = np.append(xcols, v.cols[0])  # predictors, then the (scaled) target itself
+        out_sum["G"] = G[:, sel][:, :, sel]
+        if request.get("pool"):
+            rows = obs[block.pool[j]]
+            out_cat["pool_X"] = design(block, plan, rows, xcols)
+            out_cat["pool_y"] = block.values[j][rows]
+        return {"sum": out_sum, "cat": out_cat}
+    y = np.nan_to_num(block.values[j])
+    beta = request["beta"]
+    if kind == "logistic":
+        eta = linear_predictor(block, plan, _full_coef(plan, xcols, beta), parts=parts)
+        mu = expit(eta)
+        R = (y - mu) * w
+        Wt = mu * (1.0 - mu) * w
+        ll = (y * log_expit(eta) + (1.0 - y) * log_expit(-eta)) * w
+        out_sum["g"] = cross_product(block, plan, R, parts)[:, xcols]
+        out_sum["H"] = weighted_gram(block, plan, Wt, parts)[:, xcols][:, :, xcols]
+        out_sum["ll"] = ll.sum(axis=1)
+    elif kind == "multinomial":
+        eta = linear_predictor(block, plan, _full_coef(plan, xcols, beta), parts=parts)  # (m, n, K-1)
+        km1 = eta.shape[2]
+        full = np.concatenate([np.zeros(eta.shape[:2] + (1,)), eta], axis=2)
+        P = softmax(full, axis=2)
+        codes = y.astype(np.int64)
+        q = len(xcols)
+        g = np.empty((plan.m, km1 * q))
+        H = np.empty((plan.m, km1 * q, km1 * q))
+        for a in range(km1):
+            R = ((codes == a + 1) - P[:, :, a + 1]) * w
+            g[:, a * q:(a + 1) * q] = cross_product(block, plan, R, parts)[:, xcols]
+            for b in range(a, km1):
+                Wt = P[:, :, a + 1] * ((1.0 if a == b else 0.0) - P[:, :, b + 1]) * w
+                blk = weighted_gram(block, plan, Wt, parts)[:, xcols][:, :, xcols]
+                H[:, a * q:(a + 1) * q, b * q:(b + 1) * q] = blk
+                if b != a:
+                    H[:, b * q:(b + 1) * q, a * q:(a + 1) * q] = blk.transpose(0, 2, 1)
+        out_sum["g"], out_sum["H"] = g, H
+        out_sum["ll"] = (np.log(np.take_along_axis(P, codes[None, :, None], axis=2)[..., 0]
+                                .clip(1e-300)) * w).sum(axis=1)
+    else:
+        raise ValueError(f"unknown statistics {kind!r}")
+    return {"sum": out_sum, "cat": out_cat}
+
+
+def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
+          request: dict[str, Any] | None) -> Block:
+    """Impute ``order['var']`` in all chains, then compute the statistics of ``request``."""
+    new = replace(block, imp=dict(block.imp), out=None)
+    out: dict[str, Any] = {"sum": {}, "cat": {}}
+    if order is not None:
+        j = order["var"]
+        v = plan.variables[j]
+        rows = block.mis[j]
+        vals = np.empty((plan.m, len(rows)))
+        if len(rows):
+            eta = None
+            if order["method"] != "sample":
+                eta = linear_predictor(block, plan, _full_coef(plan, order["xcols"], order["beta"]),
+                                       rows=rows)
+            for c in range(plan.m):
+                g = _rng.generator(plan.seed, _rng.WORKER, c, order["iteration"], j, block.part)
+                vals[c] = impute_values(eta[c] if eta is not None else np.empty(len(rows)),
+                                        order, v, c, g)
+        new.imp[j] = vals
+        out["sum"]["chain"] = _chain_summary(vals, v)
+    if request is not None:
+        st = model_stats(new, plan, request)
+        out["sum"].update(st["sum"])
+        out["cat"].update(st["cat"])
+    new.out = out
+    return new
+
+
+def get_out(block: Block) -> dict[str, Any]:
+    return block.out or {"sum": {}, "cat": {}}
+
+
+def combine(outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum (statistics) and concatenate (donor rows) outputs of several partitions, in order."""
+    res: dict[str, Any] = {"sum": {}, "cat": {}}
+    cat: dict[str, list[np.ndarray]] = {}
+    for o in outs:
+        for k, a in o["sum"].items():
+            res["sum"][k] = a if k not in res["sum"] else res["sum"][k] + a
+        for k, a in o["cat"].items():
+            cat.setdefault(k, []).append(a)
+    res["cat"] = {k: np.concatenate(v, axis=1 if k == "pool_X" else 0) for k, v in cat.items()}
+    return res
+
+
+# ---------------------------------------------------------------------------
+# completed data
+
+
+def complete_partition(df: pd.DataFrame, block: Block, plan: Plan, chain: int) -> pd.DataFrame:
+    """Partition ``df`` with the missing cells of each imputed variable filled from ``chain``."""
+    out = df.copy()
+    for j, rows in block.mis.items():
+        if not len(rows):
+            continue
+        v = plan.variables[j]
+        col = out[v.name]
+        filled = from_codes(block.imp[j][chain], v, col)
+        s = col.copy()
+        s.iloc[rows] = filled.to_numpy() if not isinstance(col.dtype, pd.CategoricalDtype) \
+            else filled.values
+        out[v.name] = s
+    return out

@@ -1,0 +1,177 @@
+"""The chained-equations loop: the only module that talks to the scheduler.
+
+Data flow of a run:
+
+1. one pass of per-partition summaries infers the schema (kinds, levels, moments);
+2. each partition is encoded once into a :class:`dmice.block.Block`, held on the workers;
+3. the missing cells of every chain get random observed values;
+4. the loop visits each incomplete variable in turn.  One visit is one round of
+   tasks, one per partition, covering all m chains: impute the current variable
+   with the parameters drawn on the client, then compute the sufficient statistics
+   of the next variable's model; the statistics are tree-reduced in partition order
+   (so sums never depend on which worker finished first) and gathered.  Newton fits
+   that have not converged from their warm start take extra statistics-only rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from dask import delayed
+from distributed import Client, Future, wait
+
+from dmice import block as _block
+from dmice.methods import TargetModel
+from dmice.schema import Schema
+
+log = logging.getLogger("dmice")
+
+#: partitions combined by one reduction task
+FANIN = 8
+
+
+class Engine:
+    """Runs the chained loop for one imputation object on a distributed client."""
+
+    def __init__(self, client: Client, plan: _block.Plan, blocks: list[Future],
+                 models: dict[int, TargetModel], schema: Schema):
+        self.client = client
+        self.plan = plan
+        self.blocks = blocks
+        self.models = models
+        self.schema = schema
+        self.iteration = 0
+        self.chain_stats: list[dict[str, Any]] = []
+        self.rounds = 0
+
+    # -- rounds of tasks ---------------------------------------------------------------
+    def _reduce(self, outs: list[Future]) -> dict[str, Any]:
+        level = outs
+        while len(level) > FANIN:
+            level = [self.client.submit(_block.combine, level[i:i + FANIN], pure=False)
+                     for i in range(0, len(level), FANIN)]
+        return _block.combine(self.client.gather(level))
+
+    def _round(self, order: dict[str, Any] | None, request: dict[str, Any] | None) -> dict[str, Any]:
+        plan = self.plan
+        new = [self.client.submit(_block.visit, b, plan, order, request, pure=False)
+               for b in self.blocks]
+        outs = [self.client.submit(_block.get_out, b, pure=False) for b in new]
+        res = self._reduce(outs)
+        self.blocks = new
+        self.rounds += 1
+        return res
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self, iterations: int, visit_sequence: list[int], events: list[dict[str, Any]],
+            progress: Callable[[int, int, float], None] | None = None) -> None:
+        """Run ``iterations`` more iterations of the chained loop."""
+        flat = [(self.iteration + i + 1, j) for i in range(iterations) for j in visit_sequence]
+        pending: dict[str, Any] | None = None  # statistics computed for flat[k] by the previous round
+        t_iter = time.perf_counter()
+        for k, (it, j) in enumerate(flat):
+            model = self.models[j]
+            res = pending if pending is not None else (
+                self._round(None, model.request()) if model.request() is not None else None)
+            if res is not None:
+                while not model.update(res, it, events):
+                    res = self._round(None, model.request())
+            order = model.order(it)
+            nxt = self.models[flat[k + 1][1]].request() if k + 1 < len(flat) else None
+            out = self._round(order, nxt)
+            pending = out if nxt is not None else None
+            self._record_chain(it, j, out)
+            if k + 1 == len(flat) or flat[k + 1][0] != it:
+                self.iteration = it
+                secs = time.perf_counter() - t_iter
+                t_iter = time.perf_counter()
+                if progress is not None:
+                    progress(it, iterations, secs)
+
+    def _record_chain(self, it: int, j: int, out: dict[str, Any]) -> None:
+        v = self.plan.variables[j]
+        ch = out["sum"]["chain"]
+        for c in range(self.plan.m):
+            if ch.shape[1] == 3 and v.levels is None:
+                n, s, ss = ch[c]
+                mean = s / n if n else np.nan
+                var = (ss - n * mean * mean) / (n - 1) if n > 1 else np.nan
+                self.chain_stats.append({"iteration": it, "variable": v.name, "chain": c + 1,
+                                         "mean": mean, "sd": float(np.sqrt(max(var, 0.0)))})
+            else:
+                tot = ch[c].sum()
+                for lev, cnt in zip(v.levels or [], ch[c]):
+                    self.chain_stats.append({"iteration": it, "variable": v.name, "chain": c + 1,
+                                             "level": str(lev), "proportion": cnt / tot if tot else np.nan})
+
+
+def summarize(client: Client, parts: list[Any]) -> list[dict[str, Any]]:
+    """Per-partition summaries, computed on the cluster (one pass over the data)."""
+    from dmice.schema import summarize_partition
+
+    futs = client.compute([delayed(summarize_partition)(p) for p in parts])
+    return client.gather(futs)
+
+
+def encode(client: Client, parts: list[Any], plan: _block.Plan) -> list[Future]:
+    """Encode every partition into a block held on the workers."""
+    futs = client.compute([delayed(_block.encode_partition)(p, plan, i) for i, p in enumerate(parts)])
+    wait(futs)
+    return futs
+
+
+def gather_pools(client: Client, blocks: list[Future], plan: _block.Plan) -> dict[int, np.ndarray]:
+    """The sampling pool of observed values of each imputed variable, in partition order."""
+    pieces = client.gather([client.submit(_block.sample_values, b, pure=False) for b in blocks])
+    return {j: np.concatenate([p[j] for p in pieces]) for j in pieces[0]} if pieces else {}
+
+
+def init_fill(client: Client, blocks: list[Future], plan: _block.Plan,
+              pools: dict[int, np.ndarray]) -> list[Future]:
+    pools_f = client.scatter(pools, broadcast=True) if len(blocks) > 1 else pools
+    return [client.submit(_block.init_fill, b, plan, pools_f, pure=False) for b in blocks]
+
+
+def complete_frame(ddf: Any, blocks: list[Future], plan: _block.Plan, chain: int) -> Any:
+    """Lazy dask DataFrame of one completed data set."""
+    import dask.dataframe as dd
+
+    parts = ddf.to_delayed()
+    meta = ddf._meta
+    pieces = [delayed(_block.complete_partition)(p, b, plan, chain) for p, b in zip(parts, blocks)]
+    return dd.from_delayed(pieces, meta=meta, divisions=ddf.divisions, verify_meta=False)
+
+
+def write_parquet(client: Client, ddf: Any, blocks: list[Future], plan: _block.Plan, url: str,
+                  storage_options: dict[str, Any] | None) -> list[list[dict[str, Any]]]:
+    """Write every imputation of every partition; one task per partition writes all m files."""
+    from dmice import store
+
+    parts = ddf.to_delayed()
+    tasks = [delayed(store.write_partition)(p, b, plan, url, i, storage_options)
+             for i, (p, b) in enumerate(zip(parts, blocks))]
+    return client.gather(client.compute(tasks))
+
+
+def get_client(address: str | None = None, n_workers: int | None = None) -> tuple[Client, Any]:
+    """The active client, or a new embedded LocalCluster (returned so it can be closed)."""
+    from distributed import LocalCluster
+    from distributed import get_client as _get
+
+    if address:
+        return Client(address), None
+    try:
+        return _get(), None
+    except ValueError:
+        pass
+    import os
+
+    n = n_workers or max(1, min(os.cpu_count() or 1, 4))
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                           dashboard_address=":0", silence_logs=logging.ERROR)
+    client = Client(cluster)
+    return client, cluster

@@ -1,0 +1,364 @@
+"""Tests of dmice.pooling.pool (Rubin's rules as in R mice's pool())."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy import stats
+
+from dmice.pooling import pool
+
+GOLDEN = Path(__file__).parent / "fixtures" / "pool_golden.json"
+POOLED_COLUMNS = [
+    "term",
+    "m",
+    "estimate",
+    "ubar",
+    "b",
+    "t",
+    "dfcom",
+    "df",
+    "riv",
+    "lambda",
+    "fmi",
+]
+SUMMARY_COLUMNS = [
+    "term",
+    "estimate",
+    "std_error",
+    "statistic",
+    "df",
+    "p_value",
+    "conf_low",
+    "conf_high",
+]
+
+# Two terms, m = 3 imputations: "a" varies, "c" is identical in every imputation.
+Q = np.array([[1.0, 3.0], [2.0, 3.0], [4.0, 3.0]])
+U = np.array([[0.5, 1.0], [0.7, 2.0], [0.6, 3.0]])
+
+
+# ----------------------------------------------------------------- by hand
+
+
+def test_pooled_by_hand_with_dfcom():
+    res = pool(Q, U, dfcom=10, terms=["a", "c"])
+    pooled = res.pooled.set_index("term")
+    assert list(res.pooled.columns) == POOLED_COLUMNS
+
+    # term "a": Q = 1, 2, 4; U = 0.5, 0.7, 0.6; m = 3
+    qbar = (1 + 2 + 4) / 3  # 7/3
+    ubar = (0.5 + 0.7 + 0.6) / 3  # 0.6
+    b = ((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / (3 - 1)  # 7/3
+    t = ubar + (1 + 1 / 3) * b  # 0.6 + 28/9
+    riv = (1 + 1 / 3) * b / ubar
+    lam = (1 + 1 / 3) * b / t
+    dfold = (3 - 1) / lam**2
+    dfobs = (10 + 1) / (10 + 3) * 10 * (1 - lam)
+    df = dfold * dfobs / (dfold + dfobs)
+    fmi = (riv + 2 / (df + 3)) / (riv + 1)
+    expected_a = dict(
+        m=3, estimate=qbar, ubar=ubar, b=b, t=t, dfcom=10, df=df, riv=riv, fmi=fmi
+    )
+    expected_a["lambda"] = lam
+    for col, value in expected_a.items():
+        assert pooled.loc["a", col] == pytest.approx(value, rel=1e-12), col
+    assert b == pytest.approx(7 / 3) and t == pytest.approx(0.6 + 28 / 9)
+
+    # term "c": Q = 3, 3, 3 so b = 0 and lambda = 0; mice floors lambda at
+    # 1e-4 in the df computation only.
+    ubar_c = (1 + 2 + 3) / 3
+    dfold_c = (3 - 1) / 1e-4**2
+    dfobs_c = (10 + 1) / (10 + 3) * 10 * (1 - 1e-4)
+    df_c = dfold_c * dfobs_c / (dfold_c + dfobs_c)
+    assert pooled.loc["c", "estimate"] == 3.0
+    assert pooled.loc["c", "b"] == 0.0
+    assert pooled.loc["c", "lambda"] == 0.0
+    assert pooled.loc["c", "riv"] == 0.0
+    assert pooled.loc["c", "t"] == pytest.approx(ubar_c, rel=1e-12)
+    assert pooled.loc["c", "df"] == pytest.approx(df_c, rel=1e-12)
+    assert pooled.loc["c", "fmi"] == pytest.approx(2 / (df_c + 3), rel=1e-12)
+
+
+def test_pooled_by_hand_large_sample():
+    res = pool(Q, U, terms=["a", "c"])
+    lam = (4 / 3) * (7 / 3) / (0.6 + 28 / 9)
+    assert (res.pooled["dfcom"] == np.inf).all()
+    assert res.pooled["df"].iloc[0] == pytest.approx(2 / lam**2, rel=1e-12)
+    assert res.pooled["df"].iloc[1] == pytest.approx(2 / 1e-4**2, rel=1e-12)
+
+
+def test_summary_by_hand():
+    res = pool(Q, U, dfcom=10, terms=["a", "c"])
+    row = res.pooled.iloc[0]
+    smry = res.summary(conf_level=0.9)
+    assert list(smry.columns) == SUMMARY_COLUMNS
+
+    se = math.sqrt(0.6 + 28 / 9)
+    statistic = (7 / 3) / se
+    p_value = 2 * stats.t.sf(abs(statistic), row["df"])
+    half = stats.t.ppf(0.95, row["df"]) * se
+    got = smry.iloc[0]
+    assert got["std_error"] == pytest.approx(se, rel=1e-12)
+    assert got["statistic"] == pytest.approx(statistic, rel=1e-12)
+    assert got["p_value"] == pytest.approx(p_value, rel=1e-12)
+    assert got["conf_low"] == pytest.approx(7 / 3 - half, rel=1e-12)
+    assert got["conf_high"] == pytest.approx(7 / 3 + half, rel=1e-12)
+
+    expo = res.summary(conf_level=0.9, exponentiate=True).iloc[0]
+    assert expo["estimate"] == pytest.approx(math.exp(7 / 3), rel=1e-12)
+    assert expo["conf_low"] == pytest.approx(math.exp(7 / 3 - half), rel=1e-12)
+    assert expo["conf_high"] == pytest.approx(math.exp(7 / 3 + half), rel=1e-12)
+    assert expo["std_error"] == got["std_error"]
+    assert expo["p_value"] == got["p_value"]
+
+    no_ci = res.summary(conf_int=False)
+    assert list(no_ci.columns) == SUMMARY_COLUMNS[:-2]
+
+
+def test_covariance_by_hand():
+    cov = np.array(
+        [
+            [[0.5, 0.1], [0.1, 1.0]],
+            [[0.7, 0.2], [0.2, 2.0]],
+            [[0.6, 0.3], [0.3, 3.0]],
+        ]
+    )
+    q = np.array([[1.0, 0.0], [2.0, 1.0], [4.0, 5.0]])
+    res = pool(q, cov, terms=["a", "c"])
+    # B[a, c] = sum((Qa - 7/3)(Qc - 2)) / 2
+    #         = ((-4/3)(-2) + (-1/3)(-1) + (5/3)(3)) / 2 = 4
+    b_ac = ((1 - 7 / 3) * (0 - 2) + (2 - 7 / 3) * (1 - 2) + (4 - 7 / 3) * (5 - 2)) / 2
+    b_cc = ((0 - 2) ** 2 + (1 - 2) ** 2 + (5 - 2) ** 2) / 2  # 7
+    expected = np.array(
+        [
+            [0.6 + 4 / 3 * (7 / 3), 0.2 + 4 / 3 * b_ac],
+            [0.2 + 4 / 3 * b_ac, 2.0 + 4 / 3 * b_cc],
+        ]
+    )
+    assert b_ac == pytest.approx(4.0)
+    np.testing.assert_allclose(res.covariance.to_numpy(), expected, rtol=1e-12)
+    assert list(res.covariance.index) == ["a", "c"] == list(res.covariance.columns)
+    np.testing.assert_allclose(np.diag(expected), res.pooled["t"], rtol=1e-12)
+    assert len(res.covariances) == 3
+
+
+# ---------------------------------------------------------- input formats
+
+
+def test_labelled_inputs_are_aligned_by_term():
+    expected = pool(Q, U, dfcom=10, terms=["a", "c"]).pooled
+    est = [pd.Series(row, index=["a", "c"]) for row in Q]
+    est[1] = est[1][["c", "a"]]  # order within one imputation does not matter
+    var = [pd.Series(row[::-1], index=["c", "a"]) for row in U]
+    pd.testing.assert_frame_equal(pool(est, var, dfcom=10).pooled, expected)
+
+    frame = pd.DataFrame(Q, columns=["a", "c"])
+    pd.testing.assert_frame_equal(
+        pool(frame, pd.DataFrame(U, columns=["a", "c"]), dfcom=10).pooled, expected
+    )
+
+    covs = [
+        pd.DataFrame(np.diag(row), index=["a", "c"], columns=["a", "c"]).loc[
+            ["c", "a"], ["c", "a"]
+        ]
+        for row in U
+    ]
+    res = pool(est, covs, dfcom=10)
+    pd.testing.assert_frame_equal(res.pooled, expected)
+    assert res.m == 3 and res.dfcom == 10 and res.terms == ["a", "c"]
+    assert res.estimates.shape == (3, 2) and res.variances.shape == (3, 2)
+
+
+def test_terms_select_and_order_labelled_estimates():
+    est = pd.DataFrame(Q, columns=["a", "c"])
+    res = pool(est, U, dfcom=10, terms=["c"])
+    assert res.terms == ["c"]
+    assert res.pooled["ubar"].iloc[0] == pytest.approx(2.0)
+    assert res.pooled["b"].iloc[0] == 0.0
+
+
+def test_one_dimensional_input_is_one_term():
+    res = pool([1.0, 2.0, 4.0], [0.5, 0.7, 0.6])
+    assert res.terms == ["term0"]
+    assert res.pooled["estimate"].iloc[0] == pytest.approx(7 / 3)
+
+
+def test_repr_is_readable():
+    text = repr(pool(Q, U, dfcom=10, terms=["a", "c"]))
+    assert text.startswith("PooledResult(m=3, dfcom=10, conf_level=0.95)")
+    assert "estimate" in text and "fmi" in text
+
+
+# ------------------------------------------------------ golden from R mice
+
+
+def _golden_cases() -> list[dict]:
+    return json.loads(GOLDEN.read_text())["cases"]
+
+
+def _floats(values) -> np.ndarray:
+    # jsonlite writes Inf as the string "Inf"
+    return np.array([float(v) for v in np.atleast_1d(values)])
+
+
+def test_golden_metadata():
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["r_version"].startswith("R version")
+    assert golden["mice_version"]
+
+
+@pytest.mark.parametrize(
+    "use_covariances", [False, True], ids=["variances", "covariances"]
+)
+@pytest.mark.parametrize("case", _golden_cases(), ids=lambda c: c["name"])
+def test_matches_r_mice(case, use_covariances):
+    variances = case["covariances"] if use_covariances else case["variances"]
+    res = pool(
+        np.array(case["estimates"]),
+        np.array(variances),
+        dfcom=float(case["dfcom"]),
+        terms=case["terms"],
+    )
+    assert list(res.pooled["term"]) == case["terms"]
+    assert (res.pooled["dfcom"] == float(case["dfcom"])).all()
+    for col, values in case["pooled"].items():
+        np.testing.assert_allclose(
+            res.pooled[col].to_numpy(float),
+            _floats(values),
+            rtol=1e-8,
+            atol=0,
+            err_msg=col,
+        )
+
+    smry = res.summary(
+        conf_int=True, exponentiate=case["exponentiate"], conf_level=case["conf_level"]
+    )
+    for col, values in case["summary"].items():
+        np.testing.assert_allclose(
+            smry[col].to_numpy(float), _floats(values), rtol=1e-8, atol=0, err_msg=col
+        )
+
+
+# ------------------------------------------------------------- properties
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    m=st.integers(2, 10),
+    fit=st.integers(1, 5).flatmap(
+        lambda p: st.tuples(
+            arrays(np.float64, p, elements=st.floats(-1e6, 1e6)),
+            arrays(np.float64, p, elements=st.floats(1e-6, 1e6)),
+        )
+    ),
+)
+def test_identical_fits_have_no_between_variance(m, fit):
+    q, u = fit
+    res = pool(np.tile(q, (m, 1)), np.tile(u, (m, 1)))
+    pooled = res.pooled
+    assert (pooled["b"] == 0).all()
+    np.testing.assert_array_equal(pooled["estimate"].to_numpy(), q)
+    assert (pooled["riv"] == 0).all() and (pooled["lambda"] == 0).all()
+    np.testing.assert_allclose(pooled["t"], u, rtol=1e-12)
+    # lambda floored at 1e-4 in Barnard-Rubin df (dfcom infinite)
+    np.testing.assert_allclose(pooled["df"], (m - 1) / 1e-8, rtol=1e-12)
+
+
+# ------------------------------------------------------------------ m = 1
+
+
+def test_single_imputation_warns_and_keeps_fit():
+    with pytest.warns(UserWarning, match="pooling needs m >= 2"):
+        res = pool(Q[:1], U[:1], dfcom=10, terms=["a", "c"])
+    pooled = res.pooled
+    np.testing.assert_array_equal(pooled["estimate"], Q[0])
+    np.testing.assert_array_equal(pooled["t"], U[0])
+    assert (pooled["b"] == 0).all() and (pooled["df"] == 10).all()
+
+    with pytest.warns(UserWarning, match="pooling needs m >= 2"):
+        res = pool(Q[:1], U[:1])
+    assert (res.pooled["df"] == np.inf).all()
+    smry = res.summary()
+    np.testing.assert_allclose(
+        smry["conf_high"], Q[0] + stats.norm.ppf(0.975) * np.sqrt(U[0]), rtol=1e-12
+    )
+
+
+# ------------------------------------------------------------- bad inputs
+
+
+def test_dfcom_below_one_is_raised_to_one_like_mice():
+    assert pool(Q, U, dfcom=0.5).dfcom == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(estimates=np.empty((0, 2)), variances=np.empty((0, 2))), "estimates"),
+        (dict(estimates=np.ones((2, 2, 2)), variances=U), "estimates"),
+        (dict(estimates=[[1.0, "x"], [2.0, 3.0]], variances=U[:2]), "estimates"),
+        (dict(estimates=Q, variances=U[:2]), "variances"),
+        (dict(estimates=Q, variances=U[:, :1]), "variances"),
+        (dict(estimates=Q, variances=np.ones((3, 2, 3))), "variances"),
+        (
+            dict(estimates=np.where(Q == 4, np.nan, Q), variances=U),
+            "estimates must be finite",
+        ),
+        (
+            dict(estimates=Q, variances=np.where(U == 2, np.inf, U)),
+            "variances must be finite",
+        ),
+        (dict(estimates=Q, variances=-U), "variances must be non-negative"),
+        (
+            dict(estimates=Q, variances=np.array([[[1.0, 0.5], [0.0, 1.0]]] * 3)),
+            "symmetric",
+        ),
+        (dict(estimates=Q, variances=U, dfcom=0), "dfcom"),
+        (dict(estimates=Q, variances=U, dfcom=float("nan")), "dfcom"),
+        (dict(estimates=Q, variances=U, dfcom="many"), "dfcom"),
+        (dict(estimates=Q, variances=U, conf_level=1.5), "conf_level"),
+        (dict(estimates=Q, variances=U, terms=["a"]), "terms"),
+        (dict(estimates=Q, variances=U, terms=["a", "a"]), "terms"),
+        (dict(estimates=Q, variances=U, terms="ac"), "terms"),
+        (
+            dict(
+                estimates=pd.DataFrame(Q, columns=["a", "c"]), variances=U, terms=["z"]
+            ),
+            "terms",
+        ),
+        (
+            dict(
+                estimates=[
+                    pd.Series([1.0, 2.0], index=["a", "c"]),
+                    pd.Series([1.0, 2.0], index=["a", "z"]),
+                ],
+                variances=U[:2],
+            ),
+            "estimates",
+        ),
+        (
+            dict(
+                estimates=pd.DataFrame(Q, columns=["a", "c"]),
+                variances=pd.DataFrame(U, columns=["a", "z"]),
+            ),
+            "variances",
+        ),
+    ],
+)
+def test_bad_inputs_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pool(**kwargs)
+
+
+def test_bad_summary_conf_level():
+    with pytest.raises(ValueError, match="conf_level"):
+        pool(Q, U).summary(conf_level=0)
