@@ -201,7 +201,19 @@ def engine_dmice(data: pd.DataFrame | None, rows: int, partition_rows: int, n_wo
         cluster.close()
 
 
-def engine_statsmodels(num: pd.DataFrame, m: int, max_iter: int, seed: int) -> dict[str, Any]:
+def _blas_limit(threads: int | None) -> Any:
+    """Context limiting BLAS/OpenMP threads of this process (no limit when ``threads`` is None)."""
+    import contextlib
+
+    if threads is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads)
+
+
+def engine_statsmodels(num: pd.DataFrame, m: int, max_iter: int, seed: int,
+                       blas_threads: int | None) -> dict[str, Any]:
     """m independent MICEData chains, each update_all(max_iter); the final state of each is one data set."""
     import inspect
 
@@ -209,23 +221,24 @@ def engine_statsmodels(num: pd.DataFrame, m: int, max_iter: int, seed: int) -> d
 
     has_rng = "rng" in inspect.signature(MICEData.__init__).parameters
     rss_before = _self_rss_mib()
-    t0 = time.perf_counter()
     completed = []
-    for k in range(1, m + 1):
-        if has_rng:
-            md = MICEData(num, rng=seed + k)
-        else:  # older statsmodels draws from numpy's global state
-            np.random.seed(seed + k)
-            md = MICEData(num)
-        md.update_all(max_iter)
-        completed.append(md.data.copy())
-    seconds = time.perf_counter() - t0
+    with _blas_limit(blas_threads):
+        t0 = time.perf_counter()
+        for k in range(1, m + 1):
+            if has_rng:
+                md = MICEData(num, rng=seed + k)
+            else:  # older statsmodels draws from numpy's global state
+                np.random.seed(seed + k)
+                md = MICEData(num)
+            md.update_all(max_iter)
+            completed.append(md.data.copy())
+        seconds = time.perf_counter() - t0
     left = int(sum(int(d.isna().sum().sum()) for d in completed))
-    return {"seconds": seconds, "rss_before_mib": rss_before, "missing_left": left,
-            "seeded_with": "rng=" if has_rng else "np.random.seed"}
+    return {"seconds": seconds, "rss_before_mib": rss_before, "missing_left": left}
 
 
-def engine_sklearn(num: pd.DataFrame, m: int, max_iter: int, seed: int) -> dict[str, Any]:
+def engine_sklearn(num: pd.DataFrame, m: int, max_iter: int, seed: int,
+                   blas_threads: int | None) -> dict[str, Any]:
     """IterativeImputer(sample_posterior=True, random_state=k) fitted m times."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.experimental import enable_iterative_imputer  # noqa: F401
@@ -233,14 +246,14 @@ def engine_sklearn(num: pd.DataFrame, m: int, max_iter: int, seed: int) -> dict[
 
     x = num.to_numpy()
     rss_before = _self_rss_mib()
-    t0 = time.perf_counter()
     completed = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _blas_limit(blas_threads):
         warnings.simplefilter("ignore", ConvergenceWarning)
+        t0 = time.perf_counter()
         for k in range(1, m + 1):
             completed.append(IterativeImputer(max_iter=max_iter, sample_posterior=True,
                                               random_state=k).fit_transform(x))
-    seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
     left = int(sum(int(np.isnan(c).sum()) for c in completed))
     return {"seconds": seconds, "rss_before_mib": rss_before, "missing_left": left}
 
@@ -397,7 +410,7 @@ def render(rows: list[dict[str, Any]], notes: list[str], info: dict[str, str], a
         f"- command: `{' '.join(shlex.quote(a) for a in argv)}`",
         f"- machine: {info['nproc']} CPUs (nproc), {info['memory']} memory, CPU model: {info['cpu']}",
         f"- Python {info['python']}; {info['versions']}",
-        f"- BLAS in the single-process peers (threadpoolctl): {info['blas']}",
+        f"- BLAS library default (threadpoolctl): {info['blas']}",
         f"- load average (1 / 5 / 15 min) at start {info['load_start']}, at end {_loadavg()} "
         "(anything else running on the machine slows every engine)",
         "",
@@ -449,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="dmice LocalCluster worker processes")
     parser.add_argument("--partition-rows", type=int, default=1_000_000,
                         help="rows per dask partition given to dmice")
+    parser.add_argument("--peer-blas-threads", type=int, default=None,
+                        help="limit BLAS threads of the statsmodels and scikit-learn runs "
+                             "(default: the library default, see the report's BLAS line)")
     parser.add_argument("--data-seed", type=int, default=DATA_SEED, help="seed of the synthetic data")
     args = parser.parse_args(argv)
     cmdline = ["python", Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)]
@@ -507,11 +523,15 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("Peers skipped (`--skip-peers`).")
     else:
         num = numeric_frame(df)
+        notes.append("statsmodels and scikit-learn BLAS threads: "
+                     + ("library default (see the BLAS line above)" if args.peer_blas_threads is None
+                        else f"limited to {args.peer_blas_threads} (`--peer-blas-threads`)")
+                     + "; dmice's worker processes run 1 BLAS thread each (distributed's default).")
         numeric_note = ("the numeric-encoded frame (sex and diet as category codes 0.., smoker "
                         "and diabetes as 0/1, NA as NaN, everything float64)")
 
         _say(f"statsmodels MICEData, {n:,} rows")
-        r = run_isolated(engine_statsmodels, num, M, MAX_ITER, SEED)
+        r = run_isolated(engine_statsmodels, num, M, MAX_ITER, SEED, args.peer_blas_threads)
         _say(f"  {_outcome(r)}")
         peer(f"statsmodels {_version('statsmodels')} MICEData", r,
              f"statsmodels: `MICEData` on {numeric_note}; {M} independent chains (a fresh "
@@ -523,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
              + ("" if r.get("error") else f"; missing values left: {r['missing_left']}") + ".")
 
         _say(f"scikit-learn IterativeImputer, {n:,} rows")
-        r = run_isolated(engine_sklearn, num, M, MAX_ITER, SEED)
+        r = run_isolated(engine_sklearn, num, M, MAX_ITER, SEED, args.peer_blas_threads)
         _say(f"  {_outcome(r)}")
         peer(f"scikit-learn {_version('scikit-learn')} IterativeImputer", r,
              f"scikit-learn: `IterativeImputer(max_iter={MAX_ITER}, sample_posterior=True, "

@@ -158,6 +158,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         client, cluster = _engine.get_client()
     try:
         t0 = time.perf_counter()
+        _engine.tune_workers(client)
         parts = ddf.to_delayed()
         summaries = _engine.summarize(client, parts)
         variables = combine_summaries(summaries, ddf.dtypes)

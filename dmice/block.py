@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.linalg.blas import dsyrk
-from scipy.special import expit, log_expit, softmax
+from scipy.special import expit
 
 from dmice import rng as _rng
+from dmice import stats
 from dmice.schema import CONTINUOUS, NOMINAL, ORDINAL, Variable, from_codes, to_codes
 
 
@@ -147,15 +147,30 @@ def imputed_parts(block: Block, plan: Plan, skip: int | None = None) -> list[tup
     return out
 
 
-def design(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Encoded design of ``rows`` x ``cols`` for every chain: ``(m, len(rows), len(cols))``."""
-    full = np.repeat(block.D0[rows][None], plan.m, axis=0)
+def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
+    """Yield the encoded design of ``rows`` x ``cols`` for chain 0, 1, ..., m-1 in turn."""
+    base = block.D0[np.ix_(rows, cols)]
+    col_pos = {int(c): i for i, c in enumerate(cols)}
+    fills = []
     for k, V in imputed_parts(block, plan):
+        a, b = plan.variables[k].cols
+        local = [col_pos.get(c) for c in range(a, b)]
+        if any(p is None for p in local):
+            continue
         pos = block.mis_pos[k][rows]
         sel = np.nonzero(pos >= 0)[0]
         if len(sel):
-            full[:, sel, plan.variables[k].cols[0]:plan.variables[k].cols[1]] = V[:, pos[sel]]
-    return full[:, :, cols]
+            fills.append((sel, np.asarray(local), V[:, pos[sel]]))
+    for c in range(plan.m):
+        X = base.copy()
+        for sel, local, V in fills:
+            X[np.ix_(sel, local)] = V[c]
+        yield X
+
+
+def design(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Encoded design of ``rows`` x ``cols`` for every chain: ``(m, len(rows), len(cols))``."""
+    return np.stack(list(chain_designs(block, plan, rows, cols)))
 
 
 def _small_matmul(V: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -166,13 +181,24 @@ def _small_matmul(V: np.ndarray, B: np.ndarray) -> np.ndarray:
     return out
 
 
+def _left_matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A @ B[c]`` for every chain as one BLAS call: ``A (r, s)``, ``B (m, s, w)`` -> ``(m, r, w)``."""
+    m, s, w = B.shape
+    out = A @ B.transpose(1, 0, 2).reshape(s, m * w)
+    return out.reshape(A.shape[0], m, w).transpose(1, 0, 2)
+
+
+def _chain_crossprod(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A[c]' B[c]`` for every chain: ``A (m, r, w)``, ``B (m, r, v)`` -> ``(m, w, v)``."""
+    return np.einsum("crw,crv->cwv", A, B)
+
+
 def _wgram(D: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``D' diag(w) D``; a symmetric rank-k update (half the flops) when ``w >= 0``."""
     if np.any(w < 0):
         return (D * w[:, None]).T @ D
     X = D * np.sqrt(w)[:, None]
-    G = dsyrk(1.0, X, trans=1, lower=0)
-    return np.triu(G) + np.triu(G, 1).T
+    return X.T @ X  # numpy computes X'X as a symmetric rank-k update
 
 
 def linear_predictor(block: Block, plan: Plan, B: np.ndarray, rows: np.ndarray | None = None,
@@ -182,7 +208,7 @@ def linear_predictor(block: Block, plan: Plan, B: np.ndarray, rows: np.ndarray |
     if squeeze:
         B = B[..., None]
     D = block.D0 if rows is None else block.D0[rows]
-    eta = np.matmul(D, B)
+    eta = _left_matmul(D, B)
     for k, V in parts if parts is not None else imputed_parts(block, plan):
         a, b = plan.variables[k].cols
         if rows is None:
@@ -230,16 +256,16 @@ def weighted_gram(block: Block, plan: Plan, W: np.ndarray, parts: list[tuple[int
         a, b = cols[k]
         rows = block.mis[k]
         WV[k] = V * Wc[:, rows, None]
-        C = np.matmul(D0[rows].T, WV[k])
+        C = _left_matmul(D0[rows].T, WV[k])
         G[:, :, a:b] += C
         G[:, a:b, :] += C.transpose(0, 2, 1)
-        G[:, a:b, a:b] += np.matmul(V.transpose(0, 2, 1), WV[k])
+        G[:, a:b, a:b] += _chain_crossprod(V, WV[k])
     for i, (k, _) in enumerate(parts):
         for l, Vl in parts[i + 1:]:
             pk, pl = block.pairs[(k, l)] if (k, l) in block.pairs else block.pairs[(l, k)][::-1]
             if not len(pk):
                 continue
-            T = np.matmul(WV[k][:, pk].transpose(0, 2, 1), Vl[:, pl])
+            T = _chain_crossprod(WV[k][:, pk], Vl[:, pl])
             (a, b), (c0, c1) = cols[k], cols[l]
             G[:, a:b, c0:c1] += T
             G[:, c0:c1, a:b] += T.transpose(0, 2, 1)
@@ -287,9 +313,7 @@ def impute_values(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int,
     if method == "logreg":
         return (g.random(n) < expit(eta)).astype(np.float64)
     if method == "polyreg":
-        full = np.zeros((n, eta.shape[1] + 1))
-        full[:, 1:] = eta
-        P = softmax(full, axis=1)
+        P = stats.softmax0(eta)
         u = g.random(n)
         return np.minimum((P.cumsum(axis=1) < u[:, None]).sum(axis=1), eta.shape[1]).astype(float)
     raise ValueError(f"unknown method {method!r}")
@@ -340,39 +364,15 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
             out_cat["pool_X"] = design(block, plan, rows, xcols)
             out_cat["pool_y"] = block.values[j][rows]
         return {"sum": out_sum, "cat": out_cat}
-    y = np.nan_to_num(block.values[j])
+    # Newton models: the weights differ per chain everywhere, so each chain's design of the
+    # observed rows is built once and the kernels of dmice.stats run on it directly
+    y = block.values[j][obs]
     beta = request["beta"]
-    if kind == "logistic":
-        eta = linear_predictor(block, plan, _full_coef(plan, xcols, beta), parts=parts)
-        mu = expit(eta)
-        R = (y - mu) * w
-        Wt = mu * (1.0 - mu) * w
-        ll = (y * log_expit(eta) + (1.0 - y) * log_expit(-eta)) * w
-        out_sum["g"] = cross_product(block, plan, R, parts)[:, xcols]
-        out_sum["H"] = weighted_gram(block, plan, Wt, parts)[:, xcols][:, :, xcols]
-        out_sum["ll"] = ll.sum(axis=1)
-    elif kind == "multinomial":
-        eta = linear_predictor(block, plan, _full_coef(plan, xcols, beta), parts=parts)  # (m, n, K-1)
-        km1 = eta.shape[2]
-        full = np.concatenate([np.zeros(eta.shape[:2] + (1,)), eta], axis=2)
-        P = softmax(full, axis=2)
-        codes = y.astype(np.int64)
-        q = len(xcols)
-        g = np.empty((plan.m, km1 * q))
-        H = np.empty((plan.m, km1 * q, km1 * q))
-        for a in range(km1):
-            R = ((codes == a + 1) - P[:, :, a + 1]) * w
-            g[:, a * q:(a + 1) * q] = cross_product(block, plan, R, parts)[:, xcols]
-            for b in range(a, km1):
-                Wt = P[:, :, a + 1] * ((1.0 if a == b else 0.0) - P[:, :, b + 1]) * w
-                blk = weighted_gram(block, plan, Wt, parts)[:, xcols][:, :, xcols]
-                H[:, a * q:(a + 1) * q, b * q:(b + 1) * q] = blk
-                if b != a:
-                    H[:, b * q:(b + 1) * q, a * q:(a + 1) * q] = blk.transpose(0, 2, 1)
-        out_sum["g"], out_sum["H"] = g, H
-        out_sum["ll"] = (np.log(np.take_along_axis(P, codes[None, :, None], axis=2)[..., 0]
-                                .clip(1e-300)) * w).sum(axis=1)
-    else:
+    kernel = stats.logistic if kind == "logistic" else stats.multinomial
+    res = [kernel(X, y, beta[c]) for c, X in enumerate(chain_designs(block, plan, obs, xcols))]
+    for key in ("g", "H", "ll"):
+        out_sum[key] = np.stack([r[key] for r in res])
+    if kind not in ("logistic", "multinomial"):
         raise ValueError(f"unknown statistics {kind!r}")
     return {"sum": out_sum, "cat": out_cat}
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from dask import delayed
+from dask.sizeof import sizeof
 from distributed import Client, Future, wait
 
 from dmice import block as _block
@@ -47,6 +48,7 @@ class Engine:
         self.iteration = 0
         self.chain_stats: list[dict[str, Any]] = []
         self.rounds = 0
+        self.bytes_gathered = 0  # what crossed to the client: statistics and donor samples only
 
     # -- rounds of tasks ---------------------------------------------------------------
     def _reduce(self, outs: list[Future]) -> dict[str, Any]:
@@ -54,7 +56,9 @@ class Engine:
         while len(level) > FANIN:
             level = [self.client.submit(_block.combine, level[i:i + FANIN], pure=False)
                      for i in range(0, len(level), FANIN)]
-        return _block.combine(self.client.gather(level))
+        got = self.client.gather(level)
+        self.bytes_gathered += sum(sizeof(g) for g in got)
+        return _block.combine(got)
 
     def _round(self, order: dict[str, Any] | None, request: dict[str, Any] | None) -> dict[str, Any]:
         plan = self.plan
@@ -107,6 +111,16 @@ class Engine:
                 for lev, cnt in zip(v.levels or [], ch[c]):
                     self.chain_stats.append({"iteration": it, "variable": v.name, "chain": c + 1,
                                              "level": str(lev), "proportion": cnt / tot if tot else np.nan})
+
+
+def tune_workers(client: Client) -> None:
+    """Allocator settings that keep numpy temporaries off mmap in the workers (see dmice._malloc)."""
+    from dmice import _malloc
+
+    try:
+        client.run(_malloc.tune)
+    except Exception as e:  # noqa: BLE001 - a performance setting, never a reason to fail
+        log.debug("could not tune worker allocators: %s", type(e).__name__)
 
 
 def summarize(client: Client, parts: list[Any]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ analysis models.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit, log_expit, logsumexp
+from scipy.special import expit, log_expit
 
 
 def gram(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -32,12 +32,22 @@ def logistic(X: np.ndarray, y: np.ndarray, beta: np.ndarray,
     mu = expit(eta)
     w = mu * (1.0 - mu)
     r = y - mu
-    ll = y * log_expit(eta) + (1.0 - y) * log_expit(-eta)
+    ll = y * eta + log_expit(-eta)  # y log(mu) + (1 - y) log(1 - mu)
     if weights is not None:
         w = w * weights
         r = r * weights
         ll = ll * weights
-    return {"g": X.T @ r, "H": (X * w[:, None]).T @ X, "ll": np.array(ll.sum())}
+    Xs = X * np.sqrt(w)[:, None]
+    return {"g": X.T @ r, "H": Xs.T @ Xs, "ll": np.array(ll.sum())}
+
+
+def softmax0(eta: np.ndarray) -> np.ndarray:
+    """Probabilities of K levels from the K-1 linear predictors against level 0 (last axis)."""
+    full = np.concatenate([np.zeros(eta.shape[:-1] + (1,)), eta], axis=-1)
+    full -= full.max(axis=-1, keepdims=True)
+    np.exp(full, out=full)
+    full /= full.sum(axis=-1, keepdims=True)
+    return full
 
 
 def multinomial(X: np.ndarray, codes: np.ndarray, B: np.ndarray) -> dict[str, np.ndarray]:
@@ -45,26 +55,23 @@ def multinomial(X: np.ndarray, codes: np.ndarray, B: np.ndarray) -> dict[str, np
 
     ``B`` is ``(q, K-1)``: the coefficients of levels 1..K-1 against level 0.
     Parameters are stacked level by level (``vec`` of ``B`` in column order):
-    ``g`` is ``(K-1)q`` and ``H`` is ``((K-1)q, (K-1)q)``.
+    ``g`` is ``(K-1)q`` and ``H`` is ``((K-1)q, (K-1)q)`` with blocks
+    ``H_ab = X' diag(p_a (delta_ab - p_b)) X``, computed as ``blockdiag(X' A_a) - A'A``
+    with ``A_a = diag(p_a) X`` (one rank-k update for all blocks).
     """
     n, q = X.shape
     km1 = B.shape[1]
-    eta = np.zeros((n, km1 + 1))
-    eta[:, 1:] = X @ B
-    lse = logsumexp(eta, axis=1)
-    P = np.exp(eta - lse[:, None])[:, 1:]  # (n, K-1)
-    Y = np.zeros((n, km1))
+    P = softmax0(X @ B)
     c = codes.astype(np.int64)
+    ll = np.log(np.clip(P[np.arange(n), c], 1e-300, None)).sum()
+    P = P[:, 1:]
+    Y = np.zeros((n, km1))
     has = c > 0
     Y[np.nonzero(has)[0], c[has] - 1] = 1.0
-    ll = eta[np.arange(n), c].sum() - lse.sum()
-    g = (X.T @ (Y - P)).T.reshape(-1)  # level-major
-    H = np.empty((km1 * q, km1 * q))
+    g = ((Y - P).T @ X).reshape(-1)  # level-major
+    A = (P[:, :, None] * X[:, None, :]).reshape(n, km1 * q)
+    H = -(A.T @ A)
+    XA = X.T @ A
     for a in range(km1):
-        for b in range(a, km1):
-            w = P[:, a] * ((1.0 if a == b else 0.0) - P[:, b])
-            blk = (X * w[:, None]).T @ X
-            H[a * q:(a + 1) * q, b * q:(b + 1) * q] = blk
-            if b != a:
-                H[b * q:(b + 1) * q, a * q:(a + 1) * q] = blk
+        H[a * q:(a + 1) * q, a * q:(a + 1) * q] += XA[:, a * q:(a + 1) * q]
     return {"g": g, "H": H, "ll": np.array(ll)}

@@ -161,3 +161,16 @@ def test_long_format(cluster_client):
     long = imp.complete("long").compute()
     assert len(long) == 3 * len(df)
     assert sorted(long["imputation"].unique()) == [1, 2, 3]
+
+
+def test_only_statistics_reach_the_client(cluster_client):
+    """What the loop gathers per visit does not grow with the rows: the data stays on the workers."""
+    per_visit = {}
+    for n in (8000, 32000):
+        df = mixed_frame(n, seed=1)
+        imp = dmice.impute(dd.from_pandas(df, npartitions=4), m=2, max_iter=2, seed=1, donor_pool=500)
+        eng = imp._engine
+        per_visit[n] = eng.bytes_gathered / eng.rounds
+        data_bytes = df.memory_usage(deep=True).sum()
+    assert eng.bytes_gathered < data_bytes / 4, (eng.bytes_gathered, data_bytes)
+    assert per_visit[32000] < 1.5 * per_visit[8000], per_visit

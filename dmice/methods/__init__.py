@@ -21,6 +21,8 @@ from dmice.schema import Variable
 
 #: penalty added to the coefficients when a model has too few observations
 FALLBACK_PENALTY = 1.0
+#: a Newton fit is accepted once its remaining error is predicted below this many standard errors
+NEWTON_ACCURACY = 0.05
 
 
 class TargetModel:
@@ -28,6 +30,7 @@ class TargetModel:
 
     def __init__(self, j: int, var: Variable, xcols: np.ndarray, *, m: int, seed: int,
                  donors: int = 5, ridge: float = 1e-5, newton_tol: float = 0.2,
+                 newton_accuracy: float = NEWTON_ACCURACY,
                  max_newton: int = 25, sample_pool: np.ndarray | None = None):
         self.j = j
         self.var = var
@@ -38,6 +41,7 @@ class TargetModel:
         self.donors = donors
         self.ridge = ridge
         self.newton_tol = newton_tol
+        self.newton_accuracy = newton_accuracy
         self.max_newton = max_newton
         self.sample_pool = sample_pool
         q = len(self.xcols)
@@ -47,6 +51,8 @@ class TargetModel:
         self._donor: tuple[np.ndarray, np.ndarray] | None = None
         self._rounds = 0
         self.last_rounds = 0
+        self._last_step = np.inf
+        self._curvature = 0.0  # largest observed Newton contraction constant M
 
     # -- what the workers compute -------------------------------------------------
     @property
@@ -125,13 +131,21 @@ class TargetModel:
         self.beta = new
         self._fits = fits
         self._rounds += 1
-        if worst <= self.newton_tol or self._rounds >= self.max_newton:
+        # Newton converges quadratically: e_next ~ M e^2 (in standard errors).  M is measured on
+        # consecutive steps of the same fit; once known, a step d leaves an error of about M d^2.
+        prev, self._last_step = self._last_step, worst
+        if self._rounds > 1 and 0.05 <= prev <= 2.0:
+            self._curvature = max(self._curvature, worst / prev**2)
+        predicted = self._curvature * worst**2 if self._curvature > 0 else np.inf
+        done = worst <= self.newton_tol or (worst <= 3.0 and predicted <= self.newton_accuracy)
+        if done or self._rounds >= self.max_newton:
             if worst > self.newton_tol:
                 events.append({"iteration": iteration, "variable": self.var.name,
                                "event": f"Newton fit did not converge in {self._rounds} steps "
                                         "(possible separation)"})
             self.last_rounds = self._rounds
             self._rounds = 0
+            self._last_step = np.inf
             return True
         return False
 
