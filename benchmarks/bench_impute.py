@@ -167,6 +167,7 @@ def engine_dmice(data: pd.DataFrame | None, rows: int, partition_rows: int, n_wo
     client = Client(cluster)
     startup = time.perf_counter() - t0
     try:
+        partition_rows = partition_rows or min(1_000_000, math.ceil(rows / n_workers))
         nparts = max(1, math.ceil(rows / partition_rows))
         if data is not None:
             ddf = dd.from_pandas(data, npartitions=nparts, sort=False)
@@ -460,8 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-peers", action="store_true",
                         help="run dmice only (no statsmodels, scikit-learn or R)")
     parser.add_argument("--workers", type=int, default=2, help="dmice LocalCluster worker processes")
-    parser.add_argument("--partition-rows", type=int, default=1_000_000,
-                        help="rows per dask partition given to dmice")
+    parser.add_argument("--partition-rows", type=int, default=None,
+                        help="rows per dask partition given to dmice (default: rows / workers, "
+                             "at most 1,000,000)")
     parser.add_argument("--peer-blas-threads", type=int, default=None,
                         help="limit BLAS threads of the statsmodels and scikit-learn runs "
                              "(default: the library default, see the report's BLAS line)")
@@ -503,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             f"dmice at {n:,} rows: `dmice.impute(ddf, m={M}, max_iter={MAX_ITER}, seed={SEED}, "
             f"client=client)` on a `LocalCluster(n_workers={args.workers}, threads_per_worker=1)` "
             f"(processes); the data were a dask DataFrame of {d['partitions']} partition(s) "
-            f"(`--partition-rows {args.partition_rows:,}`), persisted on the workers before the "
+            f"(`--partition-rows {args.partition_rows or 'rows / workers, at most 1,000,000'}`), persisted on the workers before the "
             f"timer started ({d['load_seconds']:.2f} s, not included); methods "
             f"{', '.join(f'{k}={v}' for k, v in d['method'].items())}; tree RSS just before the "
             f"call {d['rss_before_mib']:.0f} MiB.")
@@ -573,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- dmice alone at scale ------------------------------------------------------------
     for n in args.scale:
-        _say(f"dmice, {n:,} rows (data built on the workers in chunks of {args.partition_rows:,})")
+        _say(f"dmice, {n:,} rows (data built on the workers in chunks of {args.partition_rows or min(1_000_000, -(-n // args.workers)):,})")
         d = run_isolated(engine_dmice, None, n, args.partition_rows, args.workers, M, MAX_ITER,
                          SEED, args.data_seed, True)
         _say(f"  {_outcome(d)}")
@@ -584,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             notes.append(
                 f"dmice at {n:,} rows: {d['partitions']} partition(s) of up to "
-                f"{args.partition_rows:,} rows, each an amputed `make_cohort` chunk with its own "
+                f"{-(-n // d['partitions']):,} rows, each an amputed `make_cohort` chunk with its own "
                 f"seeds, generated and persisted on the workers before the timer started "
                 f"({d['load_seconds']:.2f} s, not included); cluster start-up "
                 f"{d['startup_seconds']:.2f} s (not included); tree RSS just before the call "

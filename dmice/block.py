@@ -53,21 +53,6 @@ class Block:
     out: dict[str, Any] | None = None  # statistics returned by the last task
 
 
-def _encode_into(X: np.ndarray, sel: np.ndarray, local_cols: np.ndarray, v: Variable,
-                 vals: np.ndarray) -> None:
-    """Write internal values of variable ``v`` into rows ``sel`` of ``X``."""
-    if v.kind == CONTINUOUS:
-        X[sel, local_cols[0]] = (vals - v.center) / v.scale
-    elif v.kind in (NOMINAL, ORDINAL):
-        X[np.ix_(sel, local_cols)] = 0.0
-        codes = vals.astype(np.int64)
-        hit = codes > 0
-        rows = sel if sel.dtype != bool else np.nonzero(sel)[0]
-        X[rows[hit], local_cols[codes[hit] - 1]] = 1.0
-    else:
-        X[sel, local_cols[0]] = vals
-
-
 def encode_partition(df: pd.DataFrame, plan: Plan, part: int) -> Block:
     """Encode one partition: design of observed values, missing masks, donor pools."""
     n = len(df)
@@ -82,7 +67,7 @@ def encode_partition(df: pd.DataFrame, plan: Plan, part: int) -> Block:
         ok = ~miss
         cols = np.arange(*v.cols)
         if v.width:
-            _encode_into(D0, np.nonzero(ok)[0], cols, v, x[ok])
+            D0[np.ix_(np.nonzero(ok)[0], cols)] = encoded(v, x[ok])
         if v.imputed:
             values[j] = x
             mis[j] = np.nonzero(miss)[0]
@@ -219,16 +204,6 @@ def linear_predictor(block: Block, plan: Plan, B: np.ndarray, rows: np.ndarray |
             if len(sel):
                 eta[:, sel] += _small_matmul(V[:, pos[sel]], B[:, a:b])
     return eta[..., 0] if squeeze else eta
-
-
-def cross_product(block: Block, plan: Plan, R: np.ndarray,
-                  parts: list[tuple[int, np.ndarray]]) -> np.ndarray:
-    """``(D0 + E_c)' R[c]`` for every chain; ``R`` is ``(m, n)``; returns ``(m, Q)``."""
-    g = R @ block.D0
-    for k, V in parts:
-        a, b = plan.variables[k].cols
-        g[:, a:b] += np.matmul(R[:, None, block.mis[k]], V)[:, 0]
-    return g
 
 
 def weighted_gram(block: Block, plan: Plan, W: np.ndarray, parts: list[tuple[int, np.ndarray]],
@@ -378,8 +353,9 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
 
 
 def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
-          request: dict[str, Any] | None) -> Block:
-    """Impute ``order['var']`` in all chains, then compute the statistics of ``request``."""
+          request: dict[str, Any] | list[dict[str, Any]] | None) -> Block:
+    """Impute ``order['var']`` in all chains, then compute the statistics of ``request`` (or of
+    each request of a list)."""
     new = replace(block, imp=dict(block.imp), out=None)
     out: dict[str, Any] = {"sum": {}, "cat": {}}
     if order is not None:
@@ -398,12 +374,24 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
                                         order, v, c, g)
         new.imp[j] = vals
         out["sum"]["chain"] = _chain_summary(vals, v)
-    if request is not None:
+    if isinstance(request, list):  # several models at once: keys prefixed with the request's index
+        for i, r in enumerate(request):
+            st = model_stats(new, plan, r)
+            for part in ("sum", "cat"):
+                out[part].update({f"{i}/{k}": a for k, a in st[part].items()})
+    elif request is not None:
         st = model_stats(new, plan, request)
         out["sum"].update(st["sum"])
         out["cat"].update(st["cat"])
     new.out = out
     return new
+
+
+def split_out(res: dict[str, Any], i: int) -> dict[str, Any]:
+    """The statistics of request ``i`` from the combined output of a list of requests."""
+    pre = f"{i}/"
+    return {part: {k[len(pre):]: a for k, a in res[part].items() if k.startswith(pre)}
+            for part in ("sum", "cat")}
 
 
 def get_out(block: Block) -> dict[str, Any]:
@@ -419,7 +407,7 @@ def combine(outs: list[dict[str, Any]]) -> dict[str, Any]:
             res["sum"][k] = a if k not in res["sum"] else res["sum"][k] + a
         for k, a in o["cat"].items():
             cat.setdefault(k, []).append(a)
-    res["cat"] = {k: np.concatenate(v, axis=1 if k == "pool_X" else 0) for k, v in cat.items()}
+    res["cat"] = {k: np.concatenate(v, axis=1 if k.endswith("pool_X") else 0) for k, v in cat.items()}
     return res
 
 

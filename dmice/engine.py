@@ -74,6 +74,8 @@ class Engine:
     def run(self, iterations: int, visit_sequence: list[int], events: list[dict[str, Any]],
             progress: Callable[[int, int, float], None] | None = None) -> None:
         """Run ``iterations`` more iterations of the chained loop."""
+        if self.iteration == 0:
+            self.prefit(events)
         flat = [(self.iteration + i + 1, j) for i in range(iterations) for j in visit_sequence]
         pending: dict[str, Any] | None = None  # statistics computed for flat[k] by the previous round
         t_iter = time.perf_counter()
@@ -95,6 +97,19 @@ class Engine:
                 t_iter = time.perf_counter()
                 if progress is not None:
                     progress(it, iterations, secs)
+
+    def prefit(self, events: list[dict[str, Any]]) -> None:
+        """Cold-start Newton fits of all logistic and multinomial models together, on the initial fill.
+
+        Each round computes the statistics of every model still iterating, so the cold start
+        costs as many rounds as the slowest model needs rather than their sum; the first visit
+        of each model then starts warm.
+        """
+        pending = [m for m in self.models.values() if m.stat in ("logistic", "multinomial")]
+        while pending:
+            res = self._round(None, [m.request() for m in pending])
+            pending = [m for i, m in enumerate(pending)
+                       if not m.update(_block.split_out(res, i), 0, events)]
 
     def _record_chain(self, it: int, j: int, out: dict[str, Any]) -> None:
         v = self.plan.variables[j]
