@@ -127,7 +127,11 @@ def run_demo(*, n: int = 200_000, m: int = 5, max_iter: int = 10, seed: int = 1,
     try:
         echo(f"cluster: {len(client.scheduler_info()['workers'])} workers "
              f"({'embedded LocalCluster' if cluster is not None else 'existing client'})")
-        ddf = dd.from_pandas(data, npartitions=max(2, n // 100_000), sort=False)
+        # the partitions go to the workers once, rather than inside every task graph
+        nparts = max(2, n // 100_000)
+        bounds = np.linspace(0, n, nparts + 1).astype(int)
+        chunks = client.scatter([data.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        ddf = dd.from_delayed(chunks, meta=data.iloc[:0], verify_meta=False)
         t1 = time.perf_counter()
 
         def progress(it: int, total: int, secs: float) -> None:
@@ -145,6 +149,8 @@ def run_demo(*, n: int = 200_000, m: int = 5, max_iter: int = 10, seed: int = 1,
         frames = [imp.complete(k) for k in range(1, m + 1)]
         fit = fit_glm(frames, outcome_design, terms, family="binomial", client=client)
         pooled = pool(fit.params, fit.cov, dfcom=fit.df_resid, terms=terms).summary()
+        X_full, y_full = outcome_design(full)
+        full_fit = sm.GLM(y_full, X_full, family=sm.families.Binomial()).fit()
         cc = data.dropna()
         X_cc, y_cc = outcome_design(cc)
         cc_fit = sm.GLM(y_cc, X_cc, family=sm.families.Binomial()).fit()
@@ -155,6 +161,7 @@ def run_demo(*, n: int = 200_000, m: int = 5, max_iter: int = 10, seed: int = 1,
     table = pd.DataFrame({
         "term": terms,
         "truth": [TRUE_COEF[t] for t in terms],
+        "full_data": full_fit.params,
         "complete_case": cc_fit.params,
         "cc_se": cc_fit.bse,
         "pooled": pooled["estimate"].to_numpy(),
@@ -164,10 +171,12 @@ def run_demo(*, n: int = 200_000, m: int = 5, max_iter: int = 10, seed: int = 1,
     })
     echo(f"\noutcome model: event ~ age + sex + bmi + sbp + chol + smoker + diabetes "
          f"(logistic; complete cases: {len(cc):,} of {n:,} rows)")
-    echo(table.to_string(index=False, float_format=lambda v: f"{v:8.3f}"))
-    cc_bias = np.abs(table["complete_case"] - table["truth"]) / table["cc_se"]
-    mi_bias = np.abs(table["pooled"] - table["truth"]) / table["pooled_se"]
-    echo(f"\nlargest |estimate - truth| / SE: complete cases {cc_bias.max():.1f}, "
-         f"multiple imputation {mi_bias.max():.1f}")
+    echo(table.to_string(index=False, float_format=lambda v: f"{v:8.3f}") + "\n")
+    for ref in ("truth", "full_data"):
+        cc_bias = np.abs(table["complete_case"] - table[ref]) / table["cc_se"]
+        mi_bias = np.abs(table["pooled"] - table[ref]) / table["pooled_se"]
+        echo(f"largest |estimate - {ref}| / SE: complete cases {cc_bias.max():.1f}, "
+             f"multiple imputation {mi_bias.max():.1f}")
+    echo("(full_data: the same model fitted before any value was removed)")
     echo(f"imputation took {t_imp:.1f} s; whole demo {time.perf_counter() - t0:.1f} s")
     return table
