@@ -135,7 +135,7 @@ class MultipleImputation:
             raise InputError("this result holds no data")
         path = posixpath.join(self.url.rstrip("/"), f"imputation={k}")
         ddf = dd.read_parquet(path, storage_options=self._storage_options)
-        ddf = ddf[[c for c in ddf.columns if c in self.columns or c not in ("imputation",)]]
+        ddf = ddf[self.columns]  # without the hive `imputation` column read from the path
         return ddf.map_partitions(store.restore_dtypes, self.dtypes, meta=ddf._meta.pipe(
             store.restore_dtypes, self.dtypes))
 

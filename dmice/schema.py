@@ -288,8 +288,6 @@ def assign_methods(variables: list[Variable], method: dict[str, str] | None) -> 
         elif v.incomplete and v.method == "":
             events.append({"variable": v.name, "event": "incomplete and not imputed: not used as a "
                            f"predictor ({v.n_missing} missing)"})
-        if v.kind == CONTINUOUS and v.n_observed > 0 and v.scale == 1.0 and v.imputed:
-            pass
     return events
 
 
@@ -328,11 +326,9 @@ def to_codes(s: pd.Series, var: Variable) -> np.ndarray:
             codes = np.where(codes >= 0, mapping[np.maximum(codes, 0)], -1)
         out[~miss] = codes[~miss]
         return out
-    if var.dtype in ("object", "str", "string") or pd.api.types.is_string_dtype(s.dtype) and not _is_bool(s):
+    if isinstance(var.levels[0], str):  # string column: levels are its sorted distinct values
         lookup = {lev: i for i, lev in enumerate(var.levels)}
-        obs = s[~miss]
-        out[~miss] = [lookup[str(x)] for x in obs] if len(obs) < 1000 else \
-            obs.astype(str).map(lookup).to_numpy(dtype=np.float64)
+        out[~miss] = s[~miss].astype(str).map(lookup).to_numpy(dtype=np.float64)
         return out
     # numeric or boolean two-level column
     x = s[~miss].to_numpy(dtype=np.float64)
@@ -349,8 +345,7 @@ def from_codes(codes: np.ndarray, var: Variable, like: pd.Series) -> pd.Series:
         vals = codes
         if var.integer and pd.api.types.is_integer_dtype(like.dtype):
             vals = np.round(vals)
-        return pd.Series(vals, dtype=np.float64).astype(like.dtype) \
-            if not pd.api.types.is_float_dtype(like.dtype) else pd.Series(vals).astype(like.dtype)
+        return pd.Series(vals).astype(like.dtype)
     levels = var.levels or []
     idx = codes.astype(np.int64)
     if isinstance(like.dtype, pd.CategoricalDtype):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import mixed_frame
 
@@ -79,3 +80,21 @@ def test_match_picks_among_the_nearest_donors():
     # every one of the 5 nearest is used for a fixed target
     many = B._match(np.full(5000, 0.1), donor_yhat, donor_y, 5, np.random.default_rng(2))
     assert len(np.unique(many)) == 5
+
+
+def test_codes_round_trip_for_each_kind():
+    df = pd.DataFrame({
+        "obj_bool": pd.Series([True, None, False, True], dtype=object),
+        "num01": [1.0, 0.0, np.nan, 1.0],
+        "strs": pd.Series(["b", "a", None, "c"], dtype=object),
+        "cat": pd.Categorical(["x", None, "y", "x"], categories=["never", "x", "y"]),
+    })
+    variables = S.combine_summaries([S.summarize_partition(df)], df.dtypes)
+    kinds = {v.name: (v.kind, v.levels) for v in variables}
+    assert kinds == {"obj_bool": ("binary", [False, True]), "num01": ("binary", [0, 1]),
+                     "strs": ("nominal", ["a", "b", "c"]), "cat": ("binary", ["x", "y"])}
+    for v in variables:
+        codes = S.to_codes(df[v.name], v)
+        back = S.from_codes(codes[~np.isnan(codes)], v, df[v.name])
+        assert list(back) == list(df[v.name].dropna()), v.name
+        assert back.dtype == df[v.name].dtype

@@ -146,8 +146,6 @@ with dmice.impute(df, m=2, max_iter=1, seed=1) as imp:
 assert imp._cluster is None and cluster.status.name == "closed"
 print("ok")
 """
-    if __name__ == "__main__":  # pragma: no cover
-        pass
     res = subprocess.run([sys.executable, "-c", "if __name__ == '__main__':\n" +
                           "\n".join("    " + line for line in code.strip().splitlines())],
                          capture_output=True, text=True, timeout=300)
