@@ -261,7 +261,9 @@ def _match(yhat_mis: np.ndarray, donor_yhat: np.ndarray, donor_y: np.ndarray, do
     """
     S = len(donor_yhat)
     d = min(donors, S)
-    hi = np.searchsorted(donor_yhat, yhat_mis)  # run is [lo, hi)
+    order = np.argsort(yhat_mis)  # sorted needles search several times faster
+    hi = np.empty(len(yhat_mis), dtype=np.int64)
+    hi[order] = np.searchsorted(donor_yhat, yhat_mis[order])  # run is [lo, hi)
     lo = hi.copy()
     ext = np.concatenate([[-np.inf], donor_yhat, [np.inf]])  # ext[i + 1] == donor_yhat[i]
     for _ in range(d):
