@@ -10,7 +10,8 @@ Data flow of a run:
    with the parameters drawn on the client, then compute the sufficient statistics
    of the next variable's model; the statistics are tree-reduced in partition order
    (so sums never depend on which worker finished first) and gathered.  Newton fits
-   that have not converged from their warm start take extra statistics-only rounds.
+   that have not converged from their warm start take extra statistics-only rounds;
+   before the first iteration all Newton models are cold-fitted together.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Engine:
         self.bytes_gathered += sum(sizeof(g) for g in got)
         return _block.combine(got)
 
-    def _round(self, order: dict[str, Any] | None, request: dict[str, Any] | None) -> dict[str, Any]:
+    def _round(self, order: dict[str, Any] | None,
+               request: dict[str, Any] | list[dict[str, Any]] | None) -> dict[str, Any]:
         plan = self.plan
         new = [self.client.submit(_block.visit, b, plan, order, request, pure=False)
                for b in self.blocks]
