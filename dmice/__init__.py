@@ -5,18 +5,24 @@ The public API is :func:`impute`, :func:`open`, :func:`analyze` and :func:`pool`
 
 from __future__ import annotations
 
+from dmice.analysis import AnalysisResult, analyze
 from dmice.api import impute, open
 from dmice.errors import DmiceError, InputError, OutputError
+from dmice.pooling import PooledResult, pool
 from dmice.result import MultipleImputation
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalysisResult",
     "DmiceError",
     "InputError",
     "MultipleImputation",
     "OutputError",
+    "PooledResult",
     "__version__",
+    "analyze",
     "impute",
     "open",
+    "pool",
 ]
