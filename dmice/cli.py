@@ -36,6 +36,26 @@ def _impute(args: argparse.Namespace) -> int:
     return OK
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from dmice.analysis import analyze
+
+    res = analyze(args.output_dir, args.formula, family=args.family, link=args.link,
+                  weights=args.weights, offset=args.offset, cov_type=args.cov_type)
+    table = res.summary(conf_int=True, exponentiate=args.exponentiate)
+    full = table.merge(res.pooled.drop(columns=["estimate"]), on="term")
+    print(full.to_string(index=False))
+    if args.csv:
+        full.to_csv(args.csv, index=False)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"formula": args.formula, "family": args.family, "m": res.m, "nobs": res.nobs,
+                       "dfcom": res.dfcom, "table": full.to_dict(orient="records")}, f, indent=1,
+                      default=float)
+    return OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dmice.demo import run_demo
 
@@ -58,6 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=["parquet", "csv"], default=None, help="input format")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output")
     p.set_defaults(func=_impute)
+    a = sub.add_parser("analyze", help="fit a GLM on every imputation of an output and pool it")
+    a.add_argument("output_dir", help="directory written by `dmice impute` (fsspec URL)")
+    a.add_argument("--formula", required=True, help='e.g. "event ~ age + sbp + C(diet)"')
+    a.add_argument("--family", default="gaussian", choices=["gaussian", "binomial", "poisson"])
+    a.add_argument("--link", default=None, help="binomial: logit (default), probit or cloglog")
+    a.add_argument("--weights", default=None, help="column of weights")
+    a.add_argument("--offset", default=None, help="column of the offset")
+    a.add_argument("--cov-type", default="nonrobust", choices=["nonrobust", "HC0", "HC1"])
+    a.add_argument("--exponentiate", action="store_true", help="odds or rate ratios")
+    a.add_argument("--csv", default=None, help="also write the table as CSV here")
+    a.add_argument("--json", default=None, help="also write the table as JSON here")
+    a.set_defaults(func=_analyze)
     d = sub.add_parser("demo", help="impute a synthetic cohort and compare with the truth")
     d.add_argument("--rows", type=int, default=200_000)
     d.add_argument("--m", type=int, default=5)

@@ -153,6 +153,9 @@ def summarize_partition(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
         info: dict[str, Any] = {"n": len(s), "n_missing": n_miss}
         if isinstance(s.dtype, pd.CategoricalDtype):
             info["family"] = "category"
+            # the partition's own categories: a dask dtype may hold only a placeholder
+            info["categories"] = list(s.cat.categories)
+            info["ordered"] = bool(s.cat.ordered)
             info["counts"] = np.bincount(s.cat.codes.to_numpy()[~miss.to_numpy()],
                                          minlength=len(s.cat.categories)).tolist()
         elif _is_bool(s):
@@ -223,11 +226,13 @@ def combine_summaries(parts: list[dict[str, dict[str, Any]]], dtypes: pd.Series)
             var.kind = BINARY
             var.levels = [False, True]
         elif family == "category":
-            cat = dtype
-            counts = np.sum([i["counts"] for i in infos], axis=0)
+            counts: dict[Any, int] = {}
+            for i in infos:
+                for c, k in zip(i["categories"], i["counts"]):
+                    counts[c] = counts.get(c, 0) + k
             # categories never observed are kept in the dtype but not modelled (never imputed)
-            var.levels = [c for c, k in zip(cat.categories, counts) if k > 0]
-            var.ordered = bool(cat.ordered)
+            var.levels = [c for c, k in counts.items() if k > 0]
+            var.ordered = bool(infos[0]["ordered"])
             if len(var.levels) == 2:
                 var.kind = BINARY
             elif len(var.levels) > 2:

@@ -49,3 +49,23 @@ def test_cli_bad_method_exit_code(tmp_path):
     df.to_parquet(pq)
     res = _run("impute", str(pq), str(tmp_path / "o"), "--method", "zz=pmm")
     assert res.returncode == 2 and "zz" in res.stderr
+
+
+def test_cli_analyze_prints_and_writes_the_pooled_table(tmp_path):
+    import json
+
+    df = mixed_frame(1200, seed=5)
+    pq = tmp_path / "in.parquet"
+    df.to_parquet(pq)
+    out = tmp_path / "out"
+    assert _run("impute", str(pq), str(out), "--m", "3", "--max-iter", "2", "--seed", "3").returncode == 0
+    res = _run("analyze", str(out), "--formula", "y ~ x + z + C(c)", "--csv", str(tmp_path / "t.csv"),
+               "--json", str(tmp_path / "t.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "fmi" in res.stdout and "x" in res.stdout
+    table = pd.read_csv(tmp_path / "t.csv")
+    expect = dmice.analyze(str(out), "y ~ x + z + C(c)").summary()
+    np.testing.assert_allclose(table["estimate"], expect["estimate"], rtol=1e-10)
+    assert json.load(open(tmp_path / "t.json"))["m"] == 3
+    bad = _run("analyze", str(out), "--formula", "y ~ nope")
+    assert bad.returncode == 2 and "nope" in bad.stderr

@@ -172,3 +172,16 @@ def test_only_statistics_reach_the_client(cluster_client):
         data_bytes = df.memory_usage(deep=True).sum()
     assert eng.bytes_gathered < data_bytes / 4, (eng.bytes_gathered, data_bytes)
     assert per_visit[32000] < 1.5 * per_visit[8000], per_visit
+
+
+def test_parquet_input_with_unknown_categories(cluster_client, tmp_path):
+    """dask reads Parquet categoricals with unknown categories; levels come from the partitions."""
+    df = mixed_frame(2000, seed=6)
+    df.to_parquet(tmp_path / "in.parquet")
+    ddf = dd.read_parquet(tmp_path / "in.parquet")
+    assert not ddf["c"].cat.known
+    imp = dmice.impute(ddf, m=2, max_iter=2, seed=1)
+    assert imp.method["c"] == "polyreg"
+    out = imp.complete(2).compute()
+    assert out.isna().sum().sum() == 0
+    assert set(out["c"].astype(str)) == {"a", "b", "c"}
