@@ -148,7 +148,8 @@ def run_demo(*, n: int = 200_000, m: int = 5, max_iter: int = 10, seed: int = 1,
         terms = list(TRUE_COEF)
         frames = [imp.complete(k) for k in range(1, m + 1)]
         fit = fit_glm(frames, outcome_design, terms, family="binomial", client=client)
-        pooled = pool(fit.params, fit.cov, dfcom=fit.df_resid, terms=terms).summary()
+        pooled_res = pool(fit.params, fit.cov, dfcom=fit.df_resid, terms=terms)
+        pooled, pooled_full = pooled_res.summary(), pooled_res.pooled
         X_full, y_full = outcome_design(full)
         full_fit = sm.GLM(y_full, X_full, family=sm.families.Binomial()).fit()
         cc = data.dropna()
@@ -168,10 +169,12 @@ def run_demo(*, n: int = 200_000, m: int = 5, max_iter: int = 10, seed: int = 1,
         "pooled_se": pooled["std_error"].to_numpy(),
         "conf_low": pooled["conf_low"].to_numpy(),
         "conf_high": pooled["conf_high"].to_numpy(),
+        "df": pooled["df"].to_numpy(),
+        "fmi": pooled_full["fmi"].to_numpy(),
     })
     echo(f"\noutcome model: event ~ age + sex + bmi + sbp + chol + smoker + diabetes "
          f"(logistic; complete cases: {len(cc):,} of {n:,} rows)")
-    echo(table.to_string(index=False, float_format=lambda v: f"{v:8.3f}") + "\n")
+    echo(table.to_string(index=False, float_format=lambda v: f"{v:8.3f}", formatters={"df": "{:8.0f}".format}) + "\n")
     for ref in ("truth", "full_data"):
         cc_bias = np.abs(table["complete_case"] - table[ref]) / table["cc_se"]
         mi_bias = np.abs(table["pooled"] - table[ref]) / table["pooled_se"]
