@@ -8,7 +8,15 @@ from __future__ import annotations
 from dmice.analysis import AnalysisResult, analyze
 from dmice.api import impute, open
 from dmice.errors import DmiceError, InputError, OutputError
-from dmice.pooling import PooledResult, pool
+from dmice.pooling import (
+    PooledResult,
+    chi2_d2,
+    pool,
+    pool_r_squared,
+    pool_scalar,
+    recommended_m,
+    wald_d1,
+)
 from dmice.result import MultipleImputation
 
 __version__ = "0.1.0"
@@ -22,7 +30,12 @@ __all__ = [
     "PooledResult",
     "__version__",
     "analyze",
+    "chi2_d2",
     "impute",
     "open",
     "pool",
+    "pool_r_squared",
+    "pool_scalar",
+    "recommended_m",
+    "wald_d1",
 ]

@@ -14,9 +14,19 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import stats
 
-from dmice.pooling import pool
+from dmice.pooling import (
+    chi2_d2,
+    pool,
+    pool_r_squared,
+    pool_scalar,
+    recommended_m,
+    wald_chi2,
+    wald_d1,
+)
 
 GOLDEN = Path(__file__).parent / "fixtures" / "pool_golden.json"
+TESTS_GOLDEN = Path(__file__).parent / "fixtures" / "tests_golden.json"
+TEST_COLUMNS = ["test", "statistic", "df1", "df2", "dfcom", "p_value", "riv"]
 POOLED_COLUMNS = [
     "term",
     "m",
@@ -362,3 +372,264 @@ def test_bad_inputs_raise(kwargs, match):
 def test_bad_summary_conf_level():
     with pytest.raises(ValueError, match="conf_level"):
         pool(Q, U).summary(conf_level=0)
+
+
+# ========================================= D1 / D2 / R^2 / scalar pooling
+
+
+def _tests_golden() -> dict:
+    return json.loads(TESTS_GOLDEN.read_text())
+
+
+def _check_row(got: pd.DataFrame, expected: dict, rtol: float = 1e-6) -> None:
+    assert list(got.columns) == TEST_COLUMNS and len(got) == 1
+    row = got.iloc[0]
+    for col, value in expected.items():
+        if value is None:  # R NA / NULL dfcom
+            continue
+        assert row[col] == pytest.approx(float(value), rel=rtol, abs=0), col
+
+
+def test_tests_golden_metadata():
+    golden = _tests_golden()
+    assert golden["r_version"].startswith("R version")
+    assert golden["mice_version"] and golden["mitml_version"]
+
+
+@pytest.mark.parametrize("case", _tests_golden()["tests"], ids=lambda c: c["name"])
+def test_d1_d2_match_r_mice(case):
+    q = np.array(case["estimates"])
+    u = np.array(case["covariances"])
+    tested = case["terms_tested"]
+    # D1(fit1, fit0): mice passes the residual df of fit1 as dfcom
+    got = wald_d1(q, u, tested, terms=case["terms"], dfcom=case["dfcom"])
+    _check_row(got, case["d1"])
+    assert got["dfcom"].iloc[0] == case["dfcom"]
+    # mitml::testModels(method = "D1") without df.com
+    if "d1_no_dfcom" in case:
+        got = wald_d1(q, u, tested, terms=case["terms"])
+        _check_row(got, case["d1_no_dfcom"])
+        assert got["dfcom"].iloc[0] == np.inf
+    # D2(fit1, fit0), use = "wald"
+    chi2 = wald_chi2(q, u, tested, terms=case["terms"])
+    np.testing.assert_allclose(chi2, case["wald_chi2"], rtol=1e-6)
+    got = chi2_d2(chi2, len(tested))
+    _check_row(got, case["d2"])
+    assert np.isnan(got["dfcom"].iloc[0])
+
+
+def test_d1_labelled_inputs_and_positions():
+    case = _tests_golden()["tests"][0]
+    terms = case["terms"]
+    est = pd.DataFrame(case["estimates"], columns=terms)
+    covs = [pd.DataFrame(c, index=terms, columns=terms) for c in case["covariances"]]
+    expected = case["d1"]
+    _check_row(wald_d1(est, covs, case["terms_tested"], dfcom=21), expected)
+    positions = [terms.index(t) for t in case["terms_tested"]]
+    # order of the tested terms does not matter
+    got = wald_d1(
+        np.array(case["estimates"]),
+        np.array(case["covariances"]),
+        positions[::-1],
+        dfcom=21,
+    )
+    _check_row(got, expected)
+
+
+@pytest.mark.parametrize("case", _tests_golden()["r_squared"], ids=lambda c: c["name"])
+def test_pool_r_squared_matches_r_mice(case):
+    got = pool_r_squared(case["r_squared"], case["nobs"])
+    assert list(got.index) == ["R^2"]
+    assert list(got.columns) == ["est", "lo_95", "hi_95", "fmi"]
+    for col, value in case["pooled"].items():
+        assert got[col].iloc[0] == pytest.approx(value, rel=1e-6), col
+    got = pool_r_squared(case["adj_r_squared"], case["nobs"], adjusted=True)
+    assert list(got.index) == ["adj R^2"]
+    for col, value in case["pooled_adjusted"].items():
+        assert got[col].iloc[0] == pytest.approx(value, rel=1e-6), col
+
+
+@pytest.mark.parametrize("case", _tests_golden()["scalar"], ids=lambda c: c["name"])
+def test_pool_scalar_matches_r_mice(case):
+    got = pool_scalar(
+        case["estimates"],
+        case["variances"],
+        float(case["n"]),
+        case["k"],
+        rule=case["rule"],
+    )
+    for key, value in case["result"].items():
+        if value is None:
+            assert np.isnan(getattr(got, key)), key
+        else:
+            assert getattr(got, key) == pytest.approx(value, rel=1e-6), key
+    np.testing.assert_array_equal(got.qhat, case["estimates"])
+
+
+# ------------------------------------------------- by-hand formula checks
+
+
+def test_d1_by_hand_single_term_is_squared_t():
+    # k = 1: D1's statistic is the squared pooled t statistic qbar^2 / t
+    # with the (1 + riv) ubar total variance, riv = (1 + 1/m) b / ubar.
+    q = np.array([[1.0], [2.0], [4.0]])
+    u = np.array([[[0.5]], [[0.7]], [[0.6]]])
+    got = wald_d1(q, u).iloc[0]
+    qbar, ubar, b, m = 7 / 3, 0.6, 7 / 3, 3
+    riv = (1 + 1 / m) * b / ubar
+    assert got["riv"] == pytest.approx(riv, rel=1e-12)
+    assert got["statistic"] == pytest.approx(qbar**2 / ((1 + riv) * ubar), rel=1e-12)
+    t = 1 * (m - 1)  # <= 4: small-t branch
+    df2 = t * (1 + 1) * (1 + 1 / riv) ** 2 / 2
+    assert got["df2"] == pytest.approx(df2, rel=1e-12)
+    assert got["p_value"] == pytest.approx(
+        stats.f.sf(got["statistic"], 1, df2), rel=1e-12
+    )
+    assert got["df1"] == 1 and got["test"] == "term0 = 0"
+
+
+def test_d1_by_hand_two_terms_large_t():
+    rng = np.random.default_rng(1)
+    m, k = 6, 2
+    q = rng.normal(size=(m, k)) + [1.0, -0.5]
+    a = rng.normal(size=(m, k, k))
+    u = np.einsum("mij,mkj->mik", a, a) + np.eye(k)
+    qbar, ubar = q.mean(0), u.mean(0)
+    bmat = (q - qbar).T @ (q - qbar) / (m - 1)
+    riv = (1 + 1 / m) * np.trace(bmat @ np.linalg.inv(ubar)) / k
+    stat = qbar @ np.linalg.inv((1 + riv) * ubar) @ qbar / k
+    t = k * (m - 1)
+    df2 = 4 + (t - 4) * (1 + (1 - 2 / t) / riv) ** 2
+    got = wald_d1(q, u).iloc[0]
+    assert got["statistic"] == pytest.approx(stat, rel=1e-10)
+    assert got["riv"] == pytest.approx(riv, rel=1e-10)
+    assert got["df2"] == pytest.approx(df2, rel=1e-10)
+    # Reiter's small-sample df approaches the large-sample df as dfcom grows
+    big = wald_d1(q, u, dfcom=1e12).iloc[0]
+    assert big["df2"] == pytest.approx(df2, rel=1e-6)
+    assert wald_d1(q, u, dfcom=30).iloc[0]["df2"] < df2
+
+
+def test_d1_identical_imputations_gives_chi_square_limit():
+    q = np.tile([1.0, 2.0], (4, 1))
+    u = np.tile(np.eye(2), (4, 1, 1))
+    got = wald_d1(q, u).iloc[0]
+    assert got["riv"] == 0 and got["df2"] == np.inf
+    assert got["statistic"] == pytest.approx(5 / 2)
+    assert got["p_value"] == pytest.approx(stats.chi2.sf(5.0, 2), rel=1e-12)
+
+
+def test_d2_by_hand():
+    d = np.array([3.0, 5.0, 4.0, 8.0])
+    k, m = 2, 4
+    riv = (1 + 1 / m) * np.var(np.sqrt(d), ddof=1)
+    stat = (d.mean() / k - (m + 1) / (m - 1) * riv) / (1 + riv)
+    df2 = k ** (-3 / m) * (m - 1) * (1 + 1 / riv) ** 2
+    got = chi2_d2(d, k).iloc[0]
+    assert got["statistic"] == pytest.approx(stat, rel=1e-12)
+    assert got["df2"] == pytest.approx(df2, rel=1e-12)
+    assert got["riv"] == pytest.approx(riv, rel=1e-12)
+    assert got["p_value"] == pytest.approx(stats.f.sf(stat, k, df2), rel=1e-12)
+
+
+def test_wald_chi2_by_hand():
+    q = np.array([[1.0, 2.0], [0.5, 1.0]])
+    u = np.array([np.diag([1.0, 4.0]), np.diag([0.25, 1.0])])
+    np.testing.assert_allclose(wald_chi2(q, u), [1 + 1, 1 + 1], rtol=1e-12)
+    np.testing.assert_allclose(wald_chi2(q, u, [1]), [1.0, 1.0], rtol=1e-12)
+
+
+def test_pool_scalar_by_hand():
+    got = pool_scalar([1.0, 2.0, 4.0], [0.5, 0.7, 0.6], n=13, k=3)
+    ref = pool(Q, U, dfcom=10, terms=["a", "c"]).pooled.iloc[0]
+    for key, col in [
+        ("qbar", "estimate"),
+        ("ubar", "ubar"),
+        ("b", "b"),
+        ("t", "t"),
+        ("df", "df"),
+        ("r", "riv"),
+        ("fmi", "fmi"),
+    ]:
+        assert getattr(got, key) == pytest.approx(ref[col], rel=1e-12), key
+    rei = pool_scalar([1.0, 2.0, 4.0], [0.5, 0.7, 0.6], rule="reiter2003")
+    assert rei.t == pytest.approx(0.6 + (7 / 3) / 3)
+    assert rei.df == pytest.approx(2 * (1 + 0.6 / ((7 / 3) / 3)) ** 2)
+    assert np.isnan(rei.fmi)
+
+
+def test_pool_r_squared_by_hand():
+    r2, n = np.array([0.25, 0.36, 0.49]), 23
+    z = np.arctanh(np.sqrt(r2))
+    qbar, ubar, b = z.mean(), 1 / 20, np.var(z, ddof=1)
+    t = ubar + 4 / 3 * b
+    got = pool_r_squared(r2, n).iloc[0]
+    assert got["est"] == pytest.approx(np.tanh(qbar) ** 2, rel=1e-12)
+    assert got["lo_95"] == pytest.approx(np.tanh(qbar - 1.96 * t**0.5) ** 2)
+    assert got["hi_95"] == pytest.approx(np.tanh(qbar + 1.96 * t**0.5) ** 2)
+    with pytest.warns(RuntimeWarning, match="negative"):
+        assert np.isnan(pool_r_squared([-0.1, 0.2], 30)["est"].iloc[0])
+
+
+def test_recommended_m_quadratic_rule():
+    # von Hippel (2020): m = 1 + 1/2 (fmi / cv)^2, rounded up
+    assert recommended_m(0.5) == 51
+    assert recommended_m(0.5, target_cv=0.1) == 14  # 1 + 12.5
+    np.testing.assert_array_equal(recommended_m([0.0, 0.1, 0.3]), [1, 3, 19])
+    upper = 1 / (1 + np.exp(-(0.0 + stats.norm.ppf(0.975) * np.sqrt(2 / 20))))
+    assert recommended_m(0.5, m_pilot=20) == math.ceil(1 + 0.5 * (upper / 0.05) ** 2)
+    with pytest.raises(ValueError, match="fmi"):
+        recommended_m(1.5)
+
+
+def test_mc_error_by_hand():
+    q = np.array([[1.0, 3.0], [2.0, 3.5], [4.0, 2.0], [3.0, 2.5]])
+    u = np.array([[0.5, 1.0], [0.7, 2.0], [0.6, 3.0], [0.4, 1.5]])
+    res = pool(q, u, dfcom=20, terms=["a", "c"])
+    mc = res.mc_error()
+    assert list(mc["term"]) == ["a", "c"]
+    b = res.pooled["b"].to_numpy()
+    np.testing.assert_allclose(mc["mc_se_estimate"], np.sqrt(b / 4), rtol=1e-12)
+    # jackknife over imputations: pool without imputation i
+    m = 4
+    reps = np.stack(
+        [
+            pool(np.delete(q, i, 0), np.delete(u, i, 0), dfcom=20)
+            .summary()[["estimate", "std_error", "p_value"]]
+            .to_numpy()
+            for i in range(m)
+        ]
+    )
+    jk = np.sqrt((m - 1) / m * ((reps - reps.mean(0)) ** 2).sum(0))
+    np.testing.assert_allclose(mc["mc_se_estimate"], jk[:, 0], rtol=1e-10)
+    np.testing.assert_allclose(mc["mc_se_std_error"], jk[:, 1], rtol=1e-10)
+    np.testing.assert_allclose(mc["mc_se_p_value"], jk[:, 2], rtol=1e-10)
+    np.testing.assert_array_equal(
+        mc["recommended_m"], recommended_m(res.pooled["fmi"].to_numpy())
+    )
+    # m = 2: no jackknife
+    small = pool(q[:2], u[:2]).mc_error()
+    assert small["mc_se_std_error"].isna().all()
+    assert small["mc_se_estimate"].notna().all()
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: wald_d1(Q, U), "covariances"),
+        (lambda: wald_d1(Q, np.tile(np.eye(2), (3, 1, 1)), ["zz"]), "terms_tested"),
+        (lambda: wald_d1(Q[:1], np.eye(2)[None]), "m >= 2"),
+        (lambda: wald_d1(Q, np.tile(np.eye(2), (3, 1, 1)), [0, 0]), "twice"),
+        (lambda: chi2_d2([1.0], 1), "m >= 2"),
+        (lambda: chi2_d2([1.0, -2.0], 1), "non-negative"),
+        (lambda: chi2_d2([1.0, 2.0], 0), "df"),
+        (lambda: pool_scalar([1.0, 2.0], [1.0]), "variances"),
+        (lambda: pool_scalar([1.0, 2.0], [1.0, 1.0], n=3, k=3), "n - k"),
+        (lambda: pool_scalar([1.0, 2.0], [1.0, 1.0], rule="x"), "rule"),
+        (lambda: pool_r_squared([0.2, 1.0], 30), "below 1"),
+        (lambda: pool_r_squared([0.2, 0.3], 3), "n must"),
+    ],
+)
+def test_new_functions_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
