@@ -1,10 +1,10 @@
 """Sufficient-statistic kernels on plain numpy arrays (no dask).
 
-Each kernel turns the rows of one partition into small statistics whose sums
-over partitions are the statistics of the whole data: Gram matrices for linear
-models, gradients and Hessians for the Newton steps of logistic and
-multinomial models.  The same kernels serve the imputation models and the
-analysis models.
+Each kernel turns the rows of one partition (one chain's design) into small
+statistics whose sums over partitions are the statistics of the whole data:
+gradients and information matrices for the Newton steps of the logistic and
+multinomial imputation models.  (Gram matrices of the linear models are built
+in :mod:`dmice.block`, which reuses the part that never changes.)
 """
 
 from __future__ import annotations
@@ -13,16 +13,7 @@ import numpy as np
 from scipy.special import expit, log_expit
 
 
-def gram(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Gram matrix of ``[X, y]``: holds X'X, X'y and y'y."""
-    Z = np.empty((X.shape[0], X.shape[1] + 1))
-    Z[:, :-1] = X
-    Z[:, -1] = y
-    return Z.T @ Z
-
-
-def logistic(X: np.ndarray, y: np.ndarray, beta: np.ndarray,
-             weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def logistic(X: np.ndarray, y: np.ndarray, beta: np.ndarray) -> dict[str, np.ndarray]:
     """Gradient, information and log-likelihood of a logistic model at ``beta``.
 
     Returns ``g = X'(y - mu)``, ``H = X' diag(mu (1 - mu)) X`` and ``ll``, each a sum
@@ -33,10 +24,6 @@ def logistic(X: np.ndarray, y: np.ndarray, beta: np.ndarray,
     w = mu * (1.0 - mu)
     r = y - mu
     ll = y * eta + log_expit(-eta)  # y log(mu) + (1 - y) log(1 - mu)
-    if weights is not None:
-        w = w * weights
-        r = r * weights
-        ll = ll * weights
     Xs = X * np.sqrt(w)[:, None]
     return {"g": X.T @ r, "H": Xs.T @ Xs, "ll": np.array(ll.sum())}
 
