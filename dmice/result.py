@@ -91,6 +91,13 @@ class MultipleImputation:
     def imputed_columns(self) -> list[str]:
         return [c for c in self.columns if self.method.get(c) and self.n_missing.get(c, 0)]
 
+    def convergence(self, *, window: int | None = None) -> pd.DataFrame:
+        """R-hat (rank-normalised split, Vehtari et al. 2021) and lag-1 autocorrelation of the
+        chain statistics of every imputed variable (R mice's ``convergence()``)."""
+        from dmice.diagnostics import convergence
+
+        return convergence(self.chain_stats, window=window)
+
     def __repr__(self) -> str:
         where = f"from {self.url}" if self._engine is None and self.url else "on the cluster"
         lines = [f"<dmice.MultipleImputation m={self.m} iterations={self.iterations} seed={self.seed} "
@@ -105,6 +112,10 @@ class MultipleImputation:
                              f"({frac:.1%})")
         else:
             lines.append("  no incomplete columns to impute")
+        if self._chain:
+            from dmice.diagnostics import verdict
+
+            lines.append(f"  {verdict(self.convergence())}")
         if self._events:
             lines.append(f"  {len(self._events)} logged events (see .logged_events)")
         return "\n".join(lines)
@@ -154,9 +165,18 @@ class MultipleImputation:
             "predictors": {v.name: [p.name for p in sch.variables if p.width and p.name != v.name]
                            for v in sch.imputed} if sch else {},
             "logged_events": self._events,
+            "convergence": self._convergence_summary(),
             "files": files,
             "versions": _versions(),
         }
+
+    def _convergence_summary(self) -> dict[str, Any]:
+        from dmice.diagnostics import verdict
+
+        conv = self.convergence()
+        return {"verdict": verdict(conv),
+                "rhat": {f"{r.variable} {r.statistic}": (None if pd.isna(r.rhat) else float(r.rhat))
+                         for r in conv.itertuples()}}
 
     def to_parquet(self, url: str, *, overwrite: bool = False,
                    storage_options: dict[str, Any] | None = None) -> str:
@@ -174,6 +194,7 @@ class MultipleImputation:
         per_part = write_parquet(self._engine.client, self._ddf, self._engine.blocks,
                                  self._engine.plan, url, storage_options)
         files = sorted((f for fs in per_part for f in fs), key=lambda f: (f["imputation"], f["partition"]))
+        store.write_diagnostics(url, storage_options, self.chain_stats)
         store.commit(url, storage_options, self.manifest_dict(files, len(per_part)))
         return url
 
@@ -203,5 +224,7 @@ def from_manifest(url: str, manifest: dict[str, Any],
         m=manifest["m"], iterations=manifest["iterations"], seed=manifest["seed"],
         columns=manifest["columns"], method=manifest["method"], n_missing=manifest["n_missing"],
         n_rows=manifest["n_rows"], visit_sequence=manifest["visit_sequence"],
-        logged_events=manifest["logged_events"], chain_stats=[], dtypes=manifest["dtypes"],
+        logged_events=manifest["logged_events"],
+        chain_stats=store.read_diagnostics(url, storage_options).to_dict("records"),
+        dtypes=manifest["dtypes"],
         url=url, storage_options=storage_options, manifest=manifest)

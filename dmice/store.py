@@ -7,11 +7,12 @@
       ...
       imputation=m/...
       _manifest.json
+      _diagnostics.arrow  chain statistics (mean/sd or level proportions per iteration and chain)
       _SUCCESS            written last; readers trust only outputs that have it
 
-Names starting with ``_`` are skipped by Parquet dataset discovery, so
-``dask.dataframe.read_parquet("out/")`` reads every imputation with an
-``imputation`` column.  Paths are fsspec URLs; ``storage_options`` are passed
+Only the imputations are Parquet files, so ``dask.dataframe.read_parquet("out/")``
+reads every imputation with an ``imputation`` column (dask reads every ``*.parquet``
+file below the root, whatever its name).  Paths are fsspec URLs; ``storage_options`` are passed
 through unchanged.
 """
 
@@ -25,10 +26,14 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import feather
 
 from dmice.errors import OutputError
 
 MANIFEST = "_manifest.json"
+#: Arrow IPC (Feather), not Parquet: dask's read_parquet("out/") picks up every *.parquet file
+#: below the root, "_"-prefixed ones included, which would break reading the imputations
+DIAGNOSTICS = "_diagnostics.arrow"
 SUCCESS = "_SUCCESS"
 FORMAT_VERSION = 1
 
@@ -89,6 +94,22 @@ def commit(url: str, storage_options: dict[str, Any] | None, manifest: dict[str,
         json.dump(manifest, f, indent=1, default=str)
     with fs.open(posixpath.join(root, SUCCESS), "w") as f:
         f.write("")
+
+
+def write_diagnostics(url: str, storage_options: dict[str, Any] | None, chain_stats: pd.DataFrame) -> None:
+    """Chain statistics (mean/sd or level proportions per variable, iteration and chain)."""
+    fs, root = filesystem(url, storage_options)
+    with fs.open(posixpath.join(root, DIAGNOSTICS), "wb") as f:
+        feather.write_feather(pa.Table.from_pandas(chain_stats, preserve_index=False), f)
+
+
+def read_diagnostics(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+    fs, root = filesystem(url, storage_options)
+    path = posixpath.join(root, DIAGNOSTICS)
+    if not fs.exists(path):
+        return pd.DataFrame()
+    with fs.open(path, "rb") as f:
+        return feather.read_table(f).to_pandas()
 
 
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
