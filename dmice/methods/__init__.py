@@ -139,7 +139,7 @@ class TargetModel:
         predicted = self._curvature * worst**2 if self._curvature > 0 else np.inf
         done = worst <= self.newton_tol or (worst <= 3.0 and predicted <= self.newton_accuracy)
         if done or self._rounds >= self.max_newton:
-            if worst > self.newton_tol:
+            if not done:
                 events.append({"iteration": iteration, "variable": self.var.name,
                                "event": f"Newton fit did not converge in {self._rounds} steps "
                                         "(possible separation)"})
