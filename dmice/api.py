@@ -165,9 +165,9 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         variables = combine_summaries(summaries, ddf.dtypes)
         events = [{"iteration": 0, **e} for e in assign_methods(variables, method)]
         n_cols = layout(variables)
-        schema = Schema(variables=variables, n_rows=sum(s[next(iter(s))]["n"] for s in summaries)
-                        if summaries and summaries[0] else 0, n_cols_encoded=n_cols,
-                        partition_rows=[s[next(iter(s))]["n"] if s else 0 for s in summaries])
+        rows = [next(iter(s.values()))["n"] if s else 0 for s in summaries]  # any column's count
+        schema = Schema(variables=variables, n_rows=sum(rows), n_cols_encoded=n_cols,
+                        partition_rows=rows)
         seq = _visit_sequence(schema, visit_sequence)
         for e in events:
             log.info("logged event: %s: %s", e["variable"], e["event"])

@@ -178,53 +178,36 @@ def _chain_crossprod(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.einsum("crw,crv->cwv", A, B)
 
 
-def _wgram(D: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``D' diag(w) D``; a symmetric rank-k update (half the flops) when ``w >= 0``."""
-    if np.any(w < 0):
-        return (D * w[:, None]).T @ D
-    X = D * np.sqrt(w)[:, None]
-    return X.T @ X  # numpy computes X'X as a symmetric rank-k update
-
-
-def linear_predictor(block: Block, plan: Plan, B: np.ndarray, rows: np.ndarray | None = None,
-                     parts: list[tuple[int, np.ndarray]] | None = None) -> np.ndarray:
+def linear_predictor(block: Block, plan: Plan, B: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``(D0 + E_c)[rows] @ B[c]`` for every chain; ``B`` is ``(m, Q)`` or ``(m, Q, L)``."""
     squeeze = B.ndim == 2
     if squeeze:
         B = B[..., None]
-    D = block.D0 if rows is None else block.D0[rows]
-    eta = _left_matmul(D, B)
-    for k, V in parts if parts is not None else imputed_parts(block, plan):
+    eta = _left_matmul(block.D0[rows], B)
+    for k, V in imputed_parts(block, plan):
         a, b = plan.variables[k].cols
-        if rows is None:
-            eta[:, block.mis[k]] += _small_matmul(V, B[:, a:b])
-        else:
-            pos = block.mis_pos[k][rows]
-            sel = np.nonzero(pos >= 0)[0]
-            if len(sel):
-                eta[:, sel] += _small_matmul(V[:, pos[sel]], B[:, a:b])
+        pos = block.mis_pos[k][rows]
+        sel = np.nonzero(pos >= 0)[0]
+        if len(sel):
+            eta[:, sel] += _small_matmul(V[:, pos[sel]], B[:, a:b])
     return eta[..., 0] if squeeze else eta
 
 
-def weighted_gram(block: Block, plan: Plan, W: np.ndarray, parts: list[tuple[int, np.ndarray]],
+def weighted_gram(block: Block, plan: Plan, w: np.ndarray, parts: list[tuple[int, np.ndarray]],
                   base: np.ndarray | None = None) -> np.ndarray:
-    """``(D0 + E_c)' diag(W[c]) (D0 + E_c)`` for every chain: ``(m, Q, Q)``.
+    """``(D0 + E_c)' diag(w) (D0 + E_c)`` for every chain: ``(m, Q, Q)``, weights ``w >= 0``.
 
-    ``W`` is ``(m, n)``, or ``(n,)`` when shared by the chains, in which case ``base``
-    may hold the cached ``D0' diag(W) D0``.  The terms involving the imputed cells cost
-    O(missing cells x Q) per chain, so a shared, cached base makes a visit's cost grow
-    with the number of missing cells rather than the number of rows.
+    ``base`` may hold the cached ``D0' diag(w) D0``, which no imputation changes.  The
+    terms involving the imputed cells cost O(missing cells x Q) per chain, so with the
+    base cached a visit's cost grows with the number of missing cells, not of rows.
     """
     m = plan.m
     D0 = block.D0
-    if W.ndim == 1:
-        if base is None:
-            base = _wgram(D0, W)
-        G = np.repeat(base[None], m, axis=0)
-        Wc = np.broadcast_to(W, (m, len(W)))
-    else:
-        G = np.stack([_wgram(D0, W[c]) for c in range(m)])
-        Wc = W
+    if base is None:
+        Xs = D0 * np.sqrt(w)[:, None]
+        base = Xs.T @ Xs  # numpy computes X'X as a symmetric rank-k update
+    G = np.repeat(base[None], m, axis=0)
+    Wc = np.broadcast_to(w, (m, len(w)))
     cols = {k: plan.variables[k].cols for k, _ in parts}
     WV = {}
     for k, V in parts:
