@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import numbers
+import posixpath
 import time
 import weakref
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -15,9 +18,10 @@ import pandas as pd
 
 from dmice import block as _block
 from dmice import engine as _engine
+from dmice import progress as _progress
 from dmice import rng as _rng
 from dmice import store
-from dmice.errors import InputError
+from dmice.errors import InputError, OutputError
 from dmice.methods import TargetModel
 from dmice.result import MultipleImputation, from_manifest
 from dmice.schema import Schema, assign_methods, combine_summaries, layout
@@ -66,14 +70,12 @@ def _visit_sequence(schema: Schema, visit_sequence: str | list[str]) -> list[int
     return seq
 
 
-def _default_progress(it: int, total: int, secs: float) -> None:
-    log.info("iteration %d/%d done in %.2f s", it, total, secs)
-
-
 def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None,
            method: dict[str, str] | None = None, visit_sequence: str | list[str] = "roman",
            donors: int = 5, donor_pool: int = 10_000, ridge: float = 1e-5,
-           client: Any = None, progress: Callable[[int, int, float], None] | None = None
+           until_rhat: float | None = None, checkpoint: str | None = None, checkpoint_every: int = 1,
+           storage_options: dict[str, Any] | None = None,
+           client: Any = None, progress: Any = "auto", _state: str | None = None
            ) -> MultipleImputation:
     """Multiple imputation by chained equations on a Dask cluster.
 
@@ -85,7 +87,8 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     m : int, default 5
         Number of imputations (chains), all advanced together.
     max_iter : int, default 10
-        Iterations of the chained loop (mice's ``maxit``).
+        Iterations of the chained loop (mice's ``maxit``); a ceiling when ``until_rhat``
+        is given.
     seed : int, optional
         Seed of every random draw.  With the same seed and partitioning the result is
         identical whatever the number of workers or threads.  Drawn at random (and
@@ -105,13 +108,28 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         random initial fill.  All observed rows are donors when there are fewer.
     ridge : float, default 1e-5
         mice's ridge: ``ridge * diag(X'X)`` is added to X'X in linear models.
+    until_rhat : float, optional
+        Stop before ``max_iter`` once every chain statistic's R-hat over the second half
+        of the iterations is below this value (e.g. 1.05; needs m >= 2 and is first
+        checked after 8 iterations).  The result equals a run with ``max_iter`` set to
+        the iteration where it stopped.
+    checkpoint : str, optional
+        fsspec URL where the state of the chains is saved every ``checkpoint_every``
+        iterations.  When it already holds a checkpoint of the same configuration (same
+        data, seed and parameters), the run resumes from it and gives exactly the result
+        of an uninterrupted run; a checkpoint of another configuration is refused.
+    checkpoint_every : int, default 1
+    storage_options : dict, optional
+        Passed to fsspec unchanged for ``checkpoint``.
     client : distributed.Client, optional
         Client to run on.  Default: the active client, else an embedded LocalCluster
         that lives as long as the result (close it with ``result.close()`` or a
         ``with`` block).
-    progress : callable, optional
-        Called after each iteration with ``(iteration, max_iter, seconds)``; the default
-        logs one line per iteration on the ``dmice`` logger.
+    progress : {"auto", "bar", "log"}, False or callable, default "auto"
+        A progress bar (iteration, variable, elapsed, remaining) in a terminal or notebook,
+        else one ``key=value`` line per iteration on the ``dmice`` logger (iteration,
+        seconds, max R-hat); a callable gets ``(iteration, max_iter, seconds)`` after each
+        iteration.  See :mod:`dmice.progress`.
 
     Returns
     -------
@@ -131,8 +149,9 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     imputations are proper.  Logistic and multinomial fits are warm-started from the
     previous iteration; Newton steps stop once the remaining error is predicted below
     0.05 standard errors (Newton's quadratic contraction constant is measured on the
-    first, cold-started fit of each variable) or a step is below 0.2 standard errors.  Predictive mean matching matches against a sample of up to
-    ``donor_pool`` observed rows rather than all of them.
+    first, cold-started fit of each variable) or a step is below 0.2 standard errors.
+    Predictive mean matching matches against a sample of up to ``donor_pool`` observed
+    rows rather than all of them.
 
     Examples
     --------
@@ -144,6 +163,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     max_iter = _check_int("max_iter", max_iter, 0)
     donors = _check_int("donors", donors, 1)
     donor_pool = _check_int("donor_pool", donor_pool, 1)
+    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
     if seed is None:
         seed = _rng.fresh_seed()
     seed = _check_int("seed", seed, 0)
@@ -151,8 +171,19 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         raise InputError(f"method must be a dict of column -> method name, got {type(method).__name__}")
     if not isinstance(ridge, numbers.Real) or not ridge >= 0:
         raise InputError(f"ridge must be a number >= 0, got {ridge!r}")
+    if until_rhat is not None and (isinstance(until_rhat, bool) or not isinstance(until_rhat, numbers.Real)
+                                   or not until_rhat > 1):
+        raise InputError(f"until_rhat must be a number > 1 (e.g. 1.05), got {until_rhat!r}")
+    if until_rhat is not None and m < 2:
+        raise InputError("until_rhat needs at least two chains (m >= 2)")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise InputError(f"checkpoint must be a URL string, got {type(checkpoint).__name__}")
+    _progress.check(progress)
     if len(set(map(str, ddf.columns))) != len(ddf.columns):
         raise InputError("column names must be unique strings")
+    params = {"m": m, "seed": seed, "method": dict(method or {}),
+              "visit_sequence": visit_sequence if isinstance(visit_sequence, str) else list(visit_sequence),
+              "donors": donors, "donor_pool": donor_pool, "ridge": float(ridge)}
 
     cluster = None
     if client is None:
@@ -178,19 +209,31 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         blocks = _engine.encode(client, parts, plan)
         pools = _engine.gather_pools(client, blocks, plan)
         blocks = _engine.init_fill(client, blocks, plan, pools)
-        models = {}
-        for j, v in enumerate(variables):
-            if not v.imputed:
-                continue
-            own = set(range(*v.cols))
-            xcols = np.array([c for c in range(n_cols) if c not in own], dtype=np.int64)
-            models[j] = TargetModel(j, v, xcols, m=m, seed=seed, donors=donors, ridge=ridge,
-                                    sample_pool=pools[j])
+        models = _make_models(plan, pools, params)
         eng = _engine.Engine(client, plan, blocks, models, schema)
+        eng.pools = pools
+        config = _config_hash(params, variables, rows)
         log.info("dmice: %d rows, %d partitions, %d columns to impute, m=%d; set up in %.2f s",
                  schema.n_rows, len(parts), len(models), m, time.perf_counter() - t0)
+        restored = _state if _state is not None else None
+        state_so = storage_options
+        if restored is None and checkpoint is not None:
+            ptr = store.latest_checkpoint(checkpoint, storage_options)
+            if ptr is not None:
+                restored = ptr["dir"]
+        if restored is not None:
+            meta, model_state, chains = store.read_state_meta(restored, state_so)
+            if meta.get("config") != config:
+                raise OutputError(f"the chain state at {restored!r} belongs to another configuration "
+                                  "(data, seed or parameters differ); remove it or use another "
+                                  "checkpoint URL")
+            eng.load_state(restored, state_so, model_state, int(meta["iteration"]))
+            eng.chain_stats = chains.to_dict("records")
+            events[:] = meta["events"]
+            log.info("dmice: resumed the chains at iteration %d", eng.iteration)
         if seq:
-            eng.run(max_iter, seq, events, progress or _default_progress)
+            _run(eng, max_iter - eng.iteration, seq, events, progress, until_rhat,
+                 checkpoint, checkpoint_every, storage_options, config)
         else:
             eng.iteration = max_iter
     except BaseException:
@@ -205,9 +248,142 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         logged_events=events, chain_stats=eng.chain_stats,
         dtypes={str(c): str(t) for c, t in ddf.dtypes.items()},
         engine=eng, ddf=ddf, schema=schema, cluster=cluster)
+    result.parameters = params
+    result._config = config
+    result._seq = seq
     if cluster is not None:
         weakref.finalize(result, _close_quietly, client, cluster)
     return result
+
+
+def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[str, Any]
+                 ) -> dict[int, TargetModel]:
+    """The conditional model of every imputed variable."""
+    models = {}
+    for j, v in enumerate(plan.variables):
+        if not v.imputed:
+            continue
+        own = set(range(*v.cols))
+        xcols = np.array([c for c in range(plan.n_cols) if c not in own], dtype=np.int64)
+        models[j] = TargetModel(j, v, xcols, m=plan.m, seed=plan.seed, donors=params["donors"],
+                                ridge=params["ridge"], sample_pool=pools[j], chain0=plan.chain0)
+    return models
+
+
+def _config_hash(params: dict[str, Any], variables: list[Any], rows: list[int]) -> str:
+    """Hash of everything the chains depend on: parameters, schema and partitioning of the data."""
+    desc = {"params": params, "rows": rows,
+            "variables": [{**v.to_dict(), "center": repr(v.center), "scale": repr(v.scale),
+                           "cols": list(v.cols), "integer": v.integer} for v in variables]}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _run(eng: _engine.Engine, iterations: int, seq: list[int], events: list[dict[str, Any]],
+         progress: Any, until_rhat: float | None, checkpoint: str | None, every: int,
+         storage_options: dict[str, Any] | None, config: str) -> None:
+    """Run the loop with progress reporting, the R-hat stopping rule and checkpoints."""
+    from dmice.diagnostics import max_rhat
+
+    if iterations <= 0:
+        return
+
+    def rhat_now() -> float:
+        return max_rhat(pd.DataFrame(eng.chain_stats), eng.iteration) if eng.plan.m > 1 else float("nan")
+
+    dash = None
+    try:
+        dash = eng.client.dashboard_link
+    except Exception:  # noqa: BLE001 - no dashboard is not an error
+        pass
+    reporter = None if progress is None or progress is False else _progress.Reporter(
+        progress, total=iterations, start=eng.iteration, visits_per_iteration=len(seq),
+        max_rhat=rhat_now, dashboard=dash)
+
+    def after(it: int) -> bool:
+        if checkpoint is not None and it % every == 0:
+            d = store.checkpoint_dir(checkpoint, it)
+            eng.save_state(d, storage_options, {"config": config, "events": events},
+                           pd.DataFrame(eng.chain_stats))
+            store.publish_checkpoint(checkpoint, storage_options, {"dir": d, "iteration": it,
+                                                                   "config": config})
+        if until_rhat is not None:
+            r = rhat_now()
+            if r == r and r < until_rhat:  # not NaN
+                log.info("dmice: every R-hat below %.3f at iteration %d; stopping", until_rhat, it)
+                return True
+        return False
+
+    try:
+        eng.run(iterations, seq, events, reporter, after)
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
+def _continue(result: MultipleImputation, iterations: int, progress: Any,
+              until_rhat: float | None) -> None:
+    """Run more iterations of an in-memory result (see :meth:`MultipleImputation.iterate`)."""
+    eng = result._engine
+    start = eng.iteration
+    _run(eng, iterations, result._seq, result._events, progress, until_rhat, None, 1, None,
+         result._config)
+    result.iterations = eng.iteration
+    result._chain = eng.chain_stats
+    log.info("dmice: continued from iteration %d to %d", start, eng.iteration)
+
+
+def _add_chains(result: MultipleImputation, k: int, progress: Any) -> None:
+    """Run ``k`` new chains for as many iterations as the existing ones and append them."""
+    eng = result._engine
+    plan = eng.plan
+    client = eng.client
+    new_plan = replace(plan, m=k, chain0=plan.chain0 + plan.m)
+    blocks = _engine.init_fill(client, eng.blocks, new_plan, eng.pools)
+    models = _make_models(new_plan, eng.pools, result.parameters)
+    new = _engine.Engine(client, new_plan, blocks, models, eng.schema)
+    events: list[dict[str, Any]] = []
+    if result._seq and eng.iteration:
+        _run(new, eng.iteration, result._seq, events, progress, None, None, 1, None, result._config)
+    # merge: the chains of both engines side by side, in chain order
+    eng.blocks = [client.submit(_block.concat_chains, [a, b], pure=False)
+                  for a, b in zip(eng.blocks, new.blocks)]
+    eng.plan = replace(plan, m=plan.m + k)
+    merged = _make_models(eng.plan, eng.pools, result.parameters)
+    for j, mod in merged.items():
+        a, b = eng.models[j].get_state(), new.models[j].get_state()
+        beta = None if a["beta"] is None or b["beta"] is None else np.concatenate([a["beta"], b["beta"]])
+        mod.set_state({"beta": beta, "curvature": max(a["curvature"], b["curvature"])})
+    eng.models = merged
+    for r in new.chain_stats:
+        eng.chain_stats.append({**r, "chain": r["chain"] + plan.m})
+    result._events.extend({**e, "event": f"added chains: {e['event']}"} for e in events)
+    result.m = plan.m + k
+    result.parameters = {**result.parameters, "m": plan.m + k}
+    result._chain = eng.chain_stats
+
+
+def _reopen(result: MultipleImputation, iterations: int, progress: Any, until_rhat: float | None,
+            client: Any) -> MultipleImputation:
+    """Continue the chains of a written output: rebuild the incomplete data from imputation 1
+    and the stored cells, restore the chains' state and run more iterations."""
+    import dask.dataframe as dd
+    from dask import delayed
+
+    man = result.manifest or {}
+    params = man.get("parameters")
+    if not params or not man.get("state"):
+        raise InputError(f"the output {result.url!r} holds no chain state to continue from (written "
+                         "by an older version, or without state)")
+    state_url = posixpath.join(result.url.rstrip("/"), store.STATE_DIR)
+    files = sorted((f for f in man["files"] if f["imputation"] == 1), key=lambda f: f["partition"])
+    first = result.complete(1)
+    parts = [delayed(store.incomplete_partition)(result.url, f["path"], state_url, f["partition"],
+                                                 result.columns, result.dtypes, result._storage_options)
+             for f in files]
+    ddf = dd.from_delayed(parts, meta=first._meta, verify_meta=False)
+    return impute(ddf, **params, max_iter=result.iterations + iterations, until_rhat=until_rhat,
+                  storage_options=result._storage_options, client=client, progress=progress,
+                  _state=state_url)
 
 
 def _close_quietly(client: Any, cluster: Any) -> None:

@@ -35,6 +35,7 @@ class Plan:
     m: int
     seed: int
     pool_rate: dict[int, float]  # variable index -> fraction of observed rows kept as donors/sample
+    chain0: int = 0  # number of the first chain (chains added later continue the numbering)
 
 
 @dataclass
@@ -102,7 +103,7 @@ def init_fill(block: Block, plan: Plan, pools: dict[int, np.ndarray]) -> Block:
     for j, idx in block.mis.items():
         vals = np.empty((plan.m, len(idx)))
         for c in range(plan.m):
-            g = _rng.generator(plan.seed, _rng.INIT, c, j, block.part)
+            g = _rng.generator(plan.seed, _rng.INIT, plan.chain0 + c, j, block.part)
             vals[c] = pools[j][g.integers(0, len(pools[j]), len(idx))]
         imp[j] = vals
     return replace(block, imp=imp, out=None)
@@ -354,7 +355,8 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
                 eta = linear_predictor(block, plan, _full_coef(plan, order["xcols"], order["beta"]),
                                        rows=rows)
             for c in range(plan.m):
-                g = _rng.generator(plan.seed, _rng.WORKER, c, order["iteration"], j, block.part)
+                g = _rng.generator(plan.seed, _rng.WORKER, plan.chain0 + c, order["iteration"], j,
+                                   block.part)
                 vals[c] = impute_values(eta[c] if eta is not None else np.empty(len(rows)),
                                         order, v, c, g)
         new.imp[j] = vals
@@ -394,6 +396,42 @@ def combine(outs: list[dict[str, Any]]) -> dict[str, Any]:
             cat.setdefault(k, []).append(a)
     res["cat"] = {k: np.concatenate(v, axis=1 if k.endswith("pool_X") else 0) for k, v in cat.items()}
     return res
+
+
+# ---------------------------------------------------------------------------
+# state of the chains (continuing a run, checkpoints)
+
+
+def cells(block: Block) -> dict[str, np.ndarray]:
+    """The imputed cells of every chain: ``mis/j`` (rows) and ``imp/j`` (m, rows) per variable."""
+    out = {}
+    for j, rows in block.mis.items():
+        out[f"mis/{j}"] = rows
+        out[f"imp/{j}"] = block.imp[j]
+    return out
+
+
+def with_cells(block: Block, cells: dict[str, np.ndarray], plan: Plan) -> Block:
+    """``block`` with the imputed values of :func:`cells` (which must describe the same cells)."""
+    imp = {}
+    for j, rows in block.mis.items():
+        name = plan.variables[j].name
+        if f"mis/{j}" not in cells or not np.array_equal(cells[f"mis/{j}"], rows):
+            raise ValueError(f"stored state of partition {block.part} does not match the missing "
+                             f"cells of column {name!r}")
+        vals = np.asarray(cells[f"imp/{j}"], dtype=float)
+        if vals.shape != (plan.m, len(rows)):
+            raise ValueError(f"stored state of partition {block.part} holds {vals.shape[0]} chains "
+                             f"for column {name!r}, expected {plan.m}")
+        imp[j] = vals
+    return replace(block, imp=imp, out=None)
+
+
+def concat_chains(blocks: list[Block]) -> Block:
+    """One block holding the chains of several blocks of the same partition, in order."""
+    first = blocks[0]
+    imp = {j: np.concatenate([b.imp[j] for b in blocks]) for j in first.imp}
+    return replace(first, imp=imp, out=None)
 
 
 # ---------------------------------------------------------------------------

@@ -27,9 +27,9 @@ def _impute(args: argparse.Namespace) -> int:
 
     ddf = _read(args.input, args.format, None)
     method = dict(kv.split("=", 1) for kv in args.method or [])
+    logging.getLogger("dmice").setLevel(logging.INFO)  # one key=value line per iteration
     with impute(ddf, m=args.m, max_iter=args.max_iter, seed=args.seed, method=method or None,
-                progress=lambda it, tot, s: print(f"iteration {it}/{tot} {s:.2f} s", file=sys.stderr)
-                ) as imp:
+                until_rhat=args.until_rhat, progress="auto") as imp:
         print(imp, file=sys.stderr)
         imp.to_parquet(args.output, overwrite=args.overwrite)
     print(args.output)
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--m", type=int, default=5, help="number of imputations (default 5)")
     p.add_argument("--max-iter", type=int, default=10, help="iterations (default 10)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and recorded)")
+    p.add_argument("--until-rhat", type=float, default=None, metavar="R",
+                   help="stop before --max-iter once every R-hat is below R (e.g. 1.05)")
     p.add_argument("--method", action="append", metavar="COLUMN=METHOD",
                    help="method for a column, e.g. --method bmi=norm (repeatable)")
     p.add_argument("--format", choices=["parquet", "csv"], default=None, help="input format")

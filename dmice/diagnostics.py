@@ -105,12 +105,37 @@ def convergence(chain_stats: pd.DataFrame, *, window: int | None = None) -> pd.D
     return pd.DataFrame(rows, columns=["variable", "statistic", "rhat", "ac1"])
 
 
-def verdict(conv: pd.DataFrame) -> str:
-    """One line: the largest R-hat and whether every statistic is below :data:`RHAT_OK`."""
+def trailing_window(iterations: int) -> int:
+    """Iterations judged for convergence: the second half, the first half being burn-in.
+
+    As in Gelman and Rubin's original recipe, the first half of the chains (which starts
+    from the random initial fill) is discarded; R-hat needs at least 4 iterations, so a
+    verdict needs at least 8.
+    """
+    return iterations // 2
+
+
+def max_rhat(chain_stats: pd.DataFrame, iterations: int) -> float:
+    """Largest R-hat over every statistic in the trailing window (NaN when not available)."""
+    w = trailing_window(iterations)
+    if w < 4 or chain_stats.empty:
+        return np.nan
+    r = convergence(chain_stats, window=w)["rhat"].dropna()
+    return float(r.max()) if len(r) else np.nan
+
+
+def verdict(conv: pd.DataFrame, window: tuple[int, int] | None = None) -> str:
+    """One line: the largest R-hat and whether every statistic is below :data:`RHAT_OK`.
+
+    ``window`` (first, last iteration) is named in the line when given.  Fewer than 4
+    iterations cannot be judged and count as not converged.
+    """
     r = conv["rhat"].dropna() if not conv.empty else pd.Series(dtype=float)
+    span = f" over iterations {window[0]}-{window[1]}" if window else ""
     if r.empty:
-        return "R-hat: not available (needs at least 4 iterations)"
+        return ("NOT converged: too few iterations to judge (R-hat needs at least 4 iterations "
+                "after burn-in)")
     worst = conv.loc[r.idxmax()]
     ok = bool((r < RHAT_OK).all())
-    return (f"max R-hat {r.max():.3f} ({worst['variable']} {worst['statistic']}): "
+    return (f"max R-hat {r.max():.3f}{span} ({worst['variable']} {worst['statistic']}): "
             + ("converged" if ok else f"NOT converged (threshold {RHAT_OK})"))

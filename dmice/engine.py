@@ -74,8 +74,15 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, iterations: int, visit_sequence: list[int], events: list[dict[str, Any]],
-            progress: Callable[[int, int, float], None] | None = None) -> None:
-        """Run ``iterations`` more iterations of the chained loop."""
+            progress: Any = None, after_iteration: Callable[[int], bool] | None = None) -> None:
+        """Run up to ``iterations`` more iterations of the chained loop.
+
+        ``progress`` (a :class:`dmice.progress.Reporter` or None) hears of every visit and
+        iteration; ``after_iteration(iteration)``, called after each iteration (checkpoints,
+        stopping rules), ends the loop early when it returns True.  Stopping, or running 5 + 5 iterations, gives exactly the chains of one
+        run of that many iterations: every draw is keyed by its iteration, and the statistics a
+        fused visit computes for the next iteration are recomputed identically by a new round.
+        """
         if self.iteration == 0:
             self.prefit(events)
         flat = [(self.iteration + i + 1, j) for i in range(iterations) for j in visit_sequence]
@@ -83,6 +90,8 @@ class Engine:
         t_iter = time.perf_counter()
         for k, (it, j) in enumerate(flat):
             model = self.models[j]
+            if progress is not None:
+                progress.visit(it, self.plan.variables[j].name)
             res = pending if pending is not None else (
                 self._round(None, model.request()) if model.request() is not None else None)
             if res is not None:
@@ -98,7 +107,47 @@ class Engine:
                 secs = time.perf_counter() - t_iter
                 t_iter = time.perf_counter()
                 if progress is not None:
-                    progress(it, iterations, secs)
+                    progress.iteration(it, secs)
+                if after_iteration is not None and after_iteration(it):
+                    break
+
+    # -- state of the chains -------------------------------------------------------------
+    def model_state(self) -> dict[str, Any]:
+        """What the client side of the chains needs to continue: the Newton warm starts."""
+        return {str(j): m.get_state() for j, m in self.models.items()}
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        for j, m in self.models.items():
+            if str(j) in state:
+                m.set_state(state[str(j)])
+
+    def save_state(self, url: str, storage_options: dict[str, Any] | None, meta: dict[str, Any],
+                   chain_stats: Any) -> int:
+        """Write the chains' state under ``url``: one file per partition from the workers, then the
+        client's part (``state.json`` last).  Returns the bytes the workers wrote."""
+        from dmice import store
+
+        futs = [self.client.submit(store.write_state_partition, b, url, i, storage_options, pure=False)
+                for i, b in enumerate(self.blocks)]
+        written = sum(self.client.gather(futs))
+        store.write_state_meta(url, storage_options, {**meta, "iteration": self.iteration},
+                               self.model_state(), chain_stats)
+        return written
+
+    def load_state(self, url: str, storage_options: dict[str, Any] | None, models: dict[str, Any],
+                   iteration: int) -> None:
+        """Replace the imputed cells and model warm starts by those stored under ``url``."""
+        from dmice import store
+
+        self.blocks = [self.client.submit(store.apply_state_partition, b, self.plan, url, i,
+                                          storage_options, pure=False)
+                       for i, b in enumerate(self.blocks)]
+        wait(self.blocks)
+        for f in self.blocks:
+            if f.status == "error":
+                f.result()  # raises the worker's error here
+        self.load_model_state(models)
+        self.iteration = iteration
 
     def prefit(self, events: list[dict[str, Any]]) -> None:
         """Cold-start Newton fits of all logistic and multinomial models together, on the initial fill.

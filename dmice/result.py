@@ -77,6 +77,9 @@ class MultipleImputation:
         self.url = url
         self._storage_options = storage_options
         self.manifest = manifest
+        self.parameters: dict[str, Any] = dict((manifest or {}).get("parameters") or {})
+        self._config: str | None = None
+        self._seq: list[int] = []
 
     # -- views ------------------------------------------------------------------------------
     @property
@@ -113,9 +116,7 @@ class MultipleImputation:
         else:
             lines.append("  no incomplete columns to impute")
         if self._chain:
-            from dmice.diagnostics import verdict
-
-            lines.append(f"  {verdict(self.convergence())}")
+            lines.append(f"  {self.verdict()}")
         if self._events:
             lines.append(f"  {len(self._events)} logged events (see .logged_events)")
         return "\n".join(lines)
@@ -150,6 +151,46 @@ class MultipleImputation:
         return ddf.map_partitions(store.restore_dtypes, self.dtypes, meta=ddf._meta.pipe(
             store.restore_dtypes, self.dtypes))
 
+    # -- continuing ---------------------------------------------------------------------------
+    def iterate(self, iterations: int, *, until_rhat: float | None = None, progress: Any = "auto",
+                client: Any = None) -> MultipleImputation:
+        """Run ``iterations`` more iterations of the chains from where they stopped (mice's
+        ``mice.mids``).
+
+        The chains are exactly those of one run with the total number of iterations and the
+        same seed.  A result held on the cluster is continued in place and returned; a result
+        read with :func:`dmice.open` is rebuilt on the cluster (``client``, else the active
+        one, else an embedded LocalCluster) from the written output and its stored chain
+        state, and a new result held on the cluster is returned (the output on disk is not
+        changed; write the new result with :meth:`to_parquet`).
+        """
+        from dmice import api
+
+        iterations = api._check_int("iterations", iterations, 0)
+        if self._engine is None:
+            if self.url is None:
+                raise InputError("this result holds no chains to continue")
+            return api._reopen(self, iterations, progress, until_rhat, client)
+        api._continue(self, iterations, progress, until_rhat)
+        return self
+
+    def add_imputations(self, k: int, *, progress: Any = "auto") -> MultipleImputation:
+        """Add ``k`` imputations: new chains run for as many iterations as the existing ones and
+        appended as imputations ``m+1 .. m+k`` (mice's ``ibind``).
+
+        The new chains use their own random streams (keyed by their chain numbers).  Held on
+        the cluster only: for a result read from disk, call :meth:`iterate` with 0 iterations
+        first.
+        """
+        from dmice import api
+
+        k = api._check_int("k", k, 1)
+        if self._engine is None:
+            raise InputError("add_imputations needs the chains on the cluster; call iterate(0) on a "
+                             "result read from disk first")
+        api._add_chains(self, k, progress)
+        return self
+
     # -- writing ----------------------------------------------------------------------------
     def manifest_dict(self, files: list[dict[str, Any]], partitions: int) -> dict[str, Any]:
         sch = self.schema
@@ -165,16 +206,24 @@ class MultipleImputation:
             "predictors": {v.name: [p.name for p in sch.variables if p.width and p.name != v.name]
                            for v in sch.imputed} if sch else {},
             "logged_events": self._events,
+            "parameters": self.parameters,
+            "state": store.STATE_DIR if self._engine is not None else None,
             "convergence": self._convergence_summary(),
             "files": files,
             "versions": _versions(),
         }
 
-    def _convergence_summary(self) -> dict[str, Any]:
-        from dmice.diagnostics import verdict
+    def verdict(self) -> str:
+        """One line on convergence: the largest R-hat over the second half of the iterations."""
+        from dmice.diagnostics import trailing_window, verdict
 
+        w = trailing_window(self.iterations)
+        return verdict(self.convergence(window=max(w, 1)), (self.iterations - w + 1, self.iterations)
+                       if w else None)
+
+    def _convergence_summary(self) -> dict[str, Any]:
         conv = self.convergence()
-        return {"verdict": verdict(conv),
+        return {"verdict": self.verdict(),
                 "rhat": {f"{r.variable} {r.statistic}": (None if pd.isna(r.rhat) else float(r.rhat))
                          for r in conv.itertuples()}}
 
@@ -195,6 +244,9 @@ class MultipleImputation:
                                  self._engine.plan, url, storage_options)
         files = sorted((f for fs in per_part for f in fs), key=lambda f: (f["imputation"], f["partition"]))
         store.write_diagnostics(url, storage_options, self.chain_stats)
+        state_url = posixpath.join(url.rstrip("/"), store.STATE_DIR)
+        self._engine.save_state(state_url, storage_options, {"config": self._config, "events": self._events},
+                                self.chain_stats)
         store.commit(url, storage_options, self.manifest_dict(files, len(per_part)))
         return url
 

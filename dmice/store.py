@@ -8,6 +8,7 @@
       imputation=m/...
       _manifest.json
       _diagnostics.arrow  chain statistics (mean/sd or level proportions per iteration and chain)
+      _state/             state of the chains, so that ``dmice.open(out).iterate(k)`` can continue
       _SUCCESS            written last; readers trust only outputs that have it
 
 Only the imputations are Parquet files, so ``dask.dataframe.read_parquet("out/")``
@@ -129,4 +130,149 @@ def restore_dtypes(df: pd.DataFrame, dtypes: dict[str, str]) -> pd.DataFrame:
                 df[col] = df[col].astype(dt)
             except (TypeError, ValueError):
                 pass
+    return df
+
+
+# ---------------------------------------------------------------------------
+# state of the chains: what continuing a run or resuming from a checkpoint needs
+#
+#   <dir>/part.N.npz     imputed cells of partition N: rows and values of every chain
+#   <dir>/models.npz     Newton warm starts of the conditional models
+#   <dir>/state.json     iteration, configuration hash, logged events
+#   <dir>/chains.arrow   chain statistics so far
+#
+# Checkpoints keep one such directory per saved iteration under the checkpoint URL and a
+# pointer, LATEST.json, rewritten (after the directory is complete) to name the newest.
+
+STATE_DIR = "_state"
+LATEST = "LATEST.json"
+
+
+def write_state_partition(block: Any, url: str, i: int, storage_options: dict[str, Any] | None) -> int:
+    """Write the imputed cells of one block (runs on a worker); returns the bytes written."""
+    import io
+
+    import numpy as np
+
+    from dmice.block import cells
+
+    fs, root = filesystem(url, storage_options)
+    buf = io.BytesIO()
+    np.savez(buf, **{k.replace("/", "_"): v for k, v in cells(block).items()})
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(posixpath.join(root, f"part.{i}.npz"), "wb") as f:
+        f.write(buf.getvalue())
+    return len(buf.getvalue())
+
+
+def read_state_partition(url: str, i: int, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The imputed cells written by :func:`write_state_partition` (runs on a worker)."""
+    import io
+
+    import numpy as np
+
+    fs, root = filesystem(url, storage_options)
+    path = posixpath.join(root, f"part.{i}.npz")
+    if not fs.exists(path):
+        raise OutputError(f"state of partition {i} is missing under {url!r}")
+    with fs.open(path, "rb") as f:
+        z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        return {k.replace("_", "/", 1): z[k] for k in z.files}
+
+
+def write_state_meta(url: str, storage_options: dict[str, Any] | None, meta: dict[str, Any],
+                     models: dict[str, Any], chain_stats: pd.DataFrame) -> None:
+    """Client side of the state: model warm starts, chain statistics, then ``state.json`` last."""
+    import io
+
+    import numpy as np
+
+    fs, root = filesystem(url, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    arrays, curv = {}, {}
+    for j, st in models.items():
+        if st.get("beta") is not None:
+            arrays[f"beta_{j}"] = st["beta"]
+        curv[j] = st.get("curvature", 0.0)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with fs.open(posixpath.join(root, "models.npz"), "wb") as f:
+        f.write(buf.getvalue())
+    with fs.open(posixpath.join(root, "chains.arrow"), "wb") as f:
+        feather.write_feather(pa.Table.from_pandas(chain_stats, preserve_index=False), f)
+    with fs.open(posixpath.join(root, "state.json"), "w") as f:
+        json.dump({**meta, "curvature": curv}, f, indent=1, default=str)
+
+
+def read_state_meta(url: str, storage_options: dict[str, Any] | None
+                    ) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
+    """``(meta, models, chain_stats)`` as written by :func:`write_state_meta`."""
+    import io
+
+    import numpy as np
+
+    fs, root = filesystem(url, storage_options)
+    path = posixpath.join(root, "state.json")
+    if not fs.exists(path):
+        raise OutputError(f"no stored chain state under {url!r}")
+    with fs.open(path, "r") as f:
+        meta = json.load(f)
+    with fs.open(posixpath.join(root, "models.npz"), "rb") as f:
+        z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        betas = {k[len("beta_"):]: z[k] for k in z.files}
+    models = {j: {"beta": betas.get(j), "curvature": c} for j, c in meta.pop("curvature").items()}
+    with fs.open(posixpath.join(root, "chains.arrow"), "rb") as f:
+        chains = feather.read_table(f).to_pandas()
+    return meta, models, chains
+
+
+def checkpoint_dir(url: str, iteration: int) -> str:
+    return posixpath.join(url.rstrip("/"), f"iter={iteration:06d}")
+
+
+def latest_checkpoint(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pointer to the newest complete checkpoint under ``url``, or None."""
+    fs, root = filesystem(url, storage_options)
+    path = posixpath.join(root, LATEST)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def publish_checkpoint(url: str, storage_options: dict[str, Any] | None, pointer: dict[str, Any]) -> None:
+    """Point ``LATEST.json`` at a complete checkpoint directory, then drop older ones."""
+    fs, root = filesystem(url, storage_options)
+    with fs.open(posixpath.join(root, LATEST), "w") as f:
+        json.dump(pointer, f)
+    keep = posixpath.basename(pointer["dir"].rstrip("/"))
+    for e in fs.ls(root, detail=False):
+        name = posixpath.basename(e.rstrip("/"))
+        if name.startswith("iter=") and name != keep:
+            fs.rm(e, recursive=True)
+
+
+def apply_state_partition(block: Any, plan: Any, url: str, i: int,
+                          storage_options: dict[str, Any] | None) -> Any:
+    """``block`` with the imputed cells stored for partition ``i`` (runs on a worker)."""
+    from dmice.block import with_cells
+
+    return with_cells(block, read_state_partition(url, i, storage_options), plan)
+
+
+def incomplete_partition(url: str, path: str, state_url: str, i: int, columns: list[str],
+                         dtypes: dict[str, str], storage_options: dict[str, Any] | None) -> pd.DataFrame:
+    """Partition ``i`` of the input as it was before imputation: completed data with the imputed
+    cells (as recorded in the stored state) missing again."""
+    fs, root = filesystem(url, storage_options)
+    with fs.open(posixpath.join(root, path), "rb") as f:
+        df = pq.read_table(f).to_pandas()
+    df = restore_dtypes(df[columns], dtypes)
+    cells = read_state_partition(state_url, i, storage_options)
+    for key, rows in cells.items():
+        if key.startswith("mis/") and len(rows):
+            col = columns[int(key[4:])]
+            s = df[col].copy()
+            s.iloc[rows] = None
+            df[col] = s
     return df

@@ -32,8 +32,10 @@ def written(cluster_client, tmp_path_factory):
 def test_layout_and_manifest(written):
     ddf, imp, out = written
     names = sorted(os.listdir(out))
-    assert names == ["_SUCCESS", "_diagnostics.arrow", "_manifest.json", "imputation=1", "imputation=2",
-                     "imputation=3"]
+    assert names == ["_SUCCESS", "_diagnostics.arrow", "_manifest.json", "_state", "imputation=1",
+                     "imputation=2", "imputation=3"]
+    assert sorted(os.listdir(f"{out}/_state")) == ["chains.arrow", "models.npz", "part.0.npz",
+                                                   "part.1.npz", "part.2.npz", "state.json"]
     for k in (1, 2, 3):
         assert sorted(os.listdir(f"{out}/imputation={k}")) == [f"part.{i}.parquet" for i in range(3)]
     man = json.load(open(f"{out}/_manifest.json"))

@@ -31,7 +31,7 @@ class TargetModel:
     def __init__(self, j: int, var: Variable, xcols: np.ndarray, *, m: int, seed: int,
                  donors: int = 5, ridge: float = 1e-5, newton_tol: float = 0.2,
                  newton_accuracy: float = NEWTON_ACCURACY,
-                 max_newton: int = 25, sample_pool: np.ndarray | None = None):
+                 max_newton: int = 25, sample_pool: np.ndarray | None = None, chain0: int = 0):
         self.j = j
         self.var = var
         self.method = var.method
@@ -44,6 +44,7 @@ class TargetModel:
         self.newton_accuracy = newton_accuracy
         self.max_newton = max_newton
         self.sample_pool = sample_pool
+        self.chain0 = chain0  # number of the first chain: draws are keyed by chain number
         q = len(self.xcols)
         self.n_params = q * (var.n_levels - 1) if self.method == "polyreg" else q
         self.beta: np.ndarray | None = None  # current estimates (Newton methods), kept across visits
@@ -53,6 +54,16 @@ class TargetModel:
         self.last_rounds = 0
         self._last_step = np.inf
         self._curvature = 0.0  # largest observed Newton contraction constant M
+
+    # -- state kept across visits -------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        """Warm start of the Newton fits (what a continued run needs from this model)."""
+        return {"beta": None if self.beta is None else self.beta.copy(), "curvature": self._curvature}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        beta = state.get("beta")
+        self.beta = None if beta is None else np.asarray(beta, dtype=float).copy()
+        self._curvature = float(state.get("curvature", 0.0))
 
     # -- what the workers compute -------------------------------------------------
     @property
@@ -157,7 +168,8 @@ class TargetModel:
         if self.method == "sample":
             o["values"] = self.sample_pool
             return o
-        gens = [_rng.generator(self.seed, _rng.CLIENT, c, iteration, self.j) for c in range(self.m)]
+        gens = [_rng.generator(self.seed, _rng.CLIENT, self.chain0 + c, iteration, self.j)
+                for c in range(self.m)]
         if self.stat == "gram":
             draws = [linear.draw(f, g) for f, g in zip(self._fits, gens)]
             o["beta"] = np.stack([d[0] for d in draws])
