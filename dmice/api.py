@@ -18,6 +18,7 @@ import pandas as pd
 
 from dmice import block as _block
 from dmice import engine as _engine
+from dmice import passive as _passive
 from dmice import progress as _progress
 from dmice import rng as _rng
 from dmice import store
@@ -49,7 +50,7 @@ def _check_int(name: str, value: Any, lo: int) -> int:
 
 
 def _visit_sequence(schema: Schema, visit_sequence: str | list[str]) -> list[int]:
-    imputed = [schema.index(v.name) for v in schema.imputed]
+    imputed = [schema.index(v.name) for v in schema.imputed if v.method != "passive"]
     if isinstance(visit_sequence, str):
         if visit_sequence == "roman":
             return imputed
@@ -64,6 +65,9 @@ def _visit_sequence(schema: Schema, visit_sequence: str | list[str]) -> list[int
         if name not in schema.names:
             raise InputError(f"visit_sequence names unknown column {name!r}")
         j = schema.index(name)
+        if schema.variables[j].method == "passive":
+            raise InputError(f"visit_sequence names passive column {name!r}; passive columns are "
+                             "recomputed after each visit of their inputs")
         if j not in imputed:
             raise InputError(f"visit_sequence names column {name!r}, which is not imputed")
         seq.append(j)
@@ -73,6 +77,7 @@ def _visit_sequence(schema: Schema, visit_sequence: str | list[str]) -> list[int
 def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None,
            method: dict[str, str] | None = None, visit_sequence: str | list[str] = "roman",
            donors: int = 5, donor_pool: int = 10_000, ridge: float = 1e-5,
+           passive: dict[str, str] | None = None,
            until_rhat: float | None = None, checkpoint: str | None = None, checkpoint_every: int = 1,
            storage_options: dict[str, Any] | None = None,
            client: Any = None, progress: Any = "auto", _state: str | None = None
@@ -108,6 +113,11 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         random initial fill.  All observed rows are donors when there are fewer.
     ridge : float, default 1e-5
         mice's ridge: ``ridge * diag(X'X)`` is added to X'X in linear models.
+    passive : dict, optional
+        Derived columns kept in sync with the imputations, e.g.
+        ``{"bmi": "weight / (height / 100) ** 2"}``: recomputed from the imputed inputs after
+        every visit that changes them, never imputed by a model, not a predictor of their own
+        inputs; created when absent.  See :mod:`dmice.passive`.
     until_rhat : float, optional
         Stop before ``max_iter`` once every chain statistic's R-hat over the second half
         of the iterations is below this value (e.g. 1.05; needs m >= 2 and is first
@@ -181,9 +191,15 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     _progress.check(progress)
     if len(set(map(str, ddf.columns))) != len(ddf.columns):
         raise InputError("column names must be unique strings")
+    passive_specs = _passive.parse(passive, [str(c) for c in ddf.columns])
+    if method and set(method) & set(passive_specs):
+        raise InputError(f"columns {sorted(set(method) & set(passive_specs))} are passive; they take no "
+                         "method")
+    ddf = _passive.prepare(ddf, passive_specs)
     params = {"m": m, "seed": seed, "method": dict(method or {}),
               "visit_sequence": visit_sequence if isinstance(visit_sequence, str) else list(visit_sequence),
-              "donors": donors, "donor_pool": donor_pool, "ridge": float(ridge)}
+              "donors": donors, "donor_pool": donor_pool, "ridge": float(ridge),
+              "passive": {k: p.expression for k, p in passive_specs.items()}}
 
     cluster = None
     if client is None:
@@ -195,6 +211,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         summaries = _engine.summarize(client, parts)
         variables = combine_summaries(summaries, ddf.dtypes)
         events = [{"iteration": 0, **e} for e in assign_methods(variables, method)]
+        passive_idx = _passive_plan(variables, passive_specs)
         n_cols = layout(variables)
         rows = [next(iter(s.values()))["n"] if s else 0 for s in summaries]  # any column's count
         schema = Schema(variables=variables, n_rows=sum(rows), n_cols_encoded=n_cols,
@@ -205,11 +222,11 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         pool_rate = {j: min(1.0, donor_pool / v.n_observed)
                      for j, v in enumerate(variables) if v.imputed}
         plan = _block.Plan(variables=tuple(variables), n_cols=n_cols, m=m, seed=seed,
-                           pool_rate=pool_rate)
+                           pool_rate=pool_rate, passive=passive_idx)
         blocks = _engine.encode(client, parts, plan)
         pools = _engine.gather_pools(client, blocks, plan)
         blocks = _engine.init_fill(client, blocks, plan, pools)
-        models = _make_models(plan, pools, params)
+        models = _make_models(plan, pools, params, events)
         eng = _engine.Engine(client, plan, blocks, models, schema)
         eng.pools = pools
         config = _config_hash(params, variables, rows)
@@ -256,18 +273,44 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     return result
 
 
-def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[str, Any]
-                 ) -> dict[int, TargetModel]:
-    """The conditional model of every imputed variable."""
+def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[str, Any],
+                 events: list[dict[str, Any]] | None = None) -> dict[int, TargetModel]:
+    """The conditional model of every imputed variable (passive variables have none)."""
     models = {}
     for j, v in enumerate(plan.variables):
-        if not v.imputed:
+        if not v.imputed or v.method == "passive":
             continue
         own = set(range(*v.cols))
+        for p, (_, idx) in plan.passive.items():  # a passive variable never predicts its own inputs
+            if j in idx and plan.variables[p].width:
+                own |= set(range(*plan.variables[p].cols))
+                if events is not None:
+                    events.append({"iteration": 0, "variable": v.name,
+                                   "event": f"passive {plan.variables[p].name!r} removed from the "
+                                            "predictors (it is computed from this variable)"})
         xcols = np.array([c for c in range(plan.n_cols) if c not in own], dtype=np.int64)
         models[j] = TargetModel(j, v, xcols, m=plan.m, seed=plan.seed, donors=params["donors"],
                                 ridge=params["ridge"], sample_pool=pools[j], chain0=plan.chain0)
     return models
+
+
+def _passive_plan(variables: list[Any], specs: dict[str, Any]) -> dict[int, Any]:
+    """Mark passive variables and map them to their inputs' indices (checking both)."""
+    names = [v.name for v in variables]
+    out = {}
+    for name, spec in specs.items():
+        v = variables[names.index(name)]
+        if v.kind != "continuous":
+            raise InputError(f"passive column {name!r} must be continuous; its values are {v.kind}")
+        idx = tuple(names.index(i) for i in spec.inputs)
+        for i in idx:
+            inp = variables[i]
+            if inp.incomplete and not inp.imputed:
+                raise InputError(f"passive column {name!r} uses {inp.name!r}, which has missing values "
+                                 "but is not imputed")
+        v.method = "passive" if v.incomplete else ""
+        out[names.index(name)] = (spec, idx)
+    return out
 
 
 def _config_hash(params: dict[str, Any], variables: list[Any], rows: list[int]) -> str:

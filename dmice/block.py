@@ -36,6 +36,8 @@ class Plan:
     seed: int
     pool_rate: dict[int, float]  # variable index -> fraction of observed rows kept as donors/sample
     chain0: int = 0  # number of the first chain (chains added later continue the numbering)
+    #: passive variable index -> (dmice.passive.Passive, indices of its inputs)
+    passive: dict[int, tuple[Any, tuple[int, ...]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +83,10 @@ def encode_partition(df: pd.DataFrame, plan: Plan, part: int) -> Block:
             keep = np.arange(len(obs[j])) if rate >= 1.0 else \
                 np.nonzero(g.random(len(obs[j])) < rate)[0]
             pool[j] = keep
+    for _, idx in plan.passive.values():  # inputs of passive variables: their observed values too
+        for k in idx:
+            if k not in values:
+                values[k] = to_codes(df[plan.variables[k].name], plan.variables[k])
     # rows missing in two variables at once, as positions in each one's missing rows
     pairs = {}
     keys = sorted(mis)
@@ -106,7 +112,43 @@ def init_fill(block: Block, plan: Plan, pools: dict[int, np.ndarray]) -> Block:
             g = _rng.generator(plan.seed, _rng.INIT, plan.chain0 + c, j, block.part)
             vals[c] = pools[j][g.integers(0, len(pools[j]), len(idx))]
         imp[j] = vals
-    return replace(block, imp=imp, out=None)
+    new = replace(block, imp=imp, out=None)
+    refresh_passive(new, plan, None)
+    return new
+
+
+def _raw(v: Variable, x: np.ndarray) -> np.ndarray:
+    """Values of a numeric column from its internal values (two-level columns: codes -> levels)."""
+    if v.kind == CONTINUOUS:
+        return x
+    return np.asarray(v.levels, dtype=np.float64)[x.astype(np.int64)]
+
+
+def refresh_passive(block: Block, plan: Plan, changed: int | None) -> None:
+    """Recompute the imputed cells of the passive variables that use variable ``changed`` (all
+    when None) from the current values of their inputs, in every chain.  Updates ``block.imp``
+    in place: call it on a new block."""
+    for p, (spec, idx) in plan.passive.items():
+        if changed is not None and changed not in idx:
+            continue
+        rows = block.mis.get(p)
+        if rows is None or not len(rows):
+            continue
+        vals = {}
+        for name, k in zip(spec.inputs, idx):
+            x = np.repeat(block.values[k][rows][None], plan.m, axis=0)
+            if k in block.imp:
+                pos = block.mis_pos[k][rows]
+                sel = pos >= 0
+                x[:, sel] = block.imp[k][:, pos[sel]]
+            vals[name] = _raw(plan.variables[k], x)
+        with np.errstate(all="ignore"):
+            out = np.broadcast_to(np.asarray(spec.evaluate(vals), dtype=np.float64), (plan.m, len(rows)))
+        bad = int((~np.isfinite(out)).sum())
+        if bad:
+            raise ValueError(f"passive column {spec.name!r} is not finite in {bad} imputed cells of "
+                             f"partition {block.part} (check its expression against the imputed values)")
+        block.imp[p] = out.copy()
 
 
 def encoded(v: Variable, vals: np.ndarray) -> np.ndarray:
@@ -360,6 +402,7 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
                 vals[c] = impute_values(eta[c] if eta is not None else np.empty(len(rows)),
                                         order, v, c, g)
         new.imp[j] = vals
+        refresh_passive(new, plan, j)
         out["sum"]["chain"] = _chain_summary(vals, v)
     if isinstance(request, list):  # several models at once: keys prefixed with the request's index
         for i, r in enumerate(request):
