@@ -18,6 +18,7 @@ import pandas as pd
 
 from dmice import block as _block
 from dmice import engine as _engine
+from dmice import formulas as _formulas
 from dmice import passive as _passive
 from dmice import progress as _progress
 from dmice import rng as _rng
@@ -77,7 +78,7 @@ def _visit_sequence(schema: Schema, visit_sequence: str | list[str]) -> list[int
 def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None,
            method: dict[str, str] | None = None, visit_sequence: str | list[str] = "roman",
            donors: int = 5, donor_pool: int = 10_000, ridge: float = 1e-5,
-           passive: dict[str, str] | None = None,
+           formulas: dict[str, str] | None = None, passive: dict[str, str] | None = None,
            until_rhat: float | None = None, checkpoint: str | None = None, checkpoint_every: int = 1,
            storage_options: dict[str, Any] | None = None,
            client: Any = None, progress: Any = "auto", _state: str | None = None
@@ -113,6 +114,13 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         random initial fill.  All observed rows are donors when there are fewer.
     ridge : float, default 1e-5
         mice's ridge: ``ridge * diag(X'X)`` is added to X'X in linear models.
+    formulas : dict, optional
+        The imputation model of a column as a formula, replacing its default predictors:
+        ``{"chol": "chol ~ age * smoker + bs(sbp, df=3) + event"}`` (formulaic syntax:
+        interactions, ``I()`` transforms, splines, categoricals).  Terms involving imputed
+        variables are recomputed from each chain's current values at every visit.  The
+        encoding (levels, knots) is fitted once on a sample of up to 20,000 rows.  See
+        :mod:`dmice.formulas`.
     passive : dict, optional
         Derived columns kept in sync with the imputations, e.g.
         ``{"bmi": "weight / (height / 100) ** 2"}``: recomputed from the imputed inputs after
@@ -196,10 +204,15 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         raise InputError(f"columns {sorted(set(method) & set(passive_specs))} are passive; they take no "
                          "method")
     ddf = _passive.prepare(ddf, passive_specs)
+    formula_rhs = _formulas.parse(formulas, [str(c) for c in ddf.columns])
+    both = set(formula_rhs) & set(passive_specs)
+    if both:
+        raise InputError(f"columns {sorted(both)} are passive; they take no formula")
     params = {"m": m, "seed": seed, "method": dict(method or {}),
               "visit_sequence": visit_sequence if isinstance(visit_sequence, str) else list(visit_sequence),
               "donors": donors, "donor_pool": donor_pool, "ridge": float(ridge),
-              "passive": {k: p.expression for k, p in passive_specs.items()}}
+              "passive": {k: p.expression for k, p in passive_specs.items()},
+              "formulas": {k: f"{k} ~ {v}" for k, v in formula_rhs.items()}}
 
     cluster = None
     if client is None:
@@ -221,8 +234,9 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
             log.info("logged event: %s: %s", e["variable"], e["event"])
         pool_rate = {j: min(1.0, donor_pool / v.n_observed)
                      for j, v in enumerate(variables) if v.imputed}
+        fitted = _fit_formulas(client, ddf, variables, formula_rhs, seed, schema.n_rows)
         plan = _block.Plan(variables=tuple(variables), n_cols=n_cols, m=m, seed=seed,
-                           pool_rate=pool_rate, passive=passive_idx)
+                           pool_rate=pool_rate, passive=passive_idx, formulas=fitted)
         blocks = _engine.encode(client, parts, plan)
         pools = _engine.gather_pools(client, blocks, plan)
         blocks = _engine.init_fill(client, blocks, plan, pools)
@@ -280,6 +294,11 @@ def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[s
     for j, v in enumerate(plan.variables):
         if not v.imputed or v.method == "passive":
             continue
+        if j in plan.formulas:
+            models[j] = TargetModel(j, v, np.arange(plan.formulas[j].width), m=plan.m, seed=plan.seed,
+                                    donors=params["donors"], ridge=params["ridge"], sample_pool=pools[j],
+                                    chain0=plan.chain0)
+            continue
         own = set(range(*v.cols))
         for p, (_, idx) in plan.passive.items():  # a passive variable never predicts its own inputs
             if j in idx and plan.variables[p].width:
@@ -292,6 +311,21 @@ def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[s
         models[j] = TargetModel(j, v, xcols, m=plan.m, seed=plan.seed, donors=params["donors"],
                                 ridge=params["ridge"], sample_pool=pools[j], chain0=plan.chain0)
     return models
+
+
+def _fit_formulas(client: Any, ddf: Any, variables: list[Any], rhs: dict[str, str], seed: int,
+                  n_rows: int) -> dict[int, Any]:
+    """Fit the encodings of the per-variable formulas on a sample of rows."""
+    if not rhs:
+        return {}
+    for name in rhs:
+        v = next(v for v in variables if v.name == name)
+        if not v.imputed or v.method == "sample":
+            raise InputError(f"formula for {name!r}: the column is not imputed by a model "
+                             f"(method {v.method!r}, {v.n_missing} missing)")
+    frac = min(1.0, _formulas.SAMPLE_ROWS / max(n_rows, 1))
+    sample = client.compute(ddf.sample(frac=frac, random_state=seed % 2**32)).result()
+    return _formulas.fit(rhs, _formulas.sample_frame(sample, variables), variables)
 
 
 def _passive_plan(variables: list[Any], specs: dict[str, Any]) -> dict[int, Any]:

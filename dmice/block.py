@@ -14,6 +14,7 @@ result.  Nothing here touches dask.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,6 +39,8 @@ class Plan:
     chain0: int = 0  # number of the first chain (chains added later continue the numbering)
     #: passive variable index -> (dmice.passive.Passive, indices of its inputs)
     passive: dict[int, tuple[Any, tuple[int, ...]]] = field(default_factory=dict)
+    #: imputed variable index -> dmice.formulas.FormulaModel (its design, instead of the default)
+    formulas: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,8 +86,10 @@ def encode_partition(df: pd.DataFrame, plan: Plan, part: int) -> Block:
             keep = np.arange(len(obs[j])) if rate >= 1.0 else \
                 np.nonzero(g.random(len(obs[j])) < rate)[0]
             pool[j] = keep
-    for _, idx in plan.passive.values():  # inputs of passive variables: their observed values too
-        for k in idx:
+    needed = [k for _, idx in plan.passive.values() for k in idx] + \
+        [k for fm in plan.formulas.values() for k in fm.inputs]
+    if needed:  # inputs of passive variables and formulas: their observed values too
+        for k in needed:
             if k not in values:
                 values[k] = to_codes(df[plan.variables[k].name], plan.variables[k])
     # rows missing in two variables at once, as positions in each one's missing rows
@@ -274,6 +279,73 @@ def weighted_gram(block: Block, plan: Plan, w: np.ndarray, parts: list[tuple[int
 
 
 # ---------------------------------------------------------------------------
+# formula designs (dmice.formulas)
+
+
+def _formula_frame(block: Block, plan: Plan, fm: Any, rows: np.ndarray, c: int) -> pd.DataFrame:
+    """The formula variables of ``rows`` with chain ``c``'s imputed values."""
+    from dmice.formulas import as_column
+
+    cols = {}
+    for k in fm.inputs:
+        x = block.values[k][rows].copy()
+        if k in block.imp:
+            pos = block.mis_pos[k][rows]
+            sel = pos >= 0
+            x[sel] = block.imp[k][c, pos[sel]]
+        cols[plan.variables[k].name] = as_column(plan.variables[k], x)
+    return pd.DataFrame(cols)
+
+
+def formula_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, key: str):
+    """Yield the formula design of ``rows`` for chain 0, 1, ..., m-1 in turn.
+
+    Rows whose formula variables are all observed have the same design in every chain and
+    iteration: built once and cached under ``key`` (``rows`` must be the same set each time
+    the key is used); only rows with imputed cells are rebuilt per chain.
+    """
+    from dmice.formulas import design as _fdesign
+
+    fm = plan.formulas[j]
+    ck = ("fdesign", j, key)
+    if ck not in block.cache:
+        vary = np.zeros(len(rows), dtype=bool)
+        for k in fm.inputs:
+            if k in block.mis_pos:
+                vary |= block.mis_pos[k][rows] >= 0
+        base = np.zeros((len(rows), fm.width))
+        if (~vary).any():
+            base[~vary] = _fdesign(fm, _formula_frame(block, plan, fm, rows[~vary], 0))
+        block.cache[ck] = (base, vary)
+    base, vary = block.cache[ck]
+    vr = rows[vary]
+    for c in range(plan.m):
+        X = base.copy()
+        if len(vr):
+            X[vary] = _fdesign(fm, _formula_frame(block, plan, fm, vr, c))
+        yield X
+
+
+def _formula_gram(block: Block, plan: Plan, j: int) -> np.ndarray:
+    """``[X y]'[X y]`` of the observed rows for every chain, X the formula design, y scaled."""
+    v = plan.variables[j]
+    obs = block.obs[j]
+    y = (block.values[j][obs] - v.center) / v.scale
+    designs = formula_designs(block, plan, j, obs, "obs")
+    first = next(designs)  # builds the cached fixed rows
+    base, vary = block.cache[("fdesign", j, "obs")]
+    ck = ("fgram", j)
+    if ck not in block.cache:
+        Z = np.column_stack([base[~vary], y[~vary]])
+        block.cache[ck] = Z.T @ Z
+    out = []
+    for X in itertools.chain([first], designs):
+        Zv = np.column_stack([X[vary], y[vary]])
+        out.append(block.cache[ck] + Zv.T @ Zv)
+    return np.stack(out)
+
+
+# ---------------------------------------------------------------------------
 # imputation of one variable from drawn parameters
 
 
@@ -354,6 +426,13 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
     w[obs] = 1.0
     out_sum: dict[str, np.ndarray] = {"n": np.array(float(len(obs)))}
     out_cat: dict[str, np.ndarray] = {}
+    if kind == "gram" and j in plan.formulas:
+        out_sum["G"] = _formula_gram(block, plan, j)
+        if request.get("pool"):
+            rows = obs[block.pool[j]]
+            out_cat["pool_X"] = np.stack(list(formula_designs(block, plan, j, rows, "pool")))
+            out_cat["pool_y"] = block.values[j][rows]
+        return {"sum": out_sum, "cat": out_cat}
     if kind == "gram":
         key = ("gram", j)
         if key not in block.cache:
@@ -372,7 +451,9 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
     y = block.values[j][obs]
     beta = request["beta"]
     kernel = stats.logistic if kind == "logistic" else stats.multinomial
-    res = [kernel(X, y, beta[c]) for c, X in enumerate(chain_designs(block, plan, obs, xcols))]
+    designs = formula_designs(block, plan, j, obs, "obs") if j in plan.formulas else \
+        chain_designs(block, plan, obs, xcols)
+    res = [kernel(X, y, beta[c]) for c, X in enumerate(designs)]
     for key in ("g", "H", "ll"):
         out_sum[key] = np.stack([r[key] for r in res])
     if kind not in ("logistic", "multinomial"):
@@ -393,7 +474,10 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
         vals = np.empty((plan.m, len(rows)))
         if len(rows):
             eta = None
-            if order["method"] != "sample":
+            if order["method"] != "sample" and j in plan.formulas:
+                eta = np.stack([X @ order["beta"][c]
+                                for c, X in enumerate(formula_designs(block, plan, j, rows, "mis"))])
+            elif order["method"] != "sample":
                 eta = linear_predictor(block, plan, _full_coef(plan, order["xcols"], order["beta"]),
                                        rows=rows)
             for c in range(plan.m):
