@@ -79,6 +79,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
            method: dict[str, str] | None = None, visit_sequence: str | list[str] = "roman",
            donors: int = 5, donor_pool: int = 10_000, ridge: float = 1e-5,
            formulas: dict[str, str] | None = None, passive: dict[str, str] | None = None,
+           substantive: str | None = None, substantive_family: str = "gaussian",
            until_rhat: float | None = None, checkpoint: str | None = None, checkpoint_every: int = 1,
            storage_options: dict[str, Any] | None = None,
            client: Any = None, progress: Any = "auto", _state: str | None = None
@@ -121,6 +122,14 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         variables are recomputed from each chain's current values at every visit.  The
         encoding (levels, knots) is fitted once on a sample of up to 20,000 rows.  See
         :mod:`dmice.formulas`.
+    substantive : str, optional
+        The analysis model, e.g. ``"y ~ x * z + I(x ** 2)"``: its partially observed continuous
+        covariates are imputed compatibly with it by SMC-FCS (Bartlett et al. 2015), which
+        keeps interactions and non-linear terms of imputed variables that formula-based
+        imputation only approximates.  The outcome must be complete.  See
+        :mod:`dmice.methods.smcfcs`.
+    substantive_family : {"gaussian", "binomial"}, default "gaussian"
+        Family of the substantive model (binomial: logit link, 0/1 outcome).
     passive : dict, optional
         Derived columns kept in sync with the imputations, e.g.
         ``{"bmi": "weight / (height / 100) ** 2"}``: recomputed from the imputed inputs after
@@ -205,6 +214,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
                          "method")
     ddf = _passive.prepare(ddf, passive_specs)
     formula_rhs = _formulas.parse(formulas, [str(c) for c in ddf.columns])
+    sub_rhs = _parse_substantive(substantive, substantive_family, [str(c) for c in ddf.columns])
     both = set(formula_rhs) & set(passive_specs)
     if both:
         raise InputError(f"columns {sorted(both)} are passive; they take no formula")
@@ -212,7 +222,8 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
               "visit_sequence": visit_sequence if isinstance(visit_sequence, str) else list(visit_sequence),
               "donors": donors, "donor_pool": donor_pool, "ridge": float(ridge),
               "passive": {k: p.expression for k, p in passive_specs.items()},
-              "formulas": {k: f"{k} ~ {v}" for k, v in formula_rhs.items()}}
+              "formulas": {k: f"{k} ~ {v}" for k, v in formula_rhs.items()},
+              "substantive": substantive, "substantive_family": substantive_family}
 
     cluster = None
     if client is None:
@@ -234,9 +245,10 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
             log.info("logged event: %s: %s", e["variable"], e["event"])
         pool_rate = {j: min(1.0, donor_pool / v.n_observed)
                      for j, v in enumerate(variables) if v.imputed}
-        fitted = _fit_formulas(client, ddf, variables, formula_rhs, seed, schema.n_rows)
+        fitted, sub = _fit_formulas(client, ddf, variables, formula_rhs, seed, schema.n_rows, sub_rhs,
+                                    substantive_family, events)
         plan = _block.Plan(variables=tuple(variables), n_cols=n_cols, m=m, seed=seed,
-                           pool_rate=pool_rate, passive=passive_idx, formulas=fitted)
+                           pool_rate=pool_rate, passive=passive_idx, formulas=fitted, substantive=sub)
         blocks = _engine.encode(client, parts, plan)
         pools = _engine.gather_pools(client, blocks, plan)
         blocks = _engine.init_fill(client, blocks, plan, pools)
@@ -294,6 +306,17 @@ def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[s
     for j, v in enumerate(plan.variables):
         if not v.imputed or v.method == "passive":
             continue
+        if v.method == "smcfcs":
+            from dmice.methods.smcfcs import SmcfcsModel
+
+            sub = plan.substantive
+            own = {c for k in sub.model.inputs if k != j for c in range(*plan.variables[k].cols)
+                   if k != sub.outcome}
+            xcols = np.array([0] + sorted(own), dtype=np.int64)
+            models[j] = SmcfcsModel(j, v, xcols, m=plan.m, seed=plan.seed, donors=params["donors"],
+                                    ridge=params["ridge"], sample_pool=pools[j], chain0=plan.chain0,
+                                    substantive=sub, n_sub=sub.model.width)
+            continue
         if j in plan.formulas:
             models[j] = TargetModel(j, v, np.arange(plan.formulas[j].width), m=plan.m, seed=plan.seed,
                                     donors=params["donors"], ridge=params["ridge"], sample_pool=pools[j],
@@ -313,19 +336,69 @@ def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[s
     return models
 
 
+def _parse_substantive(substantive: Any, family: Any, columns: list[str]) -> tuple[str, str] | None:
+    """Validate ``substantive``: returns (outcome, right-hand side) or None."""
+    from dmice.methods.smcfcs import FAMILIES
+
+    if substantive is None:
+        return None
+    if family not in FAMILIES:
+        raise InputError(f"substantive_family must be one of {list(FAMILIES)}, got {family!r}")
+    if not isinstance(substantive, str) or "~" not in substantive:
+        raise InputError(f"substantive must be a formula 'outcome ~ terms', got {substantive!r}")
+    outcome = substantive.split("~", 1)[0].strip()
+    if outcome not in columns:
+        raise InputError(f"substantive model: unknown outcome column {outcome!r}")
+    rhs = _formulas.parse({outcome: substantive}, columns)[outcome]
+    return outcome, rhs
+
+
 def _fit_formulas(client: Any, ddf: Any, variables: list[Any], rhs: dict[str, str], seed: int,
-                  n_rows: int) -> dict[int, Any]:
-    """Fit the encodings of the per-variable formulas on a sample of rows."""
-    if not rhs:
-        return {}
+                  n_rows: int, sub_rhs: tuple[str, str] | None = None, family: str = "gaussian",
+                  events: list[dict[str, Any]] | None = None) -> tuple[dict[int, Any], Any]:
+    """Fit the encodings of the per-variable formulas and of the substantive model on a sample
+    of rows; mark the covariates SMC-FCS imputes."""
+    if not rhs and sub_rhs is None:
+        return {}, None
     for name in rhs:
         v = next(v for v in variables if v.name == name)
         if not v.imputed or v.method == "sample":
             raise InputError(f"formula for {name!r}: the column is not imputed by a model "
                              f"(method {v.method!r}, {v.n_missing} missing)")
     frac = min(1.0, _formulas.SAMPLE_ROWS / max(n_rows, 1))
-    sample = client.compute(ddf.sample(frac=frac, random_state=seed % 2**32)).result()
-    return _formulas.fit(rhs, _formulas.sample_frame(sample, variables), variables)
+    sample = _formulas.sample_frame(client.compute(ddf.sample(frac=frac, random_state=seed % 2**32))
+                                    .result(), variables)
+    fitted = _formulas.fit(rhs, sample, variables) if rhs else {}
+    if sub_rhs is None:
+        return fitted, None
+    from dmice.methods.smcfcs import Substantive
+
+    outcome, terms = sub_rhs
+    names = [v.name for v in variables]
+    y = variables[names.index(outcome)]
+    if y.incomplete:
+        raise InputError(f"substantive model: the outcome {outcome!r} has {y.n_missing} missing values; "
+                         "SMC-FCS here needs a complete outcome")
+    if family == "binomial" and y.kind != "binary":
+        raise InputError(f"substantive model: a binomial outcome must be binary; {outcome!r} is {y.kind}")
+    if family == "gaussian" and y.kind != "continuous":
+        raise InputError(f"substantive model: a gaussian outcome must be continuous; {outcome!r} is "
+                         f"{y.kind}")
+    model = _formulas.fit({outcome: terms}, sample, variables)[names.index(outcome)]
+    for k in model.inputs:
+        v = variables[k]
+        if not v.imputed:
+            continue
+        if v.name in rhs:
+            raise InputError(f"column {v.name!r} has a formula and is a covariate of the substantive "
+                             "model; SMC-FCS imputes it from the substantive model")
+        if v.kind == "continuous" and v.method in ("pmm", "norm"):
+            v.method = "smcfcs"
+        elif events is not None:
+            events.append({"iteration": 0, "variable": v.name,
+                           "event": f"covariate of the substantive model imputed by {v.method}, not "
+                                    f"SMC-FCS (which handles continuous covariates only)"})
+    return fitted, Substantive(f"{outcome} ~ {terms}", family, names.index(outcome), model)
 
 
 def _passive_plan(variables: list[Any], specs: dict[str, Any]) -> dict[int, Any]:

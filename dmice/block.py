@@ -41,6 +41,8 @@ class Plan:
     passive: dict[int, tuple[Any, tuple[int, ...]]] = field(default_factory=dict)
     #: imputed variable index -> dmice.formulas.FormulaModel (its design, instead of the default)
     formulas: dict[int, Any] = field(default_factory=dict)
+    #: dmice.methods.smcfcs.Substantive: the analysis model SMC-FCS imputes compatibly with
+    substantive: Any = None
 
 
 @dataclass
@@ -88,6 +90,8 @@ def encode_partition(df: pd.DataFrame, plan: Plan, part: int) -> Block:
             pool[j] = keep
     needed = [k for _, idx in plan.passive.values() for k in idx] + \
         [k for fm in plan.formulas.values() for k in fm.inputs]
+    if plan.substantive is not None:
+        needed += list(plan.substantive.model.inputs) + [plan.substantive.outcome]
     if needed:  # inputs of passive variables and formulas: their observed values too
         for k in needed:
             if k not in values:
@@ -297,8 +301,9 @@ def _formula_frame(block: Block, plan: Plan, fm: Any, rows: np.ndarray, c: int) 
     return pd.DataFrame(cols)
 
 
-def formula_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, key: str):
-    """Yield the formula design of ``rows`` for chain 0, 1, ..., m-1 in turn.
+def formula_designs(block: Block, plan: Plan, j: Any, rows: np.ndarray, key: str, fm: Any = None):
+    """Yield the formula design of ``rows`` for chain 0, 1, ..., m-1 in turn (the formula of
+    variable ``j``, or ``fm`` cached under the name ``j``).
 
     Rows whose formula variables are all observed have the same design in every chain and
     iteration: built once and cached under ``key`` (``rows`` must be the same set each time
@@ -306,7 +311,7 @@ def formula_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, key: str
     """
     from dmice.formulas import design as _fdesign
 
-    fm = plan.formulas[j]
+    fm = fm if fm is not None else plan.formulas[j]
     ck = ("fdesign", j, key)
     if ck not in block.cache:
         vary = np.zeros(len(rows), dtype=bool)
@@ -426,6 +431,10 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
     w[obs] = 1.0
     out_sum: dict[str, np.ndarray] = {"n": np.array(float(len(obs)))}
     out_cat: dict[str, np.ndarray] = {}
+    if kind == "smcfcs":
+        from dmice.methods import smcfcs
+
+        return smcfcs.stats_of(block, plan, request)
     if kind == "gram" and j in plan.formulas:
         out_sum["G"] = _formula_gram(block, plan, j)
         if request.get("pool"):
@@ -472,7 +481,12 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
         v = plan.variables[j]
         rows = block.mis[j]
         vals = np.empty((plan.m, len(rows)))
-        if len(rows):
+        if len(rows) and order["method"] == "smcfcs":
+            from dmice.methods import smcfcs
+
+            vals[:], failed = smcfcs.impute(block, plan, order, j, rows)
+            out["sum"]["smcfcs_failed"] = np.array(float(failed))
+        elif len(rows):
             eta = None
             if order["method"] != "sample" and j in plan.formulas:
                 eta = np.stack([X @ order["beta"][c]

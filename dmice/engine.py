@@ -101,6 +101,11 @@ class Engine:
             nxt = self.models[flat[k + 1][1]].request() if k + 1 < len(flat) else None
             out = self._round(order, nxt)
             pending = out if nxt is not None else None
+            failed = int(out["sum"].get("smcfcs_failed", 0))
+            if failed:
+                events.append({"iteration": it, "variable": self.plan.variables[j].name,
+                               "event": f"SMC-FCS: {failed} cells had no accepted candidate and kept "
+                                        "their previous value"})
             self._record_chain(it, j, out)
             if k + 1 == len(flat) or flat[k + 1][0] != it:
                 self.iteration = it

@@ -100,3 +100,79 @@ def test_bad_formulas_are_refused(cluster_client, formulas, message):
     df = _interaction_data(300, 1.0, 1.0, 0)
     with pytest.raises(InputError, match=message):
         dmice.impute(df, m=2, max_iter=1, formulas=formulas, progress=False)
+
+
+# --- SMC-FCS ----------------------------------------------------------------------------------
+
+
+def _cc_data(n, seed, family="gaussian"):
+    """Continuous-by-continuous interaction; x missing at random given z."""
+    from scipy.special import expit
+
+    g = np.random.default_rng(seed)
+    z = g.normal(size=n)
+    x = 0.3 * z + g.normal(size=n)
+    eta = 1 + x + 0.5 * z + x * z
+    if family == "gaussian":
+        y = eta + g.normal(size=n)
+    else:
+        eta = -0.5 + 0.8 * x + 0.5 * z + 0.8 * x * z
+        y = (g.random(n) < expit(eta)).astype(float)
+    full = pd.DataFrame({"x": x, "z": z, "y": y})
+    df = full.copy()
+    df.loc[g.random(n) < expit(-0.5 + z), "x"] = np.nan
+    return full, df
+
+
+def _pooled(imp, family):
+    fit = fit_glm([imp.complete(k) for k in range(1, imp.m + 1)], _analysis_cc, ["1", "x", "z", "x:z"],
+                  family=family)
+    return dmice.pool(fit.params, fit.cov, dfcom=fit.df_resid).summary()
+
+
+def _analysis_cc(df):
+    return np.column_stack([np.ones(len(df)), df.x, df.z, df.x * df.z]), df.y.to_numpy(float)
+
+
+def _full_fit(full, family):
+    import statsmodels.api as sm
+
+    X, y = _analysis_cc(full)
+    fam = sm.families.Gaussian() if family == "gaussian" else sm.families.Binomial()
+    return sm.GLM(y, X, family=fam).fit().params
+
+
+def test_smcfcs_keeps_a_continuous_interaction_that_formula_imputation_loses(cluster_client):
+    # the reference is the analysis of the data before any value was deleted
+    full, df = _cc_data(4000, seed=1)
+    ref = _full_fit(full, "gaussian")
+    ddf = dd.from_pandas(df, npartitions=2)
+    formula = _pooled(dmice.impute(ddf, m=M, max_iter=5, seed=2, method={"x": "norm"},
+                                   formulas={"x": "x ~ y * z"}, progress=False), "gaussian")
+    assert (ref[3] - formula.estimate[3]) / formula.std_error[3] > 5, formula
+    imp = dmice.impute(ddf, m=M, max_iter=5, seed=2, substantive="y ~ x * z", progress=False)
+    assert imp.method["x"] == "smcfcs"
+    smc = _pooled(imp, "gaussian")
+    np.testing.assert_array_less(np.abs(smc.estimate - ref), 3 * smc.std_error)
+
+
+def test_smcfcs_with_a_logistic_substantive_model(cluster_client):
+    full, df = _cc_data(4000, seed=3, family="binomial")
+    ref = _full_fit(full, "binomial")
+    imp = dmice.impute(dd.from_pandas(df, npartitions=2), m=M, max_iter=5, seed=4,
+                       substantive="y ~ x * z", substantive_family="binomial", progress=False)
+    smc = _pooled(imp, "binomial")
+    np.testing.assert_array_less(np.abs(smc.estimate - ref), 3 * smc.std_error)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"substantive": "y ~ x * z", "substantive_family": "poisson"}, "substantive_family"),
+    ({"substantive": "q ~ x"}, "unknown outcome column 'q'"),
+    ({"substantive": "x ~ y + z"}, "outcome 'x' has"),
+    ({"substantive": "z ~ x"}, "binomial outcome must be binary|gaussian outcome"),
+])
+def test_bad_substantive_models_are_refused(cluster_client, kw, message):
+    _, df = _cc_data(300, 0)
+    df["z"] = (df.z > 0).astype(float) if "z ~" in kw["substantive"] else df.z
+    with pytest.raises(InputError, match=message):
+        dmice.impute(df, m=2, max_iter=1, progress=False, **kw)
