@@ -297,9 +297,17 @@ def _check_by(variables: list[Any], by: str | None, method: dict[str, str] | Non
 def _check_where_methods(variables: list[Any], where: Any) -> None:
     if where is None:
         return
-    cols = list(where.columns) if hasattr(where, "columns") else list(where)
+    import dask.dataframe as dd
+
+    cols = [str(c) for c in (where.columns if hasattr(where, "columns") else where)]
     for v in variables:
-        if v.name in map(str, cols) and not v.imputed:
+        if v.name not in cols or v.imputed:
+            continue
+        marked = True  # unknown for a dask frame without computing it
+        if not isinstance(where, dd.DataFrame):
+            key = next(c for c in (where.columns if hasattr(where, "columns") else where) if str(c) == v.name)
+            marked = bool(np.asarray(where[key]).any())
+        if marked:
             raise InputError(f"where marks cells of column {v.name!r}, which is not imputed "
                              f"(method {v.method!r}, kind {v.kind})")
 

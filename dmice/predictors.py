@@ -251,10 +251,13 @@ def _cor(n, sx, sy, sxx, syy, sxy):
     return np.where(ok, np.abs(r), 0.0)
 
 
-def quickpred_matrix(s: dict[str, np.ndarray], names: list[str], *, mincor: float = 0.1,
-                     minpuc: float = 0.0, include: Iterable[str] = (), exclude: Iterable[str] = (),
-                     usable: np.ndarray | None = None) -> pd.DataFrame:
-    """mice's ``quickpred`` rule applied to summed pairwise statistics (see :func:`quickpred_partition`)."""
+def quickpred_statistics(s: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(v, u, puc)`` of mice's ``quickpred`` from summed pairwise sums (see :func:`quickpred_partition`).
+
+    ``v[i, k] = |cor(x_i, x_k)|`` over rows where both are observed, ``u[i, k] =
+    |cor(r_i, x_k)|`` over rows where ``x_k`` is observed (0 where undefined), and
+    ``puc[i, k]`` the proportion of rows with ``x_i`` missing in which ``x_k`` is observed.
+    """
     n, N, S1, S2, P = s["n"], s["N"], s["S1"], s["S2"], s["P"]
     nobs = np.diag(N)
     # v[i, k]: |cor(x_i, x_k)| over rows where both are observed
@@ -263,12 +266,21 @@ def quickpred_matrix(s: dict[str, np.ndarray], names: list[str], *, mincor: floa
     nk = nobs[None, :]
     u = _cor(np.broadcast_to(nk, N.shape), N, np.broadcast_to(np.diag(S1)[None, :], N.shape), N,
              np.broadcast_to(np.diag(S2)[None, :], N.shape), S1.T)
-    pm = (np.maximum(v, u) > mincor).astype(np.int64)
     # proportion of usable cases: rows where the target is missing and the predictor observed
     mr = nk - N
     mm = n - nobs[:, None] - nk + N
     with np.errstate(invalid="ignore", divide="ignore"):
         puc = mr / (mr + mm)
+    return v, u, puc
+
+
+def quickpred_matrix(s: dict[str, np.ndarray], names: list[str], *, mincor: float = 0.1,
+                     minpuc: float = 0.0, include: Iterable[str] = (), exclude: Iterable[str] = (),
+                     usable: np.ndarray | None = None) -> pd.DataFrame:
+    """mice's ``quickpred`` rule applied to summed pairwise statistics (see :func:`quickpred_partition`)."""
+    v, u, puc = quickpred_statistics(s)
+    nobs, n = np.diag(s["N"]), s["n"]
+    pm = (np.maximum(v, u) > mincor).astype(np.int64)
     pm[np.nan_to_num(puc, nan=np.inf) < minpuc] = 0
     pos = {c: i for i, c in enumerate(names)}
     for name, val in ((exclude, 0), (include, 1)):
