@@ -303,7 +303,7 @@ def _check_where_methods(variables: list[Any], where: Any) -> None:
     for v in variables:
         if v.name not in cols or v.imputed:
             continue
-        marked = True  # unknown for a dask frame without computing it
+        marked = v.n_missing > 0  # a dask frame: marked cells would have made the column incomplete
         if not isinstance(where, dd.DataFrame):
             key = next(c for c in (where.columns if hasattr(where, "columns") else where) if str(c) == v.name)
             marked = bool(np.asarray(where[key]).any())

@@ -124,6 +124,8 @@ class TargetModel:
 
         s = res["sum"]
         q = len(self.xcols)
+        if not q or self.xcols[0] != 0:  # the rules need the intercept in column 0
+            return res, False
         if self.stat == "gram":
             mats = [(G[:q, :q], G[:, q]) for G in s["G"]]
         elif self.stat in ("logistic", "multinomial") and self.beta is not None and not np.any(self.beta):
