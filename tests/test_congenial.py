@@ -90,6 +90,36 @@ def test_by_imputes_each_group_from_its_own_model(cluster_client):
             assert abs(fit.params[1]) > 1.5  # a pooled model would give a slope near 0
 
 
+def test_by_group_fits_equal_statsmodels_per_group(cluster_client):
+    # linear (x) and logistic (e) models fitted within each level of arm equal statsmodels on
+    # that level's observed rows; only x and e are incomplete and neither predicts the other here
+    g = np.random.default_rng(8)
+    n = 3000
+    arm = g.choice(["a", "b", "c"], n)
+    y = g.normal(size=n)
+    slope = np.select([arm == "a", arm == "b"], [1.0, -1.0], 0.3)
+    x = slope * y + g.normal(size=n)
+    e = (g.random(n) < expit(slope * y)).astype(float)
+    df = pd.DataFrame({"x": x, "e": e, "y": y, "arm": pd.Categorical(arm)})
+    df.loc[g.random(n) < 0.3, "x"] = np.nan
+    df.loc[g.random(n) < 0.3, "e"] = np.nan
+    imp = dmice.impute(df, m=2, max_iter=1, seed=1, by="arm", ridge=0.0,
+                       predictors={"x": ["y"], "e": ["y"]})
+    s = imp.schema
+    vy, vx = s["y"], s["x"]
+    models = imp._engine.models
+    for k, lev in enumerate(["a", "b", "c"]):
+        rows = (arm == lev) & df["x"].notna().to_numpy()
+        X = sm.add_constant((y[rows] - vy.center) / vy.scale)
+        ref = sm.OLS((x[rows] - vx.center) / vx.scale, X).fit()
+        for c in range(2):
+            np.testing.assert_allclose(models[0].models[k]._fits[c].coef, ref.params, rtol=1e-8, atol=1e-10)
+        rows = (arm == lev) & df["e"].notna().to_numpy()
+        ref = sm.Logit(e[rows], sm.add_constant((y[rows] - vy.center) / vy.scale)).fit(disp=0)
+        for c in range(2):
+            assert np.all(np.abs(models[1].models[k].beta[c] - ref.params) < 0.1 * ref.bse), lev
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"by": "nope"}, "by must name a column"),
     ({"by": "w"}, "by column 'w' has 40 missing"),
