@@ -39,6 +39,7 @@ class Plan:
     post: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # variable -> post-processing functions
     by: int | None = None  # complete grouping variable of stratified imputation (its level codes)
 
+
 #: column added to a partition to mark the rows excluded from model fitting (``ignore=``)
 IGNORE_COL = "__dmice_ignore__"
 

@@ -48,6 +48,7 @@ def _interaction_data(n=3000, seed=2):
     return df
 
 
+@pytest.mark.slow
 def test_by_moderator_recovers_interaction_main_effects_model_does_not(cluster_client):
     df = _interaction_data()
     ddf = dd.from_pandas(df, npartitions=2)
@@ -143,6 +144,7 @@ def test_by_errors(cluster_client, kwargs, match):
 B_OUT = np.array([1.0, 1.0, 0.5])  # y ~ 1 + x + w
 
 
+@pytest.mark.slow
 def test_outcome_left_out_of_imputation_model_biases_toward_null(cluster_client):
     g = np.random.default_rng(4)
     n = 1500
