@@ -1,6 +1,7 @@
 """dmice: multiple imputation by chained equations on Dask.
 
-The public API is :func:`impute`, :func:`open`, :func:`analyze` and :func:`pool`.
+The public API is :func:`impute`, :func:`open`, :func:`analyze` and :func:`pool`, with
+:func:`quickpred` (predictor matrices) and :func:`squeeze` / :func:`round_to` (post-processing).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dmice.pooling import (
     recommended_m,
     wald_d1,
 )
+from dmice.post import round_to, squeeze
+from dmice.predictors import quickpred
 from dmice.result import MultipleImputation
 
 __version__ = "0.1.0"
@@ -36,6 +39,9 @@ __all__ = [
     "pool",
     "pool_r_squared",
     "pool_scalar",
+    "quickpred",
     "recommended_m",
+    "round_to",
+    "squeeze",
     "wald_d1",
 ]

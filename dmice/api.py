@@ -20,17 +20,22 @@ from dmice import block as _block
 from dmice import engine as _engine
 from dmice import formulas as _formulas
 from dmice import passive as _passive
+from dmice import post as _post
+from dmice import predictors as _pred
 from dmice import progress as _progress
 from dmice import rng as _rng
 from dmice import store
 from dmice.errors import InputError, OutputError
 from dmice.methods import TargetModel
+from dmice.methods.stratified import StratifiedModel
 from dmice.result import MultipleImputation, from_manifest
-from dmice.schema import Schema, assign_methods, combine_summaries, layout
+from dmice.schema import BINARY, NOMINAL, ORDINAL, Schema, assign_methods, combine_summaries, layout
 
 log = logging.getLogger("dmice")
 
 VISIT_SEQUENCES = ("roman", "arabic", "monotone")
+#: most levels a ``by=`` grouping variable may have
+MAX_BY_LEVELS = 50
 
 
 def _as_dask(data: Any) -> Any:
@@ -80,6 +85,9 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
            donors: int = 5, donor_pool: int = 10_000, ridge: float = 1e-5,
            formulas: dict[str, str] | None = None, passive: dict[str, str] | None = None,
            substantive: str | None = None, substantive_family: str = "gaussian",
+           predictors: dict[str, list[str]] | pd.DataFrame | None = None, where: Any = None,
+           ignore: Any = None, post: dict[str, Any] | None = None, delta: dict[str, float] | None = None,
+           by: str | None = None,
            until_rhat: float | None = None, checkpoint: str | None = None, checkpoint_every: int = 1,
            storage_options: dict[str, Any] | None = None,
            client: Any = None, progress: Any = "auto", _state: str | None = None
@@ -157,6 +165,39 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         else one ``key=value`` line per iteration on the ``dmice`` logger (iteration,
         seconds, max R-hat); a callable gets ``(iteration, max_iter, seconds)`` after each
         iteration.  See :mod:`dmice.progress`.
+    predictors : dict or pandas.DataFrame, optional
+        Predictors of each conditional model: ``{"chol": ["age", "sbp", "event"]}``, or a
+        predictor matrix as mice's ``predictorMatrix`` (rows: targets, columns:
+        predictors, 1 = used; e.g. from :func:`dmice.quickpred`).  Targets not listed
+        use every other variable, the analysis outcome included (the default).
+    where : DataFrame or dict, optional
+        Boolean cells to impute besides the missing ones: a pandas or dask DataFrame of
+        booleans with some of the data's columns (a dask frame must have the same
+        partitions; a pandas one is aligned by row position), or a dict column ->
+        boolean array / Series of the data's length.  Observed cells marked True are
+        imputed too (over-imputation) and are left out of the fitting rows of their
+        column's model.  Missing cells are always imputed; use ``method={col: ""}`` to
+        leave a column alone.
+    ignore : array-like of bool, optional
+        Rows left out of every model fit (mice's ``ignore``), e.g. a validation set;
+        their missing cells are still imputed and their observed values still serve
+        as predictors.  A boolean array / pandas Series of the data's length, or a dask
+        Series with the data's partitions.
+    post : dict, optional
+        Column -> function (or list of functions) applied to the new imputed values of
+        that continuous column after each visit, on the workers: numpy array in, array
+        of the same shape out, vectorised and pickleable, e.g.
+        ``{"sbp": dmice.squeeze(60, 250)}`` or ``dmice.round_to(0.5)``.
+    delta : dict, optional
+        Column -> shift added to its imputed values after each visit, before ``post``
+        (the delta adjustment of an MNAR sensitivity analysis, mice's
+        ``imp[[j]][, i] + delta`` post idiom).  With ``pmm`` the shift applies to the
+        matched donor values.
+    by : str, optional
+        Complete categorical column (bool, string, category, or a number with two
+        values; at most 50 levels): every conditional model is fitted and drawn
+        separately within each of its levels, as imputing each group on its own.  The
+        column itself is not used as a predictor.
 
     Returns
     -------
@@ -169,6 +210,11 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
 
     Notes
     -----
+    Before each fit, predictors that are constant or (near-)collinear among the
+    fitting rows, or correlated above 0.99 with the target, are dropped from that
+    model for the rest of the run with a logged event (mice's ``remove.lindep``);
+    logistic and multinomial models are screened at their first fit only.
+
     Each conditional model is fitted from sufficient statistics (Gram matrices,
     Newton gradients and Hessians) summed over the partitions; only those statistics
     and a donor sample reach the client.  Parameters are drawn from their posterior
@@ -223,7 +269,10 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
               "donors": donors, "donor_pool": donor_pool, "ridge": float(ridge),
               "passive": {k: p.expression for k, p in passive_specs.items()},
               "formulas": {k: f"{k} ~ {v}" for k, v in formula_rhs.items()},
-              "substantive": substantive, "substantive_family": substantive_family}
+              "substantive": substantive, "substantive_family": substantive_family,
+              "predictors": _pred.as_json(predictors), "delta": dict(delta or {}), "by": by,
+              # not stored, only fingerprinted: a checkpoint must come from the same masks and functions
+              "where": _fingerprint(where), "ignore": _fingerprint(ignore), "post": _fingerprint(post)}
 
     cluster = None
     if client is None:
@@ -232,11 +281,18 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         t0 = time.perf_counter()
         _engine.tune_workers(client)
         parts = ddf.to_delayed()
+        if where is not None or ignore is not None:
+            parts = _masked_parts(client, ddf, parts, where, ignore)
         summaries = _engine.summarize(client, parts)
         variables = combine_summaries(summaries, ddf.dtypes)
         events = [{"iteration": 0, **e} for e in assign_methods(variables, method)]
         passive_idx = _passive_plan(variables, passive_specs)
+        by_j = _check_by(variables, by, method)
+        _check_where_methods(variables, where)
         n_cols = layout(variables)
+        sets, pred_events = _pred.resolve(predictors, variables, exclude=[] if by_j is None else [by_j])
+        events += [{"iteration": 0, **e} for e in pred_events]
+        post_funcs = _post_plan(variables, post, delta)
         rows = [next(iter(s.values()))["n"] if s else 0 for s in summaries]  # any column's count
         schema = Schema(variables=variables, n_rows=sum(rows), n_cols_encoded=n_cols,
                         partition_rows=rows)
@@ -248,13 +304,16 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         fitted, sub = _fit_formulas(client, ddf, variables, formula_rhs, seed, schema.n_rows, sub_rhs,
                                     substantive_family, events)
         plan = _block.Plan(variables=tuple(variables), n_cols=n_cols, m=m, seed=seed,
-                           pool_rate=pool_rate, passive=passive_idx, formulas=fitted, substantive=sub)
+                           pool_rate=pool_rate, passive=passive_idx, formulas=fitted, substantive=sub,
+                           post=post_funcs, by=by_j)
         blocks = _engine.encode(client, parts, plan)
         pools = _engine.gather_pools(client, blocks, plan)
         blocks = _engine.init_fill(client, blocks, plan, pools)
-        models = _make_models(plan, pools, params, events)
+        setup = {"sets": sets, "labels": _pred.column_labels(variables, n_cols)}
+        models = _make_models(plan, pools, params, setup, events)
         eng = _engine.Engine(client, plan, blocks, models, schema)
         eng.pools = pools
+        eng.setup = setup
         config = _config_hash(params, variables, rows)
         log.info("dmice: %d rows, %d partitions, %d columns to impute, m=%d; set up in %.2f s",
                  schema.n_rows, len(parts), len(models), m, time.perf_counter() - t0)
@@ -300,39 +359,48 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
 
 
 def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[str, Any],
-                 events: list[dict[str, Any]] | None = None) -> dict[int, TargetModel]:
-    """The conditional model of every imputed variable (passive variables have none)."""
-    models = {}
-    for j, v in enumerate(plan.variables):
+                 setup: dict[str, Any], events: list[dict[str, Any]] | None = None) -> dict[int, Any]:
+    """The conditional model of every imputed variable (passive variables have none).
+
+    ``setup`` holds the predictor set of each variable (``sets``) and the names of the encoded
+    columns (``labels``, for logged events).
+    """
+    models: dict[int, Any] = {}
+    variables = list(plan.variables)
+    common = {"m": plan.m, "seed": plan.seed, "donors": params["donors"], "ridge": params["ridge"],
+              "chain0": plan.chain0, "labels": setup["labels"]}
+    for j, v in enumerate(variables):
         if not v.imputed or v.method == "passive":
             continue
         if v.method == "smcfcs":
             from dmice.methods.smcfcs import SmcfcsModel
 
             sub = plan.substantive
-            own = {c for k in sub.model.inputs if k != j for c in range(*plan.variables[k].cols)
-                   if k != sub.outcome}
+            own = {c for k in sub.model.inputs if k != j for c in range(*variables[k].cols)}
             xcols = np.array([0] + sorted(own), dtype=np.int64)
-            models[j] = SmcfcsModel(j, v, xcols, m=plan.m, seed=plan.seed, donors=params["donors"],
-                                    ridge=params["ridge"], sample_pool=pools[j], chain0=plan.chain0,
-                                    substantive=sub, n_sub=sub.model.width)
+            models[j] = SmcfcsModel(j, v, xcols, sample_pool=pools[j], substantive=sub,
+                                    n_sub=sub.model.width, **common)
             continue
         if j in plan.formulas:
-            models[j] = TargetModel(j, v, np.arange(plan.formulas[j].width), m=plan.m, seed=plan.seed,
-                                    donors=params["donors"], ridge=params["ridge"], sample_pool=pools[j],
-                                    chain0=plan.chain0)
+            xcols = np.arange(plan.formulas[j].width)
+        else:
+            xcols = _pred.xcols(variables, setup["sets"][j])
+            for p, (_, idx) in plan.passive.items():  # a passive variable never predicts its own inputs
+                pc = set(range(*variables[p].cols))
+                if j in idx and pc & set(xcols.tolist()):
+                    xcols = np.array([c for c in xcols if c not in pc], dtype=np.int64)
+                    if events is not None:
+                        events.append({"iteration": 0, "variable": v.name,
+                                       "event": f"passive {variables[p].name!r} removed from the "
+                                                "predictors (it is computed from this variable)"})
+        if plan.by is None:
+            models[j] = TargetModel(j, v, xcols, sample_pool=pools[j], **common)
             continue
-        own = set(range(*v.cols))
-        for p, (_, idx) in plan.passive.items():  # a passive variable never predicts its own inputs
-            if j in idx and plan.variables[p].width:
-                own |= set(range(*plan.variables[p].cols))
-                if events is not None:
-                    events.append({"iteration": 0, "variable": v.name,
-                                   "event": f"passive {plan.variables[p].name!r} removed from the "
-                                            "predictors (it is computed from this variable)"})
-        xcols = np.array([c for c in range(plan.n_cols) if c not in own], dtype=np.int64)
-        models[j] = TargetModel(j, v, xcols, m=plan.m, seed=plan.seed, donors=params["donors"],
-                                ridge=params["ridge"], sample_pool=pools[j], chain0=plan.chain0)
+        vb = variables[plan.by]
+        models[j] = StratifiedModel(
+            {g: TargetModel(j, replace(v, name=f"{v.name} [{vb.name} level {g + 1}]"), xcols,
+                            sample_pool=pools[j], stream=(g + 1,), **common)
+             for g in range(vb.n_levels)}, vb.name, list(vb.levels))
     return models
 
 
@@ -489,7 +557,7 @@ def _add_chains(result: MultipleImputation, k: int, progress: Any) -> None:
     client = eng.client
     new_plan = replace(plan, m=k, chain0=plan.chain0 + plan.m)
     blocks = _engine.init_fill(client, eng.blocks, new_plan, eng.pools)
-    models = _make_models(new_plan, eng.pools, result.parameters)
+    models = _make_models(new_plan, eng.pools, result.parameters, eng.setup)
     new = _engine.Engine(client, new_plan, blocks, models, eng.schema)
     events: list[dict[str, Any]] = []
     if result._seq and eng.iteration:
@@ -498,11 +566,9 @@ def _add_chains(result: MultipleImputation, k: int, progress: Any) -> None:
     eng.blocks = [client.submit(_block.concat_chains, [a, b], pure=False)
                   for a, b in zip(eng.blocks, new.blocks)]
     eng.plan = replace(plan, m=plan.m + k)
-    merged = _make_models(eng.plan, eng.pools, result.parameters)
+    merged = _make_models(eng.plan, eng.pools, result.parameters, eng.setup)
     for j, mod in merged.items():
-        a, b = eng.models[j].get_state(), new.models[j].get_state()
-        beta = None if a["beta"] is None or b["beta"] is None else np.concatenate([a["beta"], b["beta"]])
-        mod.set_state({"beta": beta, "curvature": max(a["curvature"], b["curvature"])})
+        mod.set_state(_merge_states(eng.models[j].get_state(), new.models[j].get_state()))
     eng.models = merged
     for r in new.chain_stats:
         eng.chain_stats.append({**r, "chain": r["chain"] + plan.m})
@@ -510,6 +576,31 @@ def _add_chains(result: MultipleImputation, k: int, progress: Any) -> None:
     result.m = plan.m + k
     result.parameters = {**result.parameters, "m": plan.m + k}
     result._chain = eng.chain_stats
+
+
+def _fingerprint(obj: Any) -> str | None:
+    """A deterministic token of an argument that cannot be stored in the manifest (None if unset)."""
+    if obj is None:
+        return None
+    from dask.base import tokenize
+
+    return tokenize(obj)
+
+
+def _merge_states(a: Any, b: Any) -> Any:
+    """The model state of chains ``a`` followed by chains ``b``: warm starts side by side."""
+    if isinstance(a, dict):
+        out = {}
+        for k, va in a.items():
+            vb = b.get(k) if isinstance(b, dict) else None
+            if k == "beta":
+                out[k] = None if va is None or vb is None else np.concatenate([va, vb])
+            elif k == "curvature":
+                out[k] = max(va, vb or 0.0)
+            else:
+                out[k] = _merge_states(va, vb)
+        return out
+    return a
 
 
 def _reopen(result: MultipleImputation, iterations: int, progress: Any, until_rhat: float | None,
@@ -524,6 +615,11 @@ def _reopen(result: MultipleImputation, iterations: int, progress: Any, until_rh
     if not params or not man.get("state"):
         raise InputError(f"the output {result.url!r} holds no chain state to continue from (written "
                          "by an older version, or without state)")
+    kept = [k for k in ("where", "ignore", "post") if params.get(k)]
+    if kept:
+        raise InputError(f"the output {result.url!r} was imputed with {kept}, which are not stored with "
+                         "it; continue the chains in the session that made them")
+    params = {k: v for k, v in params.items() if k not in ("where", "ignore", "post")}
     state_url = posixpath.join(result.url.rstrip("/"), store.STATE_DIR)
     files = sorted((f for f in man["files"] if f["imputation"] == 1), key=lambda f: f["partition"])
     first = result.complete(1)
@@ -534,6 +630,162 @@ def _reopen(result: MultipleImputation, iterations: int, progress: Any, until_rh
     return impute(ddf, **params, max_iter=result.iterations + iterations, until_rhat=until_rhat,
                   storage_options=result._storage_options, client=client, progress=progress,
                   _state=state_url)
+
+
+def _check_by(variables: list[Any], by: str | None, method: dict[str, str] | None) -> int | None:
+    """Index of the ``by`` grouping variable after checking it can stratify the models."""
+    if by is None:
+        return None
+    names = [v.name for v in variables]
+    if not isinstance(by, str) or by not in names:
+        raise InputError(f"by must name a column, got {by!r}; columns are {names}")
+    j = names.index(by)
+    v = variables[j]
+    if v.n_missing:
+        raise InputError(f"by column {by!r} has {v.n_missing} missing values; the grouping variable "
+                         "must be complete")
+    if v.kind not in (BINARY, NOMINAL, ORDINAL):
+        raise InputError(f"by column {by!r} (dtype {v.dtype}) must be categorical: bool, string, "
+                         "category, or a number with two distinct values; convert it with "
+                         ".astype('category')")
+    if v.n_levels > MAX_BY_LEVELS:
+        raise InputError(f"by column {by!r} has {v.n_levels} levels; at most {MAX_BY_LEVELS} are allowed")
+    sample = [w.name for w in variables if w.imputed and w.method == "sample"]
+    if sample:
+        raise InputError(f"method 'sample' cannot be stratified by {by!r}; columns {sample} use it")
+    return j
+
+
+def _check_where_methods(variables: list[Any], where: Any) -> None:
+    if where is None:
+        return
+    import dask.dataframe as dd
+
+    cols = [str(c) for c in (where.columns if hasattr(where, "columns") else where)]
+    for v in variables:
+        if v.name not in cols or v.imputed:
+            continue
+        marked = v.n_missing > 0  # a dask frame: marked cells would have made the column incomplete
+        if not isinstance(where, dd.DataFrame):
+            key = next(c for c in (where.columns if hasattr(where, "columns") else where) if str(c) == v.name)
+            marked = bool(np.asarray(where[key]).any())
+        if marked:
+            raise InputError(f"where marks cells of column {v.name!r}, which is not imputed "
+                             f"(method {v.method!r}, kind {v.kind})")
+
+
+def _post_plan(variables: list[Any], post: dict[str, Any] | None, delta: dict[str, float] | None
+               ) -> dict[int, tuple[Any, ...]]:
+    """Post-processing functions per variable index: the delta shift first, then ``post``."""
+    names = [v.name for v in variables]
+    out: dict[int, list[Any]] = {}
+    for param, arg in (("delta", delta), ("post", post)):
+        if arg is None:
+            continue
+        if not isinstance(arg, dict):
+            raise InputError(f"{param} must be a dict of column -> "
+                             f"{'number' if param == 'delta' else 'function'}, got {type(arg).__name__}")
+        for col, val in arg.items():
+            if col not in names:
+                raise InputError(f"{param} names unknown column {col!r}; columns are {names}")
+            v = variables[names.index(col)]
+            if not v.imputed or v.kind != "continuous":
+                raise InputError(f"{param} for column {col!r} needs an imputed continuous column; it is "
+                                 f"{v.kind} with method {v.method!r}")
+            if param == "delta":
+                if isinstance(val, bool) or not isinstance(val, numbers.Real) or not math.isfinite(val):
+                    raise InputError(f"delta for column {col!r} must be a finite number, got "
+                                     f"{type(val).__name__}")
+                funcs = [_post.shift(float(val))]
+            else:
+                funcs = list(val) if isinstance(val, (list, tuple)) else [val]
+                if not all(callable(f) for f in funcs):
+                    raise InputError(f"post for column {col!r} must be a function or a list of functions")
+            out.setdefault(names.index(col), []).extend(funcs)
+    return {j: tuple(f) for j, f in out.items()}
+
+
+def _bool_array(x: Any, what: str, n: int | None) -> np.ndarray:
+    if isinstance(x, pd.Series) and x.isna().any():
+        raise InputError(f"{what} has missing values; it must be boolean")
+    a = np.asarray(x)
+    if a.ndim != 1 or a.dtype != bool:
+        raise InputError(f"{what} must be a 1-d boolean array or Series, got dtype {a.dtype} and "
+                         f"{a.ndim} dimension(s)")
+    if n is not None and len(a) != n:
+        raise InputError(f"{what} has {len(a)} rows; the data have {n}")
+    return a
+
+
+def _mask_partition(df: pd.DataFrame, where: Any, ignore: Any) -> pd.DataFrame:
+    """A partition with the ``where`` cells set missing and the ``ignore`` rows marked."""
+    out = df.copy(deep=False)
+    if where is not None:
+        items = where.items()
+        for col, w in items:
+            w = np.asarray(w)
+            if len(w) != len(df):
+                raise InputError(f"where column {col!r} has {len(w)} rows in partition where the data "
+                                 f"have {len(df)}; give where with the data's partitions")
+            if w.dtype != bool:
+                raise InputError(f"where column {col!r} must be boolean, got dtype {w.dtype}")
+            if w.any():
+                out[col] = out[col].mask(w)
+    if ignore is not None:
+        ign = np.asarray(ignore)
+        if len(ign) != len(df) or ign.dtype != bool:
+            raise InputError(f"ignore must be boolean with the data's rows and partitions; a partition "
+                             f"has {len(df)} rows and ignore {len(ign)} of dtype {ign.dtype}")
+        out[_block.IGNORE_COL] = ign
+    return out
+
+
+def _masked_parts(client: Any, ddf: Any, parts: list[Any], where: Any, ignore: Any) -> list[Any]:
+    """The partitions of the data with ``where`` and ``ignore`` applied (lazy)."""
+    import dask.dataframe as dd
+    from dask import delayed
+
+    names = [str(c) for c in ddf.columns]
+    npart = len(parts)
+    w_parts: list[Any] = [None] * npart
+    i_parts: list[Any] = [None] * npart
+    lens: list[int] | None = None
+
+    def offsets() -> list[int]:
+        nonlocal lens
+        if lens is None:
+            lens = _engine.map_partitions(client, parts, len)
+        return lens
+
+    if where is not None:
+        cols = list(where.columns) if isinstance(where, (pd.DataFrame, dd.DataFrame)) else \
+            list(where) if isinstance(where, dict) else None
+        if cols is None:
+            raise InputError("where must be a DataFrame of booleans or a dict column -> boolean array, "
+                             f"got {type(where).__name__}")
+        bad = [c for c in cols if str(c) not in names]
+        if bad:
+            raise InputError(f"where names unknown columns {bad}; columns are {names}")
+        if isinstance(where, dd.DataFrame):
+            if where.npartitions != npart:
+                raise InputError(f"where has {where.npartitions} partitions; the data have {npart}")
+            w_parts = list(where.to_delayed())
+        else:
+            n = sum(offsets())
+            arrays = {str(c): _bool_array(where[c], f"where[{c!r}]", n) for c in cols}
+            start = np.cumsum([0] + offsets())
+            w_parts = [{c: a[start[i]:start[i + 1]] for c, a in arrays.items()} for i in range(npart)]
+    if ignore is not None:
+        if isinstance(ignore, dd.Series):
+            if ignore.npartitions != npart:
+                raise InputError(f"ignore has {ignore.npartitions} partitions; the data have {npart}")
+            i_parts = list(ignore.to_delayed())
+        else:
+            n = sum(offsets())
+            a = _bool_array(ignore, "ignore", n)
+            start = np.cumsum([0] + offsets())
+            i_parts = [a[start[i]:start[i + 1]] for i in range(npart)]
+    return [delayed(_mask_partition)(p, w, i) for p, w, i in zip(parts, w_parts, i_parts)]
 
 
 def _close_quietly(client: Any, cluster: Any) -> None:

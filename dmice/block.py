@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
+from dmice import post as _post
 from dmice import rng as _rng
 from dmice import stats
 from dmice.schema import CONTINUOUS, NOMINAL, ORDINAL, Variable, from_codes, to_codes
@@ -43,6 +44,12 @@ class Plan:
     formulas: dict[int, Any] = field(default_factory=dict)
     #: dmice.methods.smcfcs.Substantive: the analysis model SMC-FCS imputes compatibly with
     substantive: Any = None
+    post: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # variable -> post-processing functions
+    by: int | None = None  # complete grouping variable of stratified imputation (its level codes)
+
+
+#: column added to a partition to mark the rows excluded from model fitting (``ignore=``)
+IGNORE_COL = "__dmice_ignore__"
 
 
 @dataclass
@@ -59,6 +66,7 @@ class Block:
     imp: dict[int, np.ndarray] = field(default_factory=dict)  # imputed variable -> (m, n_mis)
     cache: dict[Any, np.ndarray] = field(default_factory=dict)  # statistics that never change
     out: dict[str, Any] | None = None  # statistics returned by the last task
+    group: np.ndarray | None = None  # level code of the ``by`` variable per row
 
 
 def encode_partition(df: pd.DataFrame, plan: Plan, part: int) -> Block:
@@ -67,6 +75,7 @@ def encode_partition(df: pd.DataFrame, plan: Plan, part: int) -> Block:
     D0 = np.zeros((n, plan.n_cols))
     D0[:, 0] = 1.0
     values, mis, obs, mis_pos, pool = {}, {}, {}, {}, {}
+    fit = ~df[IGNORE_COL].to_numpy(dtype=bool) if IGNORE_COL in df.columns else None
     for j, v in enumerate(plan.variables):
         if v.width == 0 and not v.imputed:
             continue
@@ -79,7 +88,7 @@ def encode_partition(df: pd.DataFrame, plan: Plan, part: int) -> Block:
         if v.imputed:
             values[j] = x
             mis[j] = np.nonzero(miss)[0]
-            obs[j] = np.nonzero(ok)[0]
+            obs[j] = np.nonzero(ok if fit is None else ok & fit)[0]
             pos = np.full(n, -1, dtype=np.int64)
             pos[mis[j]] = np.arange(len(mis[j]))
             mis_pos[j] = pos
@@ -103,8 +112,12 @@ def encode_partition(df: pd.DataFrame, plan: Plan, part: int) -> Block:
         for l in keys[a + 1:]:
             _, pk, pl = np.intersect1d(mis[k], mis[l], assume_unique=True, return_indices=True)
             pairs[(k, l)] = (pk, pl)
+    group = None
+    if plan.by is not None:
+        vb = plan.variables[plan.by]
+        group = to_codes(df[vb.name], vb).astype(np.int64)
     return Block(part=part, n=n, D0=D0, values=values, mis=mis, obs=obs, mis_pos=mis_pos, pool=pool,
-                 pairs=pairs)
+                 pairs=pairs, group=group)
 
 
 def sample_values(block: Block) -> dict[int, np.ndarray]:
@@ -435,11 +448,12 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
         from dmice.methods import smcfcs
 
         return smcfcs.stats_of(block, plan, request)
-    if kind == "gram" and j in plan.formulas:
-        out_sum["G"] = _formula_gram(block, plan, j)
+    if kind == "gram" and j in plan.formulas:  # xcols: the formula design's columns still in the model
+        sel = np.append(xcols, plan.formulas[j].width)
+        out_sum["G"] = _formula_gram(block, plan, j)[:, sel][:, :, sel]
         if request.get("pool"):
             rows = obs[block.pool[j]]
-            out_cat["pool_X"] = np.stack(list(formula_designs(block, plan, j, rows, "pool")))
+            out_cat["pool_X"] = np.stack([X[:, xcols] for X in formula_designs(block, plan, j, rows, "pool")])
             out_cat["pool_y"] = block.values[j][rows]
         return {"sum": out_sum, "cat": out_cat}
     if kind == "gram":
@@ -460,8 +474,8 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
     y = block.values[j][obs]
     beta = request["beta"]
     kernel = stats.logistic if kind == "logistic" else stats.multinomial
-    designs = formula_designs(block, plan, j, obs, "obs") if j in plan.formulas else \
-        chain_designs(block, plan, obs, xcols)
+    designs = (X[:, xcols] for X in formula_designs(block, plan, j, obs, "obs")) if j in plan.formulas \
+        else chain_designs(block, plan, obs, xcols)
     res = [kernel(X, y, beta[c]) for c, X in enumerate(designs)]
     for key in ("g", "H", "ll"):
         out_sum[key] = np.stack([r[key] for r in res])
@@ -486,10 +500,12 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
 
             vals[:], failed = smcfcs.impute(block, plan, order, j, rows)
             out["sum"]["smcfcs_failed"] = np.array(float(failed))
+        elif len(rows) and "groups" in order:
+            _impute_groups(block, plan, order, rows, vals)
         elif len(rows):
             eta = None
             if order["method"] != "sample" and j in plan.formulas:
-                eta = np.stack([X @ order["beta"][c]
+                eta = np.stack([X[:, order["xcols"]] @ order["beta"][c]
                                 for c, X in enumerate(formula_designs(block, plan, j, rows, "mis"))])
             elif order["method"] != "sample":
                 eta = linear_predictor(block, plan, _full_coef(plan, order["xcols"], order["beta"]),
@@ -499,20 +515,67 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
                                    block.part)
                 vals[c] = impute_values(eta[c] if eta is not None else np.empty(len(rows)),
                                         order, v, c, g)
+        if len(rows) and j in plan.post:
+            for c in range(plan.m):
+                vals[c] = _post.apply(plan.post[j], vals[c])
         new.imp[j] = vals
         refresh_passive(new, plan, j)
         out["sum"]["chain"] = _chain_summary(vals, v)
     if isinstance(request, list):  # several models at once: keys prefixed with the request's index
         for i, r in enumerate(request):
-            st = model_stats(new, plan, r)
+            st = _stats(new, plan, r)
             for part in ("sum", "cat"):
                 out[part].update({f"{i}/{k}": a for k, a in st[part].items()})
     elif request is not None:
-        st = model_stats(new, plan, request)
+        st = _stats(new, plan, request)
         out["sum"].update(st["sum"])
         out["cat"].update(st["cat"])
     new.out = out
     return new
+
+
+def group_block(block: Block, j: int, g: int) -> Block:
+    """View of ``block`` in which variable ``j`` is observed only in the rows of group ``g`` (for ``by=``)."""
+    key = ("by", j, g)
+    if key not in block.cache:
+        ing = block.group[block.obs[j]] == g
+        newpos = np.cumsum(ing) - 1
+        p = block.pool[j]
+        block.cache[key] = (block.obs[j][ing], newpos[p[ing[p]]])
+    obs_g, pool_g = block.cache[key]
+    sub = block.cache.setdefault(("by-cache", g), {})  # statistics of the group's rows that never change
+    return replace(block, obs={**block.obs, j: obs_g}, pool={**block.pool, j: pool_g}, cache=sub)
+
+
+def _stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, Any]:
+    """:func:`model_stats`, or for a stratified request the statistics of every group (keys ``g<k>/``)."""
+    if "groups" not in request:
+        return model_stats(block, plan, request)
+    out: dict[str, Any] = {"sum": {}, "cat": {}}
+    for g, r in request["groups"].items():
+        st = model_stats(group_block(block, r["var"], g), plan, r)
+        for part in ("sum", "cat"):
+            out[part].update({f"g{g}/{k}": a for k, a in st[part].items()})
+    return out
+
+
+def _impute_groups(block: Block, plan: Plan, order: dict[str, Any], rows: np.ndarray,
+                   vals: np.ndarray) -> None:
+    """Impute the missing ``rows`` of a stratified variable, each group with its own parameters."""
+    j = order["var"]
+    v = plan.variables[j]
+    grp = block.group[rows]
+    for g, o in order["groups"].items():
+        sel = np.nonzero(grp == g)[0]
+        if not len(sel):
+            continue
+        eta = None
+        if o["method"] != "sample":
+            eta = linear_predictor(block, plan, _full_coef(plan, o["xcols"], o["beta"]), rows=rows[sel])
+        for c in range(plan.m):
+            gen = _rng.generator(plan.seed, _rng.WORKER, plan.chain0 + c, o["iteration"], j, block.part,
+                                 g + 1)
+            vals[c, sel] = impute_values(eta[c] if eta is not None else np.empty(len(sel)), o, v, c, gen)
 
 
 def split_out(res: dict[str, Any], i: int) -> dict[str, Any]:

@@ -260,3 +260,9 @@ def get_client(address: str | None = None, n_workers: int | None = None) -> tupl
                            dashboard_address=":0", silence_logs=logging.ERROR)
     client = Client(cluster)
     return client, cluster
+
+
+def map_partitions(client: Client, parts: list[Any], func: Callable[..., Any], *args: Any) -> list[Any]:
+    """``func(partition, *args)`` computed on the cluster for every partition, gathered in order."""
+    futs = client.compute([delayed(func)(p, *args) for p in parts])
+    return client.gather(futs)

@@ -180,20 +180,40 @@ def read_state_partition(url: str, i: int, storage_options: dict[str, Any] | Non
         return {k.replace("_", "/", 1): z[k] for k in z.files}
 
 
+def _split_state(obj: Any, path: str, arrays: dict[str, Any]) -> Any:
+    """JSON-able copy of a nested state with its numpy arrays moved to ``arrays``."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _split_state(v, f"{path}__{k}", arrays) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        arrays[path] = obj
+        return {"__array__": path}
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+def _join_state(obj: Any, arrays: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__array__"}:
+            return arrays[obj["__array__"]]
+        return {k: _join_state(v, arrays) for k, v in obj.items()}
+    return obj
+
+
 def write_state_meta(url: str, storage_options: dict[str, Any] | None, meta: dict[str, Any],
                      models: dict[str, Any], chain_stats: pd.DataFrame) -> None:
-    """Client side of the state: model warm starts, chain statistics, then ``state.json`` last."""
+    """Client side of the state: model states (arrays in ``models.npz``), chain statistics, then
+    ``state.json`` last."""
     import io
 
     import numpy as np
 
     fs, root = filesystem(url, storage_options)
     fs.makedirs(root, exist_ok=True)
-    arrays, curv = {}, {}
-    for j, st in models.items():
-        if st.get("beta") is not None:
-            arrays[f"beta_{j}"] = st["beta"]
-        curv[j] = st.get("curvature", 0.0)
+    arrays: dict[str, Any] = {}
+    skeleton = _split_state(models, "m", arrays)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     with fs.open(posixpath.join(root, "models.npz"), "wb") as f:
@@ -201,7 +221,7 @@ def write_state_meta(url: str, storage_options: dict[str, Any] | None, meta: dic
     with fs.open(posixpath.join(root, "chains.arrow"), "wb") as f:
         feather.write_feather(pa.Table.from_pandas(chain_stats, preserve_index=False), f)
     with fs.open(posixpath.join(root, "state.json"), "w") as f:
-        json.dump({**meta, "curvature": curv}, f, indent=1, default=str)
+        json.dump({**meta, "models": skeleton}, f, indent=1, default=str)
 
 
 def read_state_meta(url: str, storage_options: dict[str, Any] | None
@@ -219,8 +239,8 @@ def read_state_meta(url: str, storage_options: dict[str, Any] | None
         meta = json.load(f)
     with fs.open(posixpath.join(root, "models.npz"), "rb") as f:
         z = np.load(io.BytesIO(f.read()), allow_pickle=False)
-        betas = {k[len("beta_"):]: z[k] for k in z.files}
-    models = {j: {"beta": betas.get(j), "curvature": c} for j, c in meta.pop("curvature").items()}
+        arrays = {k: z[k] for k in z.files}
+    models = _join_state(meta.pop("models"), arrays)
     with fs.open(posixpath.join(root, "chains.arrow"), "rb") as f:
         chains = feather.read_table(f).to_pandas()
     return meta, models, chains

@@ -73,6 +73,9 @@ def test_formula_designs_follow_the_chains(cluster_client):
     blk = eng.client.gather(eng.blocks[0])
     fm = eng.plan.formulas[2]
     assert fm.columns[0] == "Intercept" and any("bs(a" in c for c in fm.columns)
+    # a cubic B-spline without inner knots spans a and a**2: the screening drops them (logged)
+    ev = imp.logged_events
+    assert (ev.variable.eq("t") & ev.event.str.contains("dropped")).sum() == 2
     for c in range(2):
         done = imp.complete(c + 1).compute()
         ref = fm.spec.get_model_matrix(done.iloc[blk.obs[2]], output="numpy")

@@ -31,7 +31,8 @@ class TargetModel:
     def __init__(self, j: int, var: Variable, xcols: np.ndarray, *, m: int, seed: int,
                  donors: int = 5, ridge: float = 1e-5, newton_tol: float = 0.2,
                  newton_accuracy: float = NEWTON_ACCURACY,
-                 max_newton: int = 25, sample_pool: np.ndarray | None = None, chain0: int = 0):
+                 max_newton: int = 25, sample_pool: np.ndarray | None = None, chain0: int = 0,
+                 labels: list[str] | None = None, screen: bool = True, stream: tuple[int, ...] = ()):
         self.j = j
         self.var = var
         self.method = var.method
@@ -54,16 +55,26 @@ class TargetModel:
         self.last_rounds = 0
         self._last_step = np.inf
         self._curvature = 0.0  # largest observed Newton contraction constant M
+        self.labels = labels  # names of the encoded design columns, for logged events
+        self.screen = screen  # drop constant and collinear predictors before each fit
+        self.stream = tuple(stream)  # extra key of the client-side random streams (by= groups)
+        self.dropped: list[str] = []  # labels of the predictors dropped so far
 
     # -- state kept across visits -------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
         """Warm start of the Newton fits (what a continued run needs from this model)."""
-        return {"beta": None if self.beta is None else self.beta.copy(), "curvature": self._curvature}
+        return {"beta": None if self.beta is None else self.beta.copy(), "curvature": self._curvature,
+                "xcols": self.xcols.copy(), "dropped": list(self.dropped)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         beta = state.get("beta")
         self.beta = None if beta is None else np.asarray(beta, dtype=float).copy()
         self._curvature = float(state.get("curvature", 0.0))
+        if state.get("xcols") is not None:  # predictors dropped by the screening stay dropped
+            self.xcols = np.asarray(state["xcols"], dtype=np.int64)
+            q = len(self.xcols)
+            self.n_params = q * (self.var.n_levels - 1) if self.method == "polyreg" else q
+        self.dropped = list(state.get("dropped", []))
 
     # -- what the workers compute -------------------------------------------------
     @property
@@ -96,6 +107,10 @@ class TargetModel:
 
     def update(self, res: dict[str, Any], iteration: int, events: list[dict[str, Any]]) -> bool:
         """Consume reduced statistics; return True once the model is ready to draw."""
+        if self.screen and self._rounds == 0:
+            res, stale = self._screen(res, iteration, events)
+            if stale:
+                return False
         n = float(res["sum"]["n"])
         penalty = self._penalty(n)
         if penalty and self._rounds == 0:
@@ -111,6 +126,51 @@ class TargetModel:
                            "event": "ridge fallback: singular information matrix (constant or "
                                     "collinear predictors)"})
             return self._update(res, n, FALLBACK_PENALTY, iteration, events)
+
+    def _screen(self, res: dict[str, Any], iteration: int, events: list[dict[str, Any]]
+                ) -> tuple[dict[str, Any], bool]:
+        """Drop constant and (near-)collinear predictors (mice's ``remove.lindep``) before a fit.
+
+        Gram models are screened before every fit on ``X'X`` (and ``X'y`` for the
+        ``maxcor`` rule), Newton models before their cold start, where the leading block
+        of the Hessian is ``X'X`` times a constant.  Drops are permanent and logged.
+        Returns the statistics restricted to the kept predictors and whether they must
+        be recomputed (Newton statistics depend on the design).
+        """
+        from dmice import predictors as _pred
+
+        s = res["sum"]
+        q = len(self.xcols)
+        if not q or self.xcols[0] != 0:  # the rules need the intercept in column 0
+            return res, False
+        if self.stat == "gram":
+            mats = [(G[:q, :q], G[:, q]) for G in s["G"]]
+        elif self.stat in ("logistic", "multinomial") and self.beta is not None and not np.any(self.beta):
+            mats = [(H[:q, :q], None) for H in s["H"]]
+        else:
+            return res, False
+        keep = np.ones(q, dtype=bool)
+        for A, y in mats:
+            drop, why = _pred.screen(A, keep, y)
+            for i, w in zip(drop, why):
+                keep[i] = False
+                label = self.labels[self.xcols[i]] if self.labels else f"column {self.xcols[i]}"
+                self.dropped.append(label)
+                events.append({"iteration": iteration, "variable": self.var.name,
+                               "event": f"predictor {label!r} dropped: {w} among the fitting rows"})
+        if keep.all():
+            return res, False
+        self.xcols = self.xcols[keep]
+        q = len(self.xcols)
+        self.n_params = q * (self.var.n_levels - 1) if self.method == "polyreg" else q
+        if self.stat == "gram":
+            sel = np.append(np.nonzero(keep)[0], len(keep))
+            new = {"sum": dict(s, G=s["G"][:, sel][:, :, sel]), "cat": dict(res["cat"])}
+            if "pool_X" in new["cat"]:
+                new["cat"]["pool_X"] = new["cat"]["pool_X"][:, :, keep]
+            return new, False
+        self.beta = self.beta[:, keep]
+        return res, True
 
     def _update(self, res: dict[str, Any], n: float, penalty: float, iteration: int,
                 events: list[dict[str, Any]]) -> bool:
@@ -168,7 +228,7 @@ class TargetModel:
         if self.method == "sample":
             o["values"] = self.sample_pool
             return o
-        gens = [_rng.generator(self.seed, _rng.CLIENT, self.chain0 + c, iteration, self.j)
+        gens = [_rng.generator(self.seed, _rng.CLIENT, self.chain0 + c, iteration, self.j, *self.stream)
                 for c in range(self.m)]
         if self.stat == "gram":
             draws = [linear.draw(f, g) for f, g in zip(self._fits, gens)]

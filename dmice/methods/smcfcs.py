@@ -162,7 +162,7 @@ class SmcfcsModel(TargetModel):
         return req
 
     def get_state(self) -> dict[str, Any]:
-        return {"beta": None if self.sub_beta is None else self.sub_beta.copy(), "curvature": 0.0}
+        return {"beta": None if self.sub_beta is None else self.sub_beta.copy()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         beta = state.get("beta")
