@@ -8,7 +8,8 @@ data brought to the client:
 * density plots from binned counts: each partition computes, for every variable, a
   histogram of its observed cells and of its imputed cells in each imputation (level
   counts for categorical variables); the client sums them.  Bin edges span the
-  smallest and largest value, observed or imputed, found in a first pass;
+  smallest and largest observed value, found in a first pass over the input, widened
+  (one more pass) for a variable whose imputed values fall outside (``norm``);
 * the missing-data pattern from per-partition counts of the distinct rows of the
   missingness mask, summed on the client.
 
@@ -69,27 +70,19 @@ def _compute(*tasks: Any) -> tuple[Any, ...]:
 # per-partition kernels (pandas/numpy only; run inside tasks)
 
 
-def _isna(df: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    if not columns:
-        return np.zeros((len(df), 0), dtype=bool)
-    return df[columns].isna().to_numpy(dtype=bool)
-
-
 def _cont_values(s: pd.Series) -> np.ndarray:
     return s.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _partition_ranges(df: pd.DataFrame, frames: list[pd.DataFrame], cont: list[str]) -> np.ndarray:
-    """(len(cont), 2) min and max of the observed cells (from ``df``) and imputed cells of every frame."""
-    out = np.full((len(cont), 2), np.nan)
+def _partition_first(df: pd.DataFrame, cont: list[str], patterns: bool) -> dict[str, Any]:
+    """First pass, over the input only: range of the observed values of ``cont``, missingness patterns."""
+    ranges = np.full((len(cont), 2), np.nan)
     for a, name in enumerate(cont):
-        miss = df[name].isna().to_numpy(dtype=bool)
-        vals = [_cont_values(df[name])[~miss]] + [_cont_values(f[name])[miss] for f in frames]
-        x = np.concatenate(vals)
+        x = _cont_values(df[name])
         x = x[np.isfinite(x)]
         if len(x):
-            out[a] = x.min(), x.max()
-    return out
+            ranges[a] = x.min(), x.max()
+    return {"ranges": ranges, "patterns": _partition_patterns(df) if patterns else None}
 
 
 def _label(v: Any) -> str:
@@ -111,26 +104,35 @@ def _level_counts(s: pd.Series) -> dict[str, int]:
 
 def _partition_hist(df: pd.DataFrame, frames: list[pd.DataFrame], cont: dict[str, np.ndarray],
                     cat: list[str]) -> dict[str, Any]:
-    """Counts of the observed cells (``df``) and of the imputed cells of each completed frame."""
+    """Counts of the observed cells (``df``) and of the imputed cells of each completed frame.
+
+    Continuous variables also give the range of their imputed values: values outside the
+    edges are not counted, and the caller recounts such variables with wider edges.
+    """
     out: dict[str, Any] = {}
     for name, edges in cont.items():
         miss = df[name].isna().to_numpy(dtype=bool)
         obs = np.histogram(_cont_values(df[name])[~miss], bins=edges)[0]
-        imp = np.stack([np.histogram(_cont_values(f[name])[miss], bins=edges)[0] for f in frames]) \
-            if frames else np.zeros((0, len(edges) - 1), dtype=np.int64)
-        out[name] = (obs, imp)
+        imp = np.zeros((len(frames), len(edges) - 1), dtype=np.int64)
+        lo, hi = np.inf, -np.inf
+        for k, f in enumerate(frames):
+            x = _cont_values(f[name])[miss]
+            imp[k] = np.histogram(x, bins=edges)[0]
+            if len(x):
+                lo, hi = min(lo, float(np.nanmin(x))), max(hi, float(np.nanmax(x)))
+        out[name] = (obs, imp, lo, hi)
     for name in cat:
         miss = df[name].isna().to_numpy(dtype=bool)
         out[name] = (_level_counts(df[name][~miss]), [_level_counts(f[name][miss]) for f in frames])
     return out
 
 
-def _partition_patterns(df: pd.DataFrame, columns: list[str]) -> dict[tuple[int, ...], int]:
+def _partition_patterns(df: pd.DataFrame) -> dict[tuple[int, ...], int]:
     """Row counts of each distinct missingness pattern, keyed by the positions of the missing columns."""
     n = len(df)
     if not n:
         return {}
-    mask = _isna(df, columns)
+    mask = df.isna().to_numpy(dtype=bool)
     idx = np.nonzero(mask.any(axis=0))[0]
     if not len(idx):
         return {(): n}
@@ -162,13 +164,16 @@ def _pattern_counts(ddf: Any) -> tuple[list[str], dict[tuple[int, ...], int]]:
     from dask import delayed
 
     columns = [str(c) for c in ddf.columns]
-    ddf = ddf.rename(columns=dict(zip(ddf.columns, columns)))
-    parts = _compute(*[delayed(_partition_patterns)(p, columns) for p in ddf.to_delayed()])
+    parts = _compute(*[delayed(_partition_patterns)(p) for p in ddf.to_delayed()])
+    return columns, _sum_patterns(parts)
+
+
+def _sum_patterns(parts: list[dict[tuple[int, ...], int]]) -> dict[tuple[int, ...], int]:
     total: dict[tuple[int, ...], int] = {}
     for part in parts:
         for k, v in part.items():
             total[k] = total.get(k, 0) + v
-    return columns, total
+    return total
 
 
 def _pattern_frame(columns: list[str], counts: dict[tuple[int, ...], int]) -> pd.DataFrame:
@@ -228,8 +233,7 @@ def md_pattern(data: Any) -> pd.DataFrame:
     return _pattern_frame(columns, counts)
 
 
-def _stored_pattern(data: Any) -> dict[str, Any]:
-    columns, counts = _pattern_counts(data)
+def _stored_pattern(columns: list[str], counts: dict[tuple[int, ...], int]) -> dict[str, Any]:
     nmis = np.zeros(len(columns), dtype=np.int64)
     for k, c in counts.items():
         nmis[list(k)] += c
@@ -286,28 +290,55 @@ def _order_levels(levels: list[str] | None, *counts: dict[str, int]) -> list[str
     return known + sorted(seen - set(known))
 
 
-def _compute_distributions(imp: Any, variables: list[str], bins: int) -> dict[str, dict[str, Any]]:
-    """Observed and imputed counts of each variable, in two distributed passes over the completed data."""
+def _edges(lo: float, hi: float, bins: int) -> np.ndarray:
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        lo, hi = 0.0, 1.0
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1)
+
+
+def _compute_distributions(imp: Any, variables: list[str], bins: int, patterns: bool = False
+                           ) -> tuple[dict[str, dict[str, Any]], dict[tuple[int, ...], int] | None]:
+    """Observed and imputed counts of each variable (and the missingness patterns of the input).
+
+    A first pass over the input finds the range of the observed values (and counts the
+    patterns); a second pass over the completed data counts observed and imputed values
+    with edges spanning that range.  Imputed values of predictive mean matching, ``sample``
+    and the categorical methods are observed values, so they always fall inside; a variable
+    with imputed values outside (``norm``) is counted again with edges spanning both.
+    """
     from dask import delayed
 
     kinds = _kinds(imp)
     cont = [v for v in variables if kinds.get(v, ("",))[0] == CONTINUOUS]
     cat = [v for v in variables if v not in cont]
-    data = imp._ddf
-    parts = data.to_delayed()
+    parts = imp._ddf.to_delayed()
     frames = [imp.complete(k).to_delayed() for k in range(1, imp.m + 1)]
     per_part = [[f[i] for f in frames] for i in range(len(parts))]
+    pattern_counts = None
     edges: dict[str, np.ndarray] = {}
-    if cont:
-        ranges = _compute(*[delayed(_partition_ranges)(p, fs, cont) for p, fs in zip(parts, per_part)])
-        r = np.stack(ranges) if ranges else np.full((0, len(cont), 2), np.nan)
-        for a, name in enumerate(cont):
-            lo, hi = (np.nanmin(r[:, a, 0]), np.nanmax(r[:, a, 1])) if np.isfinite(r[:, a]).any() \
-                else (0.0, 1.0)
-            if lo == hi:
-                lo, hi = lo - 0.5, hi + 0.5
-            edges[name] = np.linspace(lo, hi, bins + 1)
+    if cont or patterns:
+        first = _compute(*[delayed(_partition_first)(p, cont, patterns) for p in parts])
+        if patterns:
+            pattern_counts = _sum_patterns([f["patterns"] for f in first])
+        r = np.stack([f["ranges"] for f in first]) if first else np.full((0, len(cont), 2), np.nan)
+        with np.errstate(all="ignore"):
+            obs_lo, obs_hi = np.nanmin(r[:, :, 0], axis=0, initial=np.inf), \
+                np.nanmax(r[:, :, 1], axis=0, initial=-np.inf)
+        edges = {name: _edges(obs_lo[a], obs_hi[a], bins) for a, name in enumerate(cont)}
     hists = _compute(*[delayed(_partition_hist)(p, fs, edges, cat) for p, fs in zip(parts, per_part)])
+    wider = {}
+    for name, e in edges.items():
+        lo = min([e[0]] + [h[name][2] for h in hists])
+        hi = max([e[-1]] + [h[name][3] for h in hists])
+        if lo < e[0] or hi > e[-1]:
+            wider[name] = _edges(lo, hi, bins)
+    if wider:
+        again = _compute(*[delayed(_partition_hist)(p, fs, wider, []) for p, fs in zip(parts, per_part)])
+        for h, g in zip(hists, again):
+            h.update(g)
+        edges.update(wider)
     out: dict[str, dict[str, Any]] = {}
     for name in variables:
         if name in edges:
@@ -329,7 +360,7 @@ def _compute_distributions(imp: Any, variables: list[str], bins: int) -> dict[st
                          "observed": np.array([obs_d.get(lev, 0) for lev in levels], dtype=np.int64),
                          "imputed": np.array([[d.get(lev, 0) for lev in levels] for d in imp_d],
                                              dtype=np.int64).reshape(imp.m, len(levels))}
-    return out
+    return out, pattern_counts
 
 
 def _merge_bins(d: dict[str, Any], bins: int, name: str) -> dict[str, Any]:
@@ -372,7 +403,7 @@ def distributions(imp: Any, variables: list[str] | str | None = None,
         raise InputError(f"bins must be an integer >= 1, got {bins!r}")
     names = _select(imp, variables)
     if imp._engine is not None:
-        return _compute_distributions(imp, names, bins)
+        return _compute_distributions(imp, names, bins)[0]
     stored = (imp.manifest or {}).get("distributions")
     if stored is None:
         raise OutputError(f"{imp.url!r} has no stored distributions of the imputed values (written by "
@@ -399,7 +430,7 @@ def stored_summaries(imp: Any) -> dict[str, Any]:
     """What :meth:`MultipleImputation.to_parquet` keeps in the manifest for plotting an opened output:
     the distributions of every imputed variable at :data:`STORED_BINS` bins and the
     missing-data pattern of the input (JSON-ready)."""
-    dist = _compute_distributions(imp, imp.imputed_columns, STORED_BINS)
+    dist, patterns = _compute_distributions(imp, imp.imputed_columns, STORED_BINS, patterns=True)
     enc = {}
     for name, d in dist.items():
         e = {"kind": d["kind"], "observed": d["observed"].tolist(), "imputed": d["imputed"].tolist()}
@@ -409,7 +440,7 @@ def stored_summaries(imp: Any) -> dict[str, Any]:
             e["levels"] = d["levels"]
         enc[name] = e
     return {"distributions": {"bins": STORED_BINS, "variables": enc},
-            "missing_pattern": _stored_pattern(imp._ddf)}
+            "missing_pattern": _stored_pattern(list(imp.columns), patterns or {})}
 
 
 # ---------------------------------------------------------------------------

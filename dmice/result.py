@@ -196,8 +196,8 @@ class MultipleImputation:
 
         The manifest and the ``_SUCCESS`` marker are written last.  A non-empty target is
         refused unless ``overwrite=True``.  With ``distributions`` (default), binned counts
-        of the observed and imputed values and the missing-data pattern are computed (two
-        more passes over the data) and kept in the manifest, so that density and pattern
+        of the observed and imputed values and the missing-data pattern are computed (one
+        more pass over the input and one over the completed data) and kept in the manifest, so that density and pattern
         plots of the opened output need no pass over the data (see :mod:`dmice.plots`).
         Returns ``url``.
         """
