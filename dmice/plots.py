@@ -290,9 +290,14 @@ def _order_levels(levels: list[str] | None, *counts: dict[str, int]) -> list[str
     return known + sorted(seen - set(known))
 
 
-def _edges(lo: float, hi: float, bins: int) -> np.ndarray:
+def _edges(lo: float, hi: float, bins: int, integer: bool = False) -> np.ndarray:
+    """Equal-width edges from ``lo`` to ``hi``; for integer values, edges at half-integers and a
+    whole number of values per bin (so no bin holds one value more than its neighbours)."""
     if not (np.isfinite(lo) and np.isfinite(hi)):
         lo, hi = 0.0, 1.0
+    if integer and float(lo).is_integer() and float(hi).is_integer():
+        width = max(1.0, math.ceil((hi - lo + 1) / bins))
+        return lo - 0.5 + width * np.arange(bins + 1)
     if lo == hi:
         lo, hi = lo - 0.5, hi + 0.5
     return np.linspace(lo, hi, bins + 1)
@@ -313,6 +318,7 @@ def _compute_distributions(imp: Any, variables: list[str], bins: int, patterns: 
     kinds = _kinds(imp)
     cont = [v for v in variables if kinds.get(v, ("",))[0] == CONTINUOUS]
     cat = [v for v in variables if v not in cont]
+    integer = {v.name for v in imp.schema.variables if v.integer} if imp.schema is not None else set()
     parts = imp._ddf.to_delayed()
     frames = [imp.complete(k).to_delayed() for k in range(1, imp.m + 1)]
     per_part = [[f[i] for f in frames] for i in range(len(parts))]
@@ -326,14 +332,14 @@ def _compute_distributions(imp: Any, variables: list[str], bins: int, patterns: 
         with np.errstate(all="ignore"):
             obs_lo, obs_hi = np.nanmin(r[:, :, 0], axis=0, initial=np.inf), \
                 np.nanmax(r[:, :, 1], axis=0, initial=-np.inf)
-        edges = {name: _edges(obs_lo[a], obs_hi[a], bins) for a, name in enumerate(cont)}
+        edges = {name: _edges(obs_lo[a], obs_hi[a], bins, name in integer) for a, name in enumerate(cont)}
     hists = _compute(*[delayed(_partition_hist)(p, fs, edges, cat) for p, fs in zip(parts, per_part)])
     wider = {}
     for name, e in edges.items():
         lo = min([e[0]] + [h[name][2] for h in hists])
         hi = max([e[-1]] + [h[name][3] for h in hists])
         if lo < e[0] or hi > e[-1]:
-            wider[name] = _edges(lo, hi, bins)
+            wider[name] = _edges(lo, hi, bins, name in integer and lo.is_integer() and hi.is_integer())
     if wider:
         again = _compute(*[delayed(_partition_hist)(p, fs, wider, []) for p, fs in zip(parts, per_part)])
         for h, g in zip(hists, again):
@@ -388,8 +394,9 @@ def distributions(imp: Any, variables: list[str] | str | None = None,
     variables : list of str, optional
         Default: every imputed variable.
     bins : int, default 40
-        Equal-width bins between the smallest and largest value, observed or imputed.
-        For a result read from disk it must divide :data:`STORED_BINS`.
+        Equal-width bins between the smallest and largest value, observed or imputed
+        (integer-valued variables: edges at half-integers, a whole number of values per
+        bin).  For a result read from disk it must divide :data:`STORED_BINS`.
 
     Returns
     -------
@@ -539,6 +546,9 @@ def plot_densities(imp: Any, variables: list[str] | str | None = None, bins: int
             tot = d["observed"].sum()
             if tot:
                 ax.plot(mids, d["observed"] / (tot * width), color=OBSERVED, lw=2.0)
+            used = np.nonzero(d["observed"] + d["imputed"].sum(axis=0))[0]
+            if len(used):
+                ax.set_xlim(edges[used[0]], edges[used[-1] + 1])
             ax.set_ylabel("density", fontsize=8)
         else:
             levels = d["levels"]

@@ -90,6 +90,15 @@ def test_distributions_in_memory_equal_numpy_histograms(run):
     assert dist["u"]["edges"][0] < df["u"].min() and dist["u"]["edges"][-1] > df["u"].max()
 
 
+def test_integer_edges_hold_a_whole_number_of_values():
+    e = plots._edges(75.0, 182.0, 40, integer=True)
+    assert len(e) == 41 and e[0] == 74.5 and e[-1] >= 182.5
+    counts = np.histogram(np.arange(75, 183), bins=e)[0]
+    assert set(counts[: -(-(182 - 75 + 1) // 3)]) == {3}  # 3 integers in every bin up to the last value
+    np.testing.assert_array_equal(plots._edges(0.5, 2.0, 3), [0.5, 1.0, 1.5, 2.0])
+    np.testing.assert_array_equal(plots._edges(4.0, 4.0, 2), [3.5, 4.0, 4.5])
+
+
 def test_distributions_of_opened_output_equal_numpy_histograms(run):
     df, ddf, imp, out = run
     again = dmice.open(out)
@@ -203,7 +212,8 @@ def _run(*args, capsys):
 
 def test_cli_diagnose_writes_pngs_and_html(run, capsys):
     df, ddf, imp, out = run
-    code, stdout, stderr = _run("diagnose", out, capsys=capsys)
+    code, stdout, stderr = _run("diagnose", out, "--variable", "x", "--variable", "c", "--bins", "30",
+                                capsys=capsys)
     assert code == 0, stderr[-3000:]
     rep = os.path.join(out, "_diagnostics")
     assert stdout.strip() == os.path.join(rep, "report.html")
