@@ -333,6 +333,8 @@ def _compute_distributions(imp: Any, variables: list[str], bins: int, patterns: 
             obs_lo, obs_hi = np.nanmin(r[:, :, 0], axis=0, initial=np.inf), \
                 np.nanmax(r[:, :, 1], axis=0, initial=-np.inf)
         edges = {name: _edges(obs_lo[a], obs_hi[a], bins, name in integer) for a, name in enumerate(cont)}
+    if not variables:
+        return {}, pattern_counts
     hists = _compute(*[delayed(_partition_hist)(p, fs, edges, cat) for p, fs in zip(parts, per_part)])
     wider = {}
     for name, e in edges.items():

@@ -16,12 +16,10 @@ import sys
 from pathlib import Path
 
 import dask.dataframe as dd
-import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import mixed_frame
-from matplotlib.colors import to_hex
 
 import dmice
 from dmice import plots
@@ -168,6 +166,9 @@ def _axes_with_data(fig):
 
 
 def test_figures_have_one_panel_per_statistic_and_decode(run, tmp_path):
+    mpimg = pytest.importorskip("matplotlib.image")
+    from matplotlib.colors import to_hex
+
     df, ddf, imp, out = run
     again = dmice.open(out)
     # continuous: mean and sd; categorical: one panel per level (z 2, c 3, s 2)
@@ -211,6 +212,7 @@ def _run(*args, capsys):
 
 
 def test_cli_diagnose_writes_pngs_and_html(run, capsys):
+    mpimg = pytest.importorskip("matplotlib.image")
     df, ddf, imp, out = run
     code, stdout, stderr = _run("diagnose", out, "--variable", "x", "--variable", "c", "--bins", "30",
                                 capsys=capsys)
@@ -251,6 +253,7 @@ def test_cli_diagnose_refuses_missing_or_incomplete_output(run, tmp_path, capsys
 
 
 def test_output_without_stored_distributions(run, tmp_path):
+    pytest.importorskip("matplotlib")
     df, ddf, imp, out = run
     plain = str(tmp_path / "plain")
     imp.to_parquet(plain, distributions=False)
