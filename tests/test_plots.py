@@ -268,3 +268,17 @@ def test_output_without_stored_distributions(run, tmp_path):
     assert set(written) == {"trace", "report"}
     page = open(written["report"]).read()
     assert page.count("not drawn:") == 2 and page.count("data:image/png") == 1
+
+
+def test_report_of_complete_data_draws_the_pattern_only(cluster_client, tmp_path):
+    pytest.importorskip("matplotlib")
+    from dmice.report import build_report
+
+    df = pd.DataFrame({"a": np.arange(50.0), "b": np.arange(50) % 3})
+    out = str(tmp_path / "complete")
+    dmice.impute(df, m=1, max_iter=1, seed=1).to_parquet(out)
+    pat = dmice.md_pattern(dmice.open(out))
+    assert pat["count"].tolist() == [50, 50] and pat.loc["total", "n_missing"] == 0
+    written = build_report(out)
+    assert set(written) == {"pattern", "report"}
+    assert open(written["report"]).read().count("not drawn:") == 2
