@@ -9,6 +9,7 @@ from __future__ import annotations
 from dmice.analysis import AnalysisResult, analyze
 from dmice.api import impute, open
 from dmice.errors import DmiceError, InputError, OutputError
+from dmice.plots import md_pattern, plot_pattern
 from dmice.pooling import (
     PooledResult,
     chi2_d2,
@@ -35,7 +36,9 @@ __all__ = [
     "analyze",
     "chi2_d2",
     "impute",
+    "md_pattern",
     "open",
+    "plot_pattern",
     "pool",
     "pool_r_squared",
     "pool_scalar",

@@ -63,6 +63,21 @@ def _demo(args: argparse.Namespace) -> int:
     return OK
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from dmice.report import build_report
+
+    try:
+        written = build_report(args.output_dir, bins=args.bins, variables=args.variable or None)
+    except ImportError as e:
+        print(f"dmice: error: {e}", file=sys.stderr)
+        return FAILED
+    for name in ("trace", "densities", "pattern"):
+        if name not in written:
+            print(f"dmice: {name} plot not drawn (see the report)", file=sys.stderr)
+    print(written["report"])
+    return OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dmice", description="Multiple imputation by chained "
                                      "equations on Dask.")
@@ -100,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--output", default=None, help="where to write the imputations (default: a "
                    "temporary directory)")
     d.set_defaults(func=_demo)
+    g = sub.add_parser("diagnose", help="write trace, density and pattern plots and an HTML report "
+                       "into OUTPUT_DIR/_diagnostics/")
+    g.add_argument("output_dir", help="directory written by `dmice impute` (fsspec URL)")
+    g.add_argument("--bins", type=int, default=40, help="bins of the density plots; must divide 120 "
+                   "(default 40)")
+    g.add_argument("--variable", action="append", metavar="COLUMN",
+                   help="plot only this imputed column (repeatable; default: all imputed columns)")
+    g.set_defaults(func=_diagnose)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -101,6 +101,18 @@ class MultipleImputation:
 
         return convergence(self.chain_stats, window=window)
 
+    def plot_trace(self, variables: list[str] | str | None = None) -> Any:
+        """Trace plots of the chain statistics (mice's ``plot(imp)``); see :func:`dmice.plots.plot_trace`."""
+        from dmice.plots import plot_trace
+
+        return plot_trace(self, variables)
+
+    def plot_densities(self, variables: list[str] | str | None = None, bins: int = 40) -> Any:
+        """Observed (blue) against imputed (red) distributions; see :func:`dmice.plots.plot_densities`."""
+        from dmice.plots import plot_densities
+
+        return plot_densities(self, variables, bins=bins)
+
     def __repr__(self) -> str:
         where = f"from {self.url}" if self._engine is None and self.url else "on the cluster"
         lines = [f"<dmice.MultipleImputation m={self.m} iterations={self.iterations} seed={self.seed} "
@@ -228,11 +240,15 @@ class MultipleImputation:
                          for r in conv.itertuples()}}
 
     def to_parquet(self, url: str, *, overwrite: bool = False,
-                   storage_options: dict[str, Any] | None = None) -> str:
+                   storage_options: dict[str, Any] | None = None, distributions: bool = True) -> str:
         """Write the m completed data sets as partitioned Parquet (``imputation=k/part.N.parquet``).
 
         The manifest and the ``_SUCCESS`` marker are written last.  A non-empty target is
-        refused unless ``overwrite=True``.  Returns ``url``.
+        refused unless ``overwrite=True``.  With ``distributions`` (default), binned counts
+        of the observed and imputed values and the missing-data pattern are computed (one
+        more pass over the input and one over the completed data) and kept in the manifest, so that density and pattern
+        plots of the opened output need no pass over the data (see :mod:`dmice.plots`).
+        Returns ``url``.
         """
         if self._engine is None:
             raise InputError("this result was read from disk; it is already written at "
@@ -247,7 +263,12 @@ class MultipleImputation:
         state_url = posixpath.join(url.rstrip("/"), store.STATE_DIR)
         self._engine.save_state(state_url, storage_options, {"config": self._config, "events": self._events},
                                 self.chain_stats)
-        store.commit(url, storage_options, self.manifest_dict(files, len(per_part)))
+        manifest = self.manifest_dict(files, len(per_part))
+        if distributions:
+            from dmice.plots import stored_summaries
+
+            manifest.update(stored_summaries(self))
+        store.commit(url, storage_options, manifest)
         return url
 
     # -- lifetime ----------------------------------------------------------------------------
