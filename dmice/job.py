@@ -642,4 +642,6 @@ def _analysis(imp: Any, spec: AnalysisSpec, i: int, url: str, so: dict[str, Any]
 def pooled_table(res: Any) -> Any:
     """The pooled table with confidence intervals and Rubin's-rules columns."""
     table = res.summary(conf_int=True)
-    return table.merge(res.pooled.drop(columns=["estimate"]), on="term")
+    pooled = res.pooled
+    return table.merge(pooled.drop(columns=[c for c in table.columns if c != "term" and c in pooled]),
+                       on="term")
