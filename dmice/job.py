@@ -58,7 +58,8 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "DMICE_CLUSTER_N_WORKERS": ("cluster", "n_workers"),
 }
 
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|account_key|sas|private|^key$)", re.I)
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|account_key|sas_|private|"
+                         r"^key$)", re.I)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -174,7 +175,6 @@ def json_schema() -> dict[str, Any]:
     """JSON Schema of the job file (for editors; committed as ``dmice/job.schema.json``)."""
     schema = JobSpec.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://dmice.invalid/job.schema.json"
     return schema
 
 

@@ -15,7 +15,6 @@ from conftest import mixed_frame
 
 import dmice
 from dmice import job as jobmod
-from dmice import store
 from dmice.cli import main
 from dmice.errors import InputError, OutputError
 
@@ -349,15 +348,18 @@ def test_force_recomputes_and_a_failed_run_loses_nothing(lake, tmp_path, monkeyp
     assert main(["run", str(job), "--force", "--run-id", "r1"]) == 3  # the committed run's own id
     assert "needs a new run id" in capsys.readouterr().err
 
-    # a forced run that fails before its commit: the committed output is untouched
-    def broken_commit(*a, **k):
+    # a forced run that dies half-way through writing: the committed output is untouched
+    def crash(job, ddf, client, checkpoint_url):
+        staged = Path(checkpoint_url).parent / "imputation=1"
+        staged.mkdir(parents=True)
+        (staged / "part.0.parquet").write_bytes(b"PAR1 half-written")
         raise OSError("storage unavailable")
 
-    monkeypatch.setattr(store, "commit", broken_commit)
+    monkeypatch.setattr(jobmod, "impute_step", crash)
     assert main(["run", str(job), "--force", "--run-id", "r2"]) == 1
     (err,) = errors(capsys.readouterr().err)
     assert err.startswith("dmice: error: unexpected OSError at ") and "storage unavailable" in err
-    assert (out / "runs/r2").exists()  # staged, never named by _SUCCESS
+    assert (out / "runs/r2/imputation=1/part.0.parquet").exists()  # staged, never named by _SUCCESS
     assert json.loads((out / "_SUCCESS").read_text())["run_id"] == "r1"
     assert main(["verify", str(out)]) == 0  # the committed run is intact; staged files are not part of it
     pd.testing.assert_frame_equal(dmice.open(str(out)).complete(1).compute(), before)
@@ -384,3 +386,28 @@ def test_csv_input(cluster_client, tmp_path):
     assert (done["sbp"].to_numpy(dtype=float) == ref["sbp"].to_numpy(dtype=float)).all()
     assert posixpath.basename(imp.manifest["input_snapshot"]["files"][1]["path"]) == "part-1.csv"
     assert os.path.exists(tmp_path / "out" / "_SUCCESS")
+
+
+def test_the_commit_record_is_the_only_commit_point(lake, tmp_path, monkeypatch):
+    import shutil
+
+    from dmice import store
+
+    out = tmp_path / "out"
+    shutil.copytree(lake["out_full"], out)
+    first = store.read_manifest(str(out))
+    second = {**first, "run_id": "r9", "iterations": first["iterations"] + 1}
+
+    def fail(*a, **k):
+        raise OSError("connection reset")
+
+    # the run's manifest is written, the commit record is not: readers keep the committed run
+    monkeypatch.setattr(store, "_replace_atomically", fail)
+    with pytest.raises(OSError):
+        store.commit(str(out), None, second, run_id="r9")
+    assert (out / "runs/r9/_manifest.json").exists()
+    assert store.read_manifest(str(out)) == first
+    monkeypatch.undo()
+    store.commit(str(out), None, second, run_id="r9")
+    assert store.read_manifest(str(out)) == second
+    assert not list(out.glob("_SUCCESS.tmp-*"))  # the local replacement left no temporary file
