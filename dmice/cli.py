@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from dmice.errors import DmiceError, OutputError
+from dmice.errors import DmiceError, InputError, OutputError
 
 #: exit codes (also those of the job commands, see dmice.job)
 OK, INVALID_INPUT, FAILED = 0, 2, 1
@@ -78,10 +78,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     import json
+    import os
 
     from dmice.store import verify
 
-    so = json.loads(args.storage_options) if args.storage_options else None
+    raw = args.storage_options or os.environ.get("DMICE_OUTPUT_STORAGE_OPTIONS")
+    try:
+        so = json.loads(raw) if raw else None
+    except ValueError:
+        raise InputError("--storage-options: expected a JSON object of storage options") from None
     man = verify(args.output, so)
     n = len(man.get("files", [])) + len(man.get("aux_files", []))
     print(f"ok: {args.output}: {n} files match the manifest (run {man.get('run_id', '-')})",
@@ -178,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("verify", help="check an output's files against its manifest (exit 0, or 4 "
                        "naming the bad file)")
     f.add_argument("output", help="output directory (fsspec URL)")
-    f.add_argument("--storage-options", default=None, help="JSON object passed to fsspec")
+    f.add_argument("--storage-options", default=None, help="JSON object passed to fsspec (default: "
+                   "$DMICE_OUTPUT_STORAGE_OPTIONS)")
     f.set_defaults(func=_verify, job_command=True)
     s = sub.add_parser("schema", help="print the JSON Schema of job files")
     s.set_defaults(func=_schema, job_command=True)
