@@ -191,10 +191,12 @@ class MultipleImputation:
         snap = man["input_snapshot"]
         meta = store.input_meta(snap["url"], snap["format"], snap["files"][0]["path"],
                                 self._storage_options)
-        meta = store.restore_dtypes(meta, {c: d for c, d in man["input_dtypes"].items()})
-        return dd.from_map(store.complete_cells_partition, range(len(snap["files"])),
-                           args=(self.url, self._storage_options, man, k), meta=meta,
-                           enforce_metadata=False)
+        meta = store.restore_dtypes(meta, man["input_dtypes"])
+        items = [(f, [e for e in man["files"] if e["partition"] == i]) for i, f in enumerate(snap["files"])]
+        return dd.from_map(store.complete_cells_partition, items,
+                           args=(self.url, self._storage_options, snap["url"], snap["format"],
+                                 man["input_dtypes"], k),
+                           meta=meta, enforce_metadata=False)
 
     def write_data(self, url: str, *, storage_options: dict[str, Any] | None = None,
                    prefix: str = "", layout: str = "full",
@@ -216,7 +218,8 @@ class MultipleImputation:
             (``cells/var=J/part.N.parquet`` with columns ``row``, ``imputation``, ``value``).
         row_offsets : list of int, optional
             ``cells``: position in the input of each partition's first row (default: the
-            cumulative row counts of the partitions).
+            cumulative row counts of the partitions).  Completing the cells later needs the
+            input snapshot that :mod:`dmice.job` records in the manifest.
 
         Returns
         -------

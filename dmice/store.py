@@ -456,22 +456,19 @@ def read_input_file(url: str, rel: str, fmt: str, storage_options: dict[str, Any
     return df
 
 
-def complete_cells_partition(i: int, url: str, storage_options: dict[str, Any] | None,
-                             manifest: dict[str, Any], k: int) -> pd.DataFrame:
-    """Imputation ``k`` of partition ``i`` of a ``cells`` output: the input file (checked
-    against its snapshot checksum) with the imputed cells filled in."""
-    snap = manifest["input_snapshot"]
-    f = snap["files"][i]
-    df = read_input_file(snap["url"], f["path"], snap["format"], storage_options, f["sha256"],
-                         manifest["input_dtypes"])
+def complete_cells_partition(item: tuple[dict[str, Any], list[dict[str, Any]]], url: str,
+                             storage_options: dict[str, Any] | None, snapshot_url: str, fmt: str,
+                             dtypes: dict[str, str], k: int) -> pd.DataFrame:
+    """Imputation ``k`` of one partition of a ``cells`` output: the input file (``item[0]``, an
+    entry of the snapshot, checked against its checksum) with the imputed cells of the files
+    ``item[1]`` (manifest entries of that partition) filled in."""
+    f, entries = item
+    df = read_input_file(snapshot_url, f["path"], fmt, storage_options, f["sha256"], dtypes)
     fs, root = filesystem(url, storage_options)
     cells = {}
-    for entry in manifest["files"]:
-        if entry.get("partition") != i:
-            continue
+    for entry in entries:
         with fs.open(posixpath.join(root, entry["path"]), "rb") as fh:
-            t = pq.read_table(fh, filters=[("imputation", "==", k)]).to_pandas()
-        cells[entry["variable"]] = t
+            cells[entry["variable"]] = pq.read_table(fh, filters=[("imputation", "==", k)]).to_pandas()
     return fill_cells(df, cells, f["offset"])
 
 
