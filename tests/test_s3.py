@@ -86,3 +86,18 @@ def test_open_refuses_an_s3_output_without_success(s3_job):
     with pytest.raises(OutputError, match="_SUCCESS"):
         dmice.open(partial, storage_options=so)
     assert main(["verify", partial, "--storage-options", json.dumps(so)]) == 4
+
+
+def test_cells_layout_on_s3_completes_to_the_full_layout(s3_job, tmp_path):
+    so = s3_job["so"]
+    cells_out = "s3://lake/imputed/cohort_cells/as_of=2026-11-01/"
+    job = tmp_path / "cells.yaml"
+    job.write_text(s3_job["job"].read_text().replace(OUTPUT, cells_out).replace("layout: full", "layout: cells"))
+    assert main(["run", str(job)]) == 0
+    full = dmice.open(OUTPUT, storage_options=so)
+    cells = dmice.open(cells_out, storage_options=so)
+    assert cells.manifest["layout"] == "cells"
+    for k in (1, 2):
+        pd.testing.assert_frame_equal(full.complete(k).compute().reset_index(drop=True),
+                                      cells.complete(k).compute().reset_index(drop=True), check_exact=True)
+    assert main(["verify", cells_out, "--storage-options", json.dumps(so)]) == 0
