@@ -620,12 +620,10 @@ def _reopen(result: MultipleImputation, iterations: int, progress: Any, until_rh
         raise InputError(f"the output {result.url!r} was imputed with {kept}, which are not stored with "
                          "it; continue the chains in the session that made them")
     params = {k: v for k, v in params.items() if k not in ("where", "ignore", "post")}
-    state_url = posixpath.join(result.url.rstrip("/"), store.STATE_DIR)
-    files = sorted((f for f in man["files"] if f["imputation"] == 1), key=lambda f: f["partition"])
+    state_url = posixpath.join(result.url.rstrip("/"), man["state"])
     first = result.complete(1)
-    parts = [delayed(store.incomplete_partition)(result.url, f["path"], state_url, f["partition"],
-                                                 result.columns, result.dtypes, result._storage_options)
-             for f in files]
+    parts = [delayed(store.incomplete_partition)(p, state_url, i, result.columns, result._storage_options)
+             for i, p in enumerate(first.to_delayed())]
     ddf = dd.from_delayed(parts, meta=first._meta, verify_meta=False)
     return impute(ddf, **params, max_iter=result.iterations + iterations, until_rhat=until_rhat,
                   storage_options=result._storage_options, client=client, progress=progress,

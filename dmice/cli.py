@@ -7,10 +7,11 @@ import logging
 import sys
 from typing import Any
 
-from dmice.errors import DmiceError
+from dmice.errors import DmiceError, InputError, OutputError
 
-#: exit codes
+#: exit codes (also those of the job commands, see dmice.job)
 OK, INVALID_INPUT, FAILED = 0, 2, 1
+CONFLICT, VERIFY_FAILED = 3, 4
 
 
 def _read(path: str, fmt: str | None, storage_options: dict[str, Any] | None) -> Any:
@@ -54,6 +55,76 @@ def _analyze(args: argparse.Namespace) -> int:
                        "dfcom": res.dfcom, "table": full.to_dict(orient="records")}, f, indent=1,
                       default=float)
     return OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from dmice.job import validate
+
+    job, info = validate(args.job)
+    print(f"ok: {args.job}: {len(info.files)} input files, {len(info.columns)} columns, "
+          f"m={job.imputation.m}, layout={job.output.layout}", file=sys.stderr)
+    return OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dmice.job import load_job, run_job
+
+    job = load_job(args.job)
+    out = run_job(job, run_id=args.run_id, force=args.force)
+    what = "already complete, nothing to do" if out.status == "noop" else "committed"
+    print(f"{what}: run {out.run_id} at {out.url}", file=sys.stderr)
+    return OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from dmice.store import verify
+
+    raw = args.storage_options or os.environ.get("DMICE_OUTPUT_STORAGE_OPTIONS")
+    try:
+        so = json.loads(raw) if raw else None
+    except ValueError:
+        raise InputError("--storage-options: expected a JSON object of storage options") from None
+    man = verify(args.output, so)
+    n = len(man.get("files", [])) + len(man.get("aux_files", []))
+    print(f"ok: {args.output}: {n} files match the manifest (run {man.get('run_id', '-')})",
+          file=sys.stderr)
+    return OK
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from dmice.job import schema_text
+
+    sys.stdout.write(schema_text())
+    return OK
+
+
+def _exit_code(e: BaseException) -> int:
+    from dmice.job import ConflictError
+    from dmice.store import VerifyError
+
+    if isinstance(e, VerifyError):
+        return VERIFY_FAILED
+    if isinstance(e, (ConflictError, OutputError)):
+        return CONFLICT
+    if isinstance(e, DmiceError):
+        return INVALID_INPUT
+    return FAILED
+
+
+def _unexpected(e: BaseException) -> str:
+    """One line for an unexpected error, without data values: the exception type and where it
+    was raised; the message only for I/O errors (storage, network), which carry no data."""
+    import traceback
+
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
+    msg = ""
+    if isinstance(e, (OSError, TimeoutError, ConnectionError)):
+        msg = ": " + str(e).splitlines()[0][:300] if str(e) else ""
+    return f"unexpected {type(e).__name__}{where}{msg} (DMICE_DEBUG=1 prints the traceback)"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -123,13 +194,47 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--variable", action="append", metavar="COLUMN",
                    help="plot only this imputed column (repeatable; default: all imputed columns)")
     g.set_defaults(func=_diagnose)
+    v = sub.add_parser("validate", help="check a job file and its input's columns (exit 0, or 2 "
+                       "with the bad key)")
+    v.add_argument("job", help="job file (YAML or JSON)")
+    v.set_defaults(func=_validate, job_command=True)
+    r = sub.add_parser("run", help="run a job: impute, write under a run prefix, commit; a no-op "
+                       "when the output is already complete")
+    r.add_argument("job", help="job file (YAML or JSON)")
+    r.add_argument("--run-id", default=None, help="name of this run's prefix (default: UTC time "
+                   "and a random suffix); a retry with the same id replaces its uncommitted files")
+    r.add_argument("--force", action="store_true", help="recompute a complete output of the same job")
+    r.set_defaults(func=_run, job_command=True)
+    f = sub.add_parser("verify", help="check an output's files against its manifest (exit 0, or 4 "
+                       "naming the bad file)")
+    f.add_argument("output", help="output directory (fsspec URL)")
+    f.add_argument("--storage-options", default=None, help="JSON object passed to fsspec (default: "
+                   "$DMICE_OUTPUT_STORAGE_OPTIONS)")
+    f.set_defaults(func=_verify, job_command=True)
+    s = sub.add_parser("schema", help="print the JSON Schema of job files")
+    s.set_defaults(func=_schema, job_command=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "job_command", False):
+        logging.getLogger("dmice").setLevel(logging.INFO)
     try:
         return args.func(args)
     except DmiceError as e:
         print(f"dmice: error: {e}", file=sys.stderr)
-        return INVALID_INPUT
+        if not getattr(args, "job_command", False):
+            return INVALID_INPUT
+        return _exit_code(e)
+    except Exception as e:  # noqa: BLE001 - the job commands promise an exit code and one line
+        if not getattr(args, "job_command", False):
+            raise
+        import os
+
+        if os.environ.get("DMICE_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"dmice: error: {_unexpected(e)}", file=sys.stderr)
+        return FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

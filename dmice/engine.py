@@ -232,12 +232,13 @@ def complete_frame(ddf: Any, blocks: list[Future], plan: _block.Plan, chain: int
 
 
 def write_parquet(client: Client, ddf: Any, blocks: list[Future], plan: _block.Plan, url: str,
-                  storage_options: dict[str, Any] | None) -> list[list[dict[str, Any]]]:
-    """Write every imputation of every partition; one task per partition writes all m files."""
+                  storage_options: dict[str, Any] | None, writer: Any = None) -> list[list[dict[str, Any]]]:
+    """Write every imputation of every partition; one task per partition writes all m files
+    (``writer``, default :func:`dmice.store.write_partition`, called with the same arguments)."""
     from dmice import store
 
     parts = ddf.to_delayed()
-    tasks = [delayed(store.write_partition)(p, b, plan, url, i, storage_options)
+    tasks = [delayed(writer or store.write_partition)(p, b, plan, url, i, storage_options)
              for i, (p, b) in enumerate(zip(parts, blocks))]
     return client.gather(client.compute(tasks))
 

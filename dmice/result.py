@@ -157,7 +157,11 @@ class MultipleImputation:
             return complete_frame(self._ddf, self._engine.blocks, self._engine.plan, k - 1)
         if self.url is None:
             raise InputError("this result holds no data")
-        path = posixpath.join(self.url.rstrip("/"), f"imputation={k}")
+        man = self.manifest or {}
+        if man.get("layout") == "cells":
+            return self._complete_cells(k)
+        prefix = man.get("data_prefix", "")
+        path = posixpath.join(self.url.rstrip("/"), *([prefix] if prefix else []), f"imputation={k}")
         ddf = dd.read_parquet(path, storage_options=self._storage_options)
         ddf = ddf[self.columns]  # without the hive `imputation` column read from the path
         return ddf.map_partitions(store.restore_dtypes, self.dtypes, meta=ddf._meta.pipe(
@@ -219,7 +223,7 @@ class MultipleImputation:
                            for v in sch.imputed} if sch else {},
             "logged_events": self._events,
             "parameters": self.parameters,
-            "state": store.STATE_DIR if self._engine is not None else None,
+            "state": getattr(self, "_state_rel", None) if self._engine is not None else None,
             "convergence": self._convergence_summary(),
             "files": files,
             "versions": _versions(),
@@ -239,6 +243,97 @@ class MultipleImputation:
                 "rhat": {f"{r.variable} {r.statistic}": (None if pd.isna(r.rhat) else float(r.rhat))
                          for r in conv.itertuples()}}
 
+    def _complete_cells(self, k: int) -> Any:
+        """Imputation ``k`` of a ``cells`` output: each input file (checked against its snapshot
+        checksum) completed with its imputed cells, one task per file."""
+        import dask.dataframe as dd
+
+        man = self.manifest
+        snap = man["input_snapshot"]
+        meta = store.input_meta(snap["url"], snap["format"], snap["files"][0]["path"],
+                                self._storage_options)
+        meta = store.restore_dtypes(meta, man["input_dtypes"])
+        items = [(f, [e for e in man["files"] if e["partition"] == i]) for i, f in enumerate(snap["files"])]
+        return dd.from_map(store.complete_cells_partition, items,
+                           args=(self.url, self._storage_options, snap["url"], snap["format"],
+                                 man["input_dtypes"], k),
+                           meta=meta, enforce_metadata=False)
+
+    def write_data(self, url: str, *, storage_options: dict[str, Any] | None = None,
+                   prefix: str = "", layout: str = "full",
+                   row_offsets: list[int] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Write the imputations (or only the imputed cells) and the chain statistics below
+        ``url/prefix``, without a manifest or commit marker.
+
+        Parameters
+        ----------
+        url : str
+            Output root (fsspec URL).
+        storage_options : dict, optional
+            Passed to fsspec unchanged.
+        prefix : str, default ""
+            Directory below ``url`` that receives every file (a job's ``runs/<run_id>``).
+        layout : {"full", "cells"}, default "full"
+            ``"full"``: m completed data sets (``imputation=k/part.N.parquet``).  ``"cells"``:
+            only the imputed cells, one file per partition and imputed variable
+            (``cells/var=J/part.N.parquet`` with columns ``row``, ``imputation``, ``value``).
+        row_offsets : list of int, optional
+            ``cells``: position in the input of each partition's first row (default: the
+            cumulative row counts of the partitions).  Completing the cells later needs the
+            input snapshot that :mod:`dmice.job` records in the manifest.
+
+        Returns
+        -------
+        files : list of dict
+            The data files (path relative to ``url``, rows, bytes, sha256), sorted.
+        diagnostics : dict
+            The chain-statistics file.
+        """
+        import functools
+
+        if self._engine is None:
+            raise InputError("this result was read from disk; it is already written at "
+                             f"{self.url!r}")
+        if layout not in ("full", "cells"):
+            raise InputError(f"layout must be 'full' or 'cells', got {layout!r}")
+        from dmice.engine import write_parquet
+
+        if layout == "full":
+            writer = functools.partial(store.write_partition, prefix=prefix)
+            per_part = write_parquet(self._engine.client, self._ddf, self._engine.blocks,
+                                     self._engine.plan, url, storage_options, writer=writer)
+            files = sorted((f for fs in per_part for f in fs),
+                           key=lambda f: (f["imputation"], f["partition"]))
+        else:
+            if row_offsets is None:
+                rows = self.schema.partition_rows if self.schema else []
+                row_offsets = [sum(rows[:i]) for i in range(len(rows))]
+            per_part = self._write_cells(url, storage_options, prefix, row_offsets)
+            files = sorted((f for fs in per_part for f in fs), key=lambda f: (f["partition"], f["path"]))
+        diag = store.write_diagnostics(url, storage_options, self.chain_stats, prefix=prefix)
+        # the state of the chains, so that the output can be continued (iterate on dmice.open)
+        state_rel = posixpath.join(prefix, store.STATE_DIR) if prefix else store.STATE_DIR
+        self._engine.save_state(posixpath.join(url.rstrip("/"), state_rel), storage_options,
+                                {"config": self._config, "events": self._events}, self.chain_stats)
+        self._state_rel = state_rel
+        return files, diag
+
+    def _write_cells(self, url: str, storage_options: dict[str, Any] | None, prefix: str,
+                     row_offsets: list[int]) -> list[list[dict[str, Any]]]:
+        import functools
+
+        from dmice.engine import write_parquet
+
+        # one writer per partition: each needs its own row offset
+        eng = self._engine
+        if len(row_offsets) != self._ddf.npartitions:
+            raise InputError(f"row_offsets has {len(row_offsets)} entries for "
+                             f"{self._ddf.npartitions} partitions")
+        writers = [functools.partial(store.write_cells_partition, prefix=prefix, offset=o)
+                   for o in row_offsets]
+        return write_parquet(eng.client, self._ddf, eng.blocks, eng.plan, url, storage_options,
+                             writer=_PerPartition(writers))
+
     def to_parquet(self, url: str, *, overwrite: bool = False,
                    storage_options: dict[str, Any] | None = None, distributions: bool = True) -> str:
         """Write the m completed data sets as partitioned Parquet (``imputation=k/part.N.parquet``).
@@ -248,22 +343,16 @@ class MultipleImputation:
         of the observed and imputed values and the missing-data pattern are computed (one
         more pass over the input and one over the completed data) and kept in the manifest, so that density and pattern
         plots of the opened output need no pass over the data (see :mod:`dmice.plots`).
-        Returns ``url``.
+        Returns ``url``.  Scheduled jobs (``dmice run``) write through :mod:`dmice.job`
+        instead: run-scoped, idempotent, optionally compact.
         """
         if self._engine is None:
             raise InputError("this result was read from disk; it is already written at "
                              f"{self.url!r}")
-        from dmice.engine import write_parquet
-
         store.prepare(url, storage_options, overwrite)
-        per_part = write_parquet(self._engine.client, self._ddf, self._engine.blocks,
-                                 self._engine.plan, url, storage_options)
-        files = sorted((f for fs in per_part for f in fs), key=lambda f: (f["imputation"], f["partition"]))
-        store.write_diagnostics(url, storage_options, self.chain_stats)
-        state_url = posixpath.join(url.rstrip("/"), store.STATE_DIR)
-        self._engine.save_state(state_url, storage_options, {"config": self._config, "events": self._events},
-                                self.chain_stats)
-        manifest = self.manifest_dict(files, len(per_part))
+        files, diag = self.write_data(url, storage_options=storage_options)
+        manifest = self.manifest_dict(files, self._ddf.npartitions)
+        manifest["aux_files"] = [diag]
         if distributions:
             from dmice.plots import stored_summaries
 
@@ -291,13 +380,27 @@ class MultipleImputation:
         self.close()
 
 
+class _PerPartition:
+    """Writer dispatching partition ``i`` to ``writers[i]`` (picklable for the workers)."""
+
+    def __init__(self, writers: list[Any]):
+        self.writers = writers
+
+    def __call__(self, df: Any, block: Any, plan: Any, url: str, i: int,
+                 storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+        return self.writers[i](df, block, plan, url, i, storage_options)
+
+
 def from_manifest(url: str, manifest: dict[str, Any],
                   storage_options: dict[str, Any] | None) -> MultipleImputation:
+    """A lazily read result from the manifest of a complete output (``layout`` ``full`` or
+    ``cells``, written directly or under a job's run prefix)."""
     return MultipleImputation(
         m=manifest["m"], iterations=manifest["iterations"], seed=manifest["seed"],
         columns=manifest["columns"], method=manifest["method"], n_missing=manifest["n_missing"],
         n_rows=manifest["n_rows"], visit_sequence=manifest["visit_sequence"],
         logged_events=manifest["logged_events"],
-        chain_stats=store.read_diagnostics(url, storage_options).to_dict("records"),
+        chain_stats=store.read_diagnostics(url, storage_options,
+                                           prefix=manifest.get("data_prefix", "")).to_dict("records"),
         dtypes=manifest["dtypes"],
         url=url, storage_options=storage_options, manifest=manifest)

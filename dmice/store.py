@@ -1,6 +1,7 @@
 """What is written: the Parquet layout, the manifest and the commit marker.
 
-::
+Two layouts share one manifest format.  :meth:`MultipleImputation.to_parquet` writes straight
+into the target::
 
     out/
       imputation=1/part.0.parquet ... part.N.parquet
@@ -9,27 +10,50 @@
       _manifest.json
       _diagnostics.arrow  chain statistics (mean/sd or level proportions per iteration and chain)
       _state/             state of the chains, so that ``dmice.open(out).iterate(k)`` can continue
-      _SUCCESS            written last; readers trust only outputs that have it
+      _SUCCESS            written last, empty; readers trust only outputs that have it
 
 Only the imputations are Parquet files, so ``dask.dataframe.read_parquet("out/")``
 reads every imputation with an ``imputation`` column (dask reads every ``*.parquet``
-file below the root, whatever its name).  Paths are fsspec URLs; ``storage_options`` are passed
-through unchanged.
+file below the root, whatever its name).
+
+A scheduled job (:mod:`dmice.job`) writes every file of a run under a run-scoped prefix and
+commits by writing one small object last::
+
+    out/
+      runs/<run_id>/imputation=k/part.N.parquet     layout "full"
+      runs/<run_id>/cells/var=J/part.N.parquet      layout "cells": only the imputed cells
+      runs/<run_id>/_diagnostics.arrow
+      runs/<run_id>/analysis/<name>.csv, .json      pooled tables of the job's analyses
+      runs/<run_id>/_manifest.json                  every file with its size and SHA-256
+      _SUCCESS                                      {"run_id", "manifest", "sha256"}: the commit
+
+Object stores have no atomic rename, but a single object is replaced atomically: a reader sees
+the old ``_SUCCESS`` or the new one, never a mix.  Files of a run are never modified after the
+run's manifest is written, so the pointer always names a complete, immutable set of files.  A
+failed run leaves only its own staging prefix (never named by ``_SUCCESS``); a forced re-run
+writes a new prefix, swaps the pointer, then deletes the prefix it replaced.
+
+Paths are fsspec URLs; ``storage_options`` are passed through unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import posixpath
+import re
+import uuid
 from typing import Any
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import feather
 
-from dmice.errors import OutputError
+from dmice.errors import InputError, OutputError
 
 MANIFEST = "_manifest.json"
 #: Arrow IPC (Feather), not Parquet: dask's read_parquet("out/") picks up every *.parquet file
@@ -37,6 +61,56 @@ MANIFEST = "_manifest.json"
 DIAGNOSTICS = "_diagnostics.arrow"
 SUCCESS = "_SUCCESS"
 FORMAT_VERSION = 1
+#: run-scoped prefixes of job outputs
+RUNS = "runs"
+CELLS = "cells"
+ANALYSIS = "analysis"
+#: reserved inside a run prefix for engine checkpoints (never listed in the manifest)
+CHECKPOINT = "_checkpoint"
+_CHUNK = 8 << 20
+
+
+class VerifyError(OutputError):
+    """A written output does not match its manifest."""
+
+
+def run_prefix(run_id: str) -> str:
+    return f"{RUNS}/{run_id}"
+
+
+def sha256_file(fs: Any, path: str) -> str:
+    """SHA-256 of a file, streamed in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def put_bytes(fs: Any, path: str, data: bytes) -> dict[str, Any]:
+    """Write ``data`` as one object; returns its size and SHA-256."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _replace_atomically(fs: Any, path: str, data: bytes) -> None:
+    """Replace one small object so that readers see the old or the new content, never a mix.
+
+    A PUT of a single object is atomic on object stores; on a local disk the bytes go to a
+    temporary file that is renamed over the target.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
@@ -48,27 +122,85 @@ def part_path(root: str, k: int, i: int) -> str:
     return posixpath.join(root, f"imputation={k}", f"part.{i}.parquet")
 
 
+def cells_path(root: str, j: int, i: int) -> str:
+    return posixpath.join(root, CELLS, f"var={j}", f"part.{i}.parquet")
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(_to_table(df), buf)
+    return buf.getvalue()
+
+
 def _to_table(df: pd.DataFrame) -> pa.Table:
     keep_index = any(n is not None for n in df.index.names)
     return pa.Table.from_pandas(df, preserve_index=keep_index)
 
 
 def write_partition(df: pd.DataFrame, block: Any, plan: Any, url: str, i: int,
-                    storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Write partition ``i`` of every imputation; returns the files written (path, rows, bytes)."""
+                    storage_options: dict[str, Any] | None, prefix: str = "") -> list[dict[str, Any]]:
+    """Write partition ``i`` of every imputation below ``url/prefix``; returns the files written
+    (path relative to ``url``, rows, bytes, sha256)."""
     from dmice.block import complete_partition
 
     fs, root = filesystem(url, storage_options)
+    base = posixpath.join(root, prefix) if prefix else root
     files = []
     for c in range(plan.m):
         out = complete_partition(df, block, plan, c)
-        path = part_path(root, c + 1, i)
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with fs.open(path, "wb") as f:
-            pq.write_table(_to_table(out), f)
+        path = part_path(base, c + 1, i)
+        info = put_bytes(fs, path, _parquet_bytes(out))
         files.append({"path": posixpath.relpath(path, root), "imputation": c + 1, "partition": i,
-                      "rows": len(out), "bytes": int(fs.size(path))})
+                      "rows": len(out), **info})
     return files
+
+
+def write_cells_partition(df: pd.DataFrame, block: Any, plan: Any, url: str, i: int,
+                          storage_options: dict[str, Any] | None, prefix: str = "",
+                          offset: int = 0) -> list[dict[str, Any]]:
+    """Write the imputed cells of partition ``i``: one file per imputed variable ``j`` with
+    columns ``row`` (position in the input snapshot), ``imputation`` (1..m) and ``value`` (in
+    the column's own dtype, so a completed set is exactly what the full layout holds)."""
+    from dmice.schema import from_codes
+
+    fs, root = filesystem(url, storage_options)
+    base = posixpath.join(root, prefix) if prefix else root
+    files = []
+    for j, rows in sorted(block.mis.items()):
+        if not len(rows):
+            continue
+        v = plan.variables[j]
+        col = df[v.name]
+        values = pd.concat([from_codes(block.imp[j][c], v, col) for c in range(plan.m)],
+                           ignore_index=True)
+        rows = np.asarray(rows, dtype=np.int64)
+        cells = pd.DataFrame({
+            "row": np.tile(rows + offset, plan.m),
+            "imputation": np.repeat(np.arange(1, plan.m + 1, dtype=np.int16), len(rows)),
+            "value": values})
+        path = cells_path(base, j, i)
+        info = put_bytes(fs, path, _parquet_bytes(cells))
+        files.append({"path": posixpath.relpath(path, root), "variable": v.name, "partition": i,
+                      "rows": len(cells), **info})
+    return files
+
+
+def fill_cells(df: pd.DataFrame, cells: dict[str, pd.DataFrame], offset: int) -> pd.DataFrame:
+    """Partition ``df`` of the input with the given cells (``row``, ``value``) filled in, the
+    same way :func:`dmice.block.complete_partition` fills them."""
+    out = df.copy()
+    for name, c in cells.items():
+        if not len(c):
+            continue
+        col = out[name]
+        vals = c["value"]
+        if str(vals.dtype) != str(col.dtype):
+            vals = vals.astype(col.dtype)
+        s = col.copy()
+        rows = c["row"].to_numpy(dtype=np.int64) - offset
+        s.iloc[rows] = vals.to_numpy() if not isinstance(col.dtype, pd.CategoricalDtype) else vals.values
+        out[name] = s
+    return out
 
 
 def prepare(url: str, storage_options: dict[str, Any] | None, overwrite: bool) -> None:
@@ -88,25 +220,62 @@ def prepare(url: str, storage_options: dict[str, Any] | None, overwrite: bool) -
     fs.makedirs(root, exist_ok=True)
 
 
-def commit(url: str, storage_options: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
-    """Write the manifest, then the commit marker."""
+def commit(url: str, storage_options: dict[str, Any] | None, manifest: dict[str, Any],
+           run_id: str | None = None) -> None:
+    """Write the manifest, then the commit marker.
+
+    Without ``run_id``: ``_manifest.json`` at the root and an empty ``_SUCCESS``.  With it: the
+    manifest inside ``runs/<run_id>/`` and a ``_SUCCESS`` naming it with its SHA-256, replaced
+    atomically (the single commit point of a run).
+    """
     fs, root = filesystem(url, storage_options)
-    with fs.open(posixpath.join(root, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1, default=str)
-    with fs.open(posixpath.join(root, SUCCESS), "w") as f:
-        f.write("")
+    data = json.dumps(manifest, indent=1, default=str).encode()
+    if run_id is None:
+        with fs.open(posixpath.join(root, MANIFEST), "wb") as f:
+            f.write(data)
+        with fs.open(posixpath.join(root, SUCCESS), "w") as f:
+            f.write("")
+        return
+    rel = posixpath.join(run_prefix(run_id), MANIFEST)
+    put_bytes(fs, posixpath.join(root, rel), data)
+    pointer = {"run_id": run_id, "manifest": rel, "sha256": hashlib.sha256(data).hexdigest()}
+    _replace_atomically(fs, posixpath.join(root, SUCCESS), json.dumps(pointer).encode())
 
 
-def write_diagnostics(url: str, storage_options: dict[str, Any] | None, chain_stats: pd.DataFrame) -> None:
-    """Chain statistics (mean/sd or level proportions per variable, iteration and chain)."""
+def read_pointer(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The content of ``_SUCCESS``: ``None`` when absent, ``{}`` for an output written
+    without a run prefix, else ``{"run_id", "manifest", "sha256"}``."""
     fs, root = filesystem(url, storage_options)
-    with fs.open(posixpath.join(root, DIAGNOSTICS), "wb") as f:
-        feather.write_feather(pa.Table.from_pandas(chain_stats, preserve_index=False), f)
+    try:
+        raw = fs.cat_file(posixpath.join(root, SUCCESS))
+    except FileNotFoundError:
+        return None
+    if not raw.strip():
+        return {}
+    try:
+        pointer = json.loads(raw)
+    except ValueError:
+        raise OutputError(f"{url!r}: {SUCCESS} is neither empty nor a dmice commit record") from None
+    if not isinstance(pointer, dict) or not {"run_id", "manifest", "sha256"} <= set(pointer):
+        raise OutputError(f"{url!r}: {SUCCESS} is neither empty nor a dmice commit record")
+    return pointer
 
 
-def read_diagnostics(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+def write_diagnostics(url: str, storage_options: dict[str, Any] | None, chain_stats: pd.DataFrame,
+                      prefix: str = "") -> dict[str, Any]:
+    """Chain statistics (mean/sd or level proportions per variable, iteration and chain);
+    returns the file written (path relative to ``url``, bytes, sha256)."""
     fs, root = filesystem(url, storage_options)
-    path = posixpath.join(root, DIAGNOSTICS)
+    buf = io.BytesIO()
+    feather.write_feather(pa.Table.from_pandas(chain_stats, preserve_index=False), buf)
+    rel = posixpath.join(prefix, DIAGNOSTICS) if prefix else DIAGNOSTICS
+    return {"path": rel, **put_bytes(fs, posixpath.join(root, rel), buf.getvalue())}
+
+
+def read_diagnostics(url: str, storage_options: dict[str, Any] | None = None,
+                     prefix: str = "") -> pd.DataFrame:
+    fs, root = filesystem(url, storage_options)
+    path = posixpath.join(root, prefix, DIAGNOSTICS) if prefix else posixpath.join(root, DIAGNOSTICS)
     if not fs.exists(path):
         return pd.DataFrame()
     with fs.open(path, "rb") as f:
@@ -116,10 +285,192 @@ def read_diagnostics(url: str, storage_options: dict[str, Any] | None = None) ->
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a complete output; refuses outputs without the commit marker."""
     fs, root = filesystem(url, storage_options)
-    if not fs.exists(posixpath.join(root, SUCCESS)):
+    pointer = read_pointer(url, storage_options)
+    if pointer is None:
         raise OutputError(f"{url!r} is not a complete dmice output (no {SUCCESS} marker)")
-    with fs.open(posixpath.join(root, MANIFEST), "r") as f:
-        return json.load(f)
+    if not pointer:
+        with fs.open(posixpath.join(root, MANIFEST), "r") as f:
+            return json.load(f)
+    try:
+        data = fs.cat_file(posixpath.join(root, pointer["manifest"]))
+    except FileNotFoundError:
+        raise OutputError(f"{url!r}: the manifest {pointer['manifest']!r} named by {SUCCESS} "
+                          "is missing") from None
+    if hashlib.sha256(data).hexdigest() != pointer["sha256"]:
+        raise OutputError(f"{url!r}: the manifest {pointer['manifest']!r} does not match the "
+                          f"checksum in {SUCCESS}")
+    return json.loads(data)
+
+
+def verify(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check every file of a complete output against its manifest (presence, size, SHA-256).
+
+    For the ``cells`` layout the input snapshot it refers to is checked too.  Files inside the
+    run prefix that the manifest does not list are reported (checkpoints excepted).
+
+    Returns
+    -------
+    dict
+        The manifest, when everything matches.
+
+    Raises
+    ------
+    VerifyError
+        Naming the first bad file and what is wrong with it, and how many are bad.
+    """
+    try:
+        man = read_manifest(url, storage_options)
+    except OutputError as e:
+        raise VerifyError(str(e)) from None
+    fs, root = filesystem(url, storage_options)
+    listed = list(man.get("files", [])) + list(man.get("aux_files", []))
+    problems = []
+    for f in listed:
+        if "sha256" not in f:
+            problems.append(f"{f['path']}: no checksum in the manifest")
+            continue
+        problems += _check_file(fs, root, f["path"], f, label=f["path"])
+    prefix = man.get("data_prefix", "")
+    if prefix:
+        known = {posixpath.join(root, f["path"]) for f in listed}
+        known.add(posixpath.join(root, prefix, MANIFEST))
+        ignore = posixpath.join(root, prefix, CHECKPOINT) + "/"
+        for p in fs.find(posixpath.join(root, prefix)):
+            if p not in known and not p.startswith(ignore):
+                problems.append(f"{posixpath.relpath(p, root)}: not listed in the manifest")
+    snap = man.get("input_snapshot")
+    if man.get("layout") == "cells" and snap:
+        ifs, iroot = filesystem(snap["url"], storage_options)
+        for f in snap["files"]:
+            p = f["path"] or posixpath.basename(iroot)
+            problems += _check_file(ifs, iroot, f["path"], f, label=f"input file {p}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise VerifyError(f"{url!r}: {problems[0]}{more}")
+    return man
+
+
+def _check_file(fs: Any, root: str, rel: str, entry: dict[str, Any], label: str) -> list[str]:
+    path = posixpath.join(root, rel) if rel else root
+    try:
+        size = int(fs.size(path))
+    except FileNotFoundError:
+        return [f"{label}: missing"]
+    if size != entry["bytes"]:
+        return [f"{label}: {size} bytes, the manifest says {entry['bytes']}"]
+    if sha256_file(fs, path) != entry["sha256"]:
+        return [f"{label}: checksum differs from the manifest"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# input of a job: a snapshot of files read one partition per file
+
+_HIVE = re.compile(r"^[^=/]+=[^/]*$")
+INPUT_SUFFIXES = {"parquet": (".parquet", ".parq", ".pq"), "csv": (".csv", ".csv.gz", ".tsv")}
+
+
+def list_input(url: str, fmt: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Data files of an input URL (a file or a directory), sorted: ``path`` relative to the URL
+    (``""`` for a single file) and ``bytes``.  Names starting with ``_`` or ``.`` are skipped."""
+    fs, root = filesystem(url, storage_options)
+    if not fs.exists(root):
+        raise InputError(f"input.url: {url!r} does not exist")
+    if fs.isfile(root):
+        return [{"path": "", "bytes": int(fs.size(root))}]
+    out = []
+    for p, info in sorted(fs.find(root, detail=True).items()):
+        rel = posixpath.relpath(p, root)
+        parts = rel.split("/")
+        if any(q.startswith(("_", ".")) for q in parts) or info.get("type") == "directory":
+            continue
+        if not rel.endswith(INPUT_SUFFIXES[fmt]):
+            continue
+        if any(_HIVE.match(q) for q in parts[:-1]):
+            raise InputError(f"input.url: {url!r} holds key=value subdirectories; point the URL at "
+                             "one leaf directory (its partition values would not be columns)")
+        out.append({"path": rel, "bytes": int(info["size"])})
+    if not out:
+        raise InputError(f"input.url: no {fmt} files found at {url!r} (expected names ending with "
+                         f"{' or '.join(INPUT_SUFFIXES[fmt])})")
+    return out
+
+
+def snapshot_input(url: str, fmt: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The input files with size and SHA-256, and one checksum over all of them."""
+    fs, root = filesystem(url, storage_options)
+    files = list_input(url, fmt, storage_options)
+    for f in files:
+        f["sha256"] = sha256_file(fs, posixpath.join(root, f["path"]) if f["path"] else root)
+    whole = hashlib.sha256(json.dumps([[f["path"], f["bytes"], f["sha256"]] for f in files]).encode())
+    return {"url": url, "format": fmt, "files": files, "sha256": whole.hexdigest()}
+
+
+def _normalise(df: pd.DataFrame, fmt: str) -> pd.DataFrame:
+    if fmt == "csv":
+        # a CSV column of integers may hold gaps in another file: keep it integer and nullable
+        for c in df.columns:
+            if pd.api.types.is_integer_dtype(df[c].dtype) and not isinstance(df[c].dtype, pd.Int64Dtype):
+                df[c] = df[c].astype("Int64")
+    return df
+
+
+def _parse(data: bytes, rel: str, fmt: str, nrows: int | None = None) -> pd.DataFrame:
+    if fmt == "parquet":
+        return pq.read_table(io.BytesIO(data)).to_pandas()
+    sep = "\t" if rel.endswith(".tsv") else ","
+    comp = "gzip" if rel.endswith(".gz") else None
+    return pd.read_csv(io.BytesIO(data), sep=sep, compression=comp, nrows=nrows)
+
+
+def input_meta(url: str, fmt: str, first: str, storage_options: dict[str, Any] | None) -> pd.DataFrame:
+    """Empty frame with the columns and dtypes of the input (from its first file)."""
+    fs, root = filesystem(url, storage_options)
+    path = posixpath.join(root, first) if first else root
+    if fmt == "parquet":
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f).empty_table().to_pandas()
+    name = first or root
+    with fs.open(path, "rb", compression="gzip" if name.endswith(".gz") else None) as f:
+        head = pd.read_csv(f, sep="\t" if name.endswith(".tsv") else ",", nrows=1000)
+    return _normalise(head, fmt).head(0)
+
+
+def read_input_file(url: str, rel: str, fmt: str, storage_options: dict[str, Any] | None,
+                    sha256: str | None, dtypes: dict[str, str]) -> pd.DataFrame:
+    """One input file as a partition; refuses a file whose checksum is not ``sha256``."""
+    fs, root = filesystem(url, storage_options)
+    data = fs.cat_file(posixpath.join(root, rel) if rel else root)
+    name = rel or posixpath.basename(root)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise InputError(f"input file {name!r} changed since its snapshot was taken (checksum differs)")
+    df = _normalise(_parse(data, rel or url, fmt), fmt)
+    if [str(c) for c in df.columns] != list(dtypes):
+        raise InputError(f"input file {name!r} has other columns than the first input file")
+    for c, dt in dtypes.items():
+        if dt != "category" and str(df[c].dtype) != dt:
+            try:
+                df[c] = df[c].astype(dt)
+            except (TypeError, ValueError):
+                raise InputError(f"column {c!r} of input file {name!r} cannot be read as {dt}, its "
+                                 "dtype in the first input file") from None
+    return df
+
+
+def complete_cells_partition(item: tuple[dict[str, Any], list[dict[str, Any]]], url: str,
+                             storage_options: dict[str, Any] | None, snapshot_url: str, fmt: str,
+                             dtypes: dict[str, str], k: int) -> pd.DataFrame:
+    """Imputation ``k`` of one partition of a ``cells`` output: the input file (``item[0]``, an
+    entry of the snapshot, checked against its checksum) with the imputed cells of the files
+    ``item[1]`` (manifest entries of that partition) filled in."""
+    f, entries = item
+    df = read_input_file(snapshot_url, f["path"], fmt, storage_options, f["sha256"], dtypes)
+    fs, root = filesystem(url, storage_options)
+    cells = {}
+    for entry in entries:
+        with fs.open(posixpath.join(root, entry["path"]), "rb") as fh:
+            cells[entry["variable"]] = pq.read_table(fh, filters=[("imputation", "==", k)]).to_pandas()
+    return fill_cells(df, cells, f["offset"])
 
 
 def restore_dtypes(df: pd.DataFrame, dtypes: dict[str, str]) -> pd.DataFrame:
@@ -280,14 +631,11 @@ def apply_state_partition(block: Any, plan: Any, url: str, i: int,
     return with_cells(block, read_state_partition(url, i, storage_options), plan)
 
 
-def incomplete_partition(url: str, path: str, state_url: str, i: int, columns: list[str],
-                         dtypes: dict[str, str], storage_options: dict[str, Any] | None) -> pd.DataFrame:
-    """Partition ``i`` of the input as it was before imputation: completed data with the imputed
-    cells (as recorded in the stored state) missing again."""
-    fs, root = filesystem(url, storage_options)
-    with fs.open(posixpath.join(root, path), "rb") as f:
-        df = pq.read_table(f).to_pandas()
-    df = restore_dtypes(df[columns], dtypes)
+def incomplete_partition(df: pd.DataFrame, state_url: str, i: int, columns: list[str],
+                         storage_options: dict[str, Any] | None) -> pd.DataFrame:
+    """Partition ``i`` of the input as it was before imputation: completed data (``df``) with the
+    imputed cells, as recorded in the stored state, missing again."""
+    df = df[columns].copy()
     cells = read_state_partition(state_url, i, storage_options)
     for key, rows in cells.items():
         if key.startswith("mis/") and len(rows):

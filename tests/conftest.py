@@ -32,3 +32,42 @@ def mixed_frame(n: int = 3000, seed: int = 0, frac: float = 0.25) -> pd.DataFram
     for col in ["x", "z", "c", "s"]:
         df.loc[g.random(n) < frac, col] = None
     return df
+
+
+@pytest.fixture(scope="session")
+def s3(cluster_client):
+    """An S3-protocol server (moto in server mode) on loopback for this test session, with a
+    bucket ``lake``.  Yields the storage options that reach it; test credentials are set in the
+    environment of this process and of the cluster's workers, as a deployment would set them."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import os
+
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)
+
+    def set_env(env):
+        import os
+
+        os.environ.update(env)
+
+    cluster_client.run(set_env, creds)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {"endpoint_url": f"http://{host}:{port}"}
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("lake")
+        yield options
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

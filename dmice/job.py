@@ -1,0 +1,647 @@
+"""Scheduled data-lake jobs: ``dmice validate``, ``dmice run``, ``dmice verify``.
+
+A job file (YAML or JSON) names an input, an output, the imputation settings, optional
+analyses and the cluster::
+
+    version: 1
+    input:  {url: "s3://lake/cohort/as_of=2026-11-01/", format: parquet}
+    output: {url: "s3://lake/imputed/cohort/as_of=2026-11-01/", layout: full}
+    imputation: {m: 20, max_iter: 20, seed: 20261101, method: {bmi: pmm, smoker: logreg}}
+    analysis: [{formula: "event ~ age + sbp + smoker", family: binomial}]
+    cluster: {address: null, n_workers: 2}
+
+What differs between environments comes from ``DMICE_*`` environment variables
+(:data:`ENV_OVERRIDES`); credentials come from the storage library's own environment
+(``AWS_ACCESS_KEY_ID``..., ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_...``) and are
+refused in the file.
+
+A run writes below ``<output>/runs/<run_id>/`` and commits by replacing ``<output>/_SUCCESS``
+(see :mod:`dmice.store`).  Re-running a committed job is a no-op; ``force`` recomputes; another
+configuration on the same output is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dmice import store
+from dmice.errors import InputError, OutputError
+from dmice.schema import ALL_METHODS
+
+log = logging.getLogger("dmice")
+
+#: exit codes of ``dmice validate/run/verify``
+EXIT_OK = 0  # done, or nothing to do (the output is already complete)
+EXIT_UNEXPECTED = 1  # a bug or an infrastructure failure (storage, cluster)
+EXIT_INVALID = 2  # the job file or the input is not valid
+EXIT_CONFLICT = 3  # the output belongs to another configuration or changed input
+EXIT_VERIFY = 4  # the output does not match its manifest
+
+#: environment variables overriding keys of the job file (applied before validation)
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "DMICE_INPUT_URL": ("input", "url"),
+    "DMICE_INPUT_STORAGE_OPTIONS": ("input", "storage_options"),
+    "DMICE_OUTPUT_URL": ("output", "url"),
+    "DMICE_OUTPUT_STORAGE_OPTIONS": ("output", "storage_options"),
+    "DMICE_CLUSTER_ADDRESS": ("cluster", "address"),
+    "DMICE_CLUSTER_N_WORKERS": ("cluster", "n_workers"),
+}
+
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|account_key|sas_|private|"
+                         r"^key$)", re.I)
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class JobError(InputError):
+    """The job file, its environment overrides or the input it names is not valid."""
+
+
+class ConflictError(OutputError):
+    """The output holds another job's result, or the input changed since it was written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the schema of the job file
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+MethodName = Literal[tuple(ALL_METHODS)]  # type: ignore[valid-type]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class InputSpec(_Strict):
+    """Where the incomplete data is."""
+
+    url: Annotated[str, Field(min_length=1, description="fsspec URL of a file or directory")]
+    format: Literal["parquet", "csv"] = Field("parquet", description="file format")
+    storage_options: dict[str, Any] = Field(default_factory=dict,
+                                            description="passed to fsspec unchanged; no credentials")
+
+
+class OutputSpec(_Strict):
+    """Where the imputations go."""
+
+    url: Annotated[str, Field(min_length=1, description="fsspec URL of the output directory")]
+    layout: Literal["full", "cells"] = Field(
+        "full", description="full: m completed data sets; cells: only the imputed cells")
+    storage_options: dict[str, Any] = Field(default_factory=dict,
+                                            description="passed to fsspec unchanged; no credentials")
+
+
+class ImputationSpec(_Strict):
+    """Arguments of :func:`dmice.impute`."""
+
+    m: PositiveInt = 5
+    max_iter: NonNegativeInt = 10
+    seed: NonNegativeInt = Field(description="required: a re-run must reproduce the output")
+    method: dict[str, MethodName] = Field(default_factory=dict,
+                                          description="method per column; '' leaves it as is")
+    predictors: dict[str, list[str]] | None = Field(
+        None, description="predictor columns per imputed column (default: all other columns)")
+    visit_sequence: Literal["roman", "arabic", "monotone"] | list[str] = "roman"
+    donors: PositiveInt = 5
+    donor_pool: PositiveInt = 10_000
+    ridge: Annotated[float, Field(ge=0)] = 1e-5
+
+
+class AnalysisSpec(_Strict):
+    """One analysis model fitted on every imputation and pooled (:func:`dmice.analyze`)."""
+
+    formula: Annotated[str, Field(min_length=3)]
+    family: Literal["gaussian", "binomial", "poisson"] = "gaussian"
+    link: Literal["identity", "logit", "probit", "cloglog", "log"] | None = None
+    weights: str | None = None
+    offset: str | None = None
+    cov_type: Literal["nonrobust", "HC0", "HC1"] = "nonrobust"
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = Field(
+        None, description="file name of the pooled tables (default analysis_<position>)")
+
+
+class ClusterSpec(_Strict):
+    """The Dask cluster: a scheduler address, or null for an embedded LocalCluster."""
+
+    address: str | None = None
+    n_workers: PositiveInt | None = None
+
+
+class JobSpec(_Strict):
+    """A dmice job file."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="dmice job")
+
+    version: Literal[1]
+    input: InputSpec
+    output: OutputSpec
+    imputation: ImputationSpec
+    analysis: list[AnalysisSpec] = Field(default_factory=list)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    def config(self) -> dict[str, Any]:
+        """What determines the output's content (no URLs of the output, no storage options,
+        no cluster): its hash identifies the job on its output."""
+        return {"version": self.version,
+                "input": {"url": self.input.url, "format": self.input.format},
+                "output": {"layout": self.output.layout},
+                "imputation": self.imputation.model_dump(mode="json"),
+                "analysis": [a.model_dump(mode="json") for a in self.analysis]}
+
+    def config_hash(self) -> str:
+        return _hash(self.config())
+
+    def section_hashes(self) -> dict[str, str]:
+        return {k: _hash(v) for k, v in self.config().items()}
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the job file (for editors; committed as ``dmice/job.schema.json``)."""
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and validating
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith(("function-",
+                                                                                       "literal["))))
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function"))))
+    key = _loc(loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        return f"{key}: unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if key == "version" and kind == "literal_error":
+        return "version: expected 1 (the job file versions this dmice reads)"
+    if kind == "literal_error" and err.get("ctx", {}).get("expected"):
+        return f"{key}: expected {err['ctx']['expected']}"
+    msg = err["msg"]
+    if msg.startswith("Input should be"):
+        msg = "expected" + msg[len("Input should be"):]
+    return f"{key}: {msg}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    cur: Any = model
+    for p in loc:
+        if isinstance(p, int):
+            continue
+        field = getattr(cur, "model_fields", {}).get(p)
+        if field is None:
+            return []
+        ann = field.annotation
+        cur = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type)
+                    and issubclass(a, BaseModel)), ann)
+    return list(getattr(cur, "model_fields", {}))
+
+
+def _find_secrets(obj: Any, where: str) -> str | None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(k, str) and _SECRET_KEY.search(k):
+                return f"{where}.{k}"
+            hit = _find_secrets(v, f"{where}.{k}")
+            if hit:
+                return hit
+    return None
+
+
+def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> list[str]:
+    used = []
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var not in environ:
+            continue
+        value: Any = environ[var]
+        if key == "storage_options":
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise JobError(f"{var}: expected a JSON object of storage options") from None
+        elif key == "n_workers":
+            try:
+                value = int(value)
+            except ValueError:
+                raise JobError(f"{var}: expected an integer number of workers") from None
+        elif key == "address" and value == "":
+            value = None
+        sec = raw.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise JobError(f"{section}: expected a mapping")
+        sec[key] = value
+        used.append(var)
+    return used
+
+
+def load_job(path: str, environ: dict[str, str] | None = None) -> JobSpec:
+    """Read, override from the environment and validate a job file.
+
+    Parameters
+    ----------
+    path : str
+        Job file (YAML or JSON; fsspec URL or local path).
+    environ : dict, optional
+        Environment for the ``DMICE_*`` overrides (default ``os.environ``).
+
+    Raises
+    ------
+    JobError
+        One line naming each bad key and what was expected.
+    """
+    import fsspec
+    import yaml
+
+    environ = dict(os.environ if environ is None else environ)
+    try:
+        with fsspec.open(path, "r") as f:
+            text = f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise JobError(f"job file {path!r} not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise JobError(f"job file {path!r} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise JobError(f"job file {path!r}: expected a mapping with keys version, input, output, "
+                       "imputation, analysis, cluster")
+    for section in ("input", "output"):
+        sec = raw.get(section)
+        if isinstance(sec, dict):
+            hit = _find_secrets(sec.get("storage_options"), f"{section}.storage_options")
+            if hit:
+                raise JobError(f"{hit}: credentials do not belong in the job file; set them in the "
+                               "storage library's environment (e.g. AWS_ACCESS_KEY_ID, "
+                               "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY)")
+    used = _apply_env(raw, environ)
+    try:
+        job = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        errs = [_describe(err, JobSpec) for err in e.errors()]
+        more = f" (and {len(errs) - 3} more)" if len(errs) > 3 else ""
+        env = f" [overrides from {', '.join(used)}]" if used else ""
+        raise JobError("; ".join(errs[:3]) + more + env) from None
+    return job
+
+
+@dataclass
+class InputInfo:
+    """What the job's input holds: its files and its columns (no data)."""
+
+    files: list[dict[str, Any]]
+    meta: Any  # empty pandas frame with the columns and dtypes
+
+    @property
+    def columns(self) -> list[str]:
+        return [str(c) for c in self.meta.columns]
+
+
+def inspect_input(job: JobSpec) -> InputInfo:
+    """List the input files and read the column names and dtypes (schema only)."""
+    files = store.list_input(job.input.url, job.input.format, job.input.storage_options)
+    try:
+        meta = store.input_meta(job.input.url, job.input.format, files[0]["path"],
+                                job.input.storage_options)
+    except (ValueError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise JobError(f"input.url: the first {job.input.format} file cannot be read as "
+                       f"{job.input.format} ({type(e).__name__})") from None
+    return InputInfo(files=files, meta=meta)
+
+
+def check_against_input(job: JobSpec, info: InputInfo) -> None:
+    """Every column the job names exists in the input."""
+    cols = set(info.columns)
+    if len(cols) != len(info.columns):
+        raise JobError("input: column names must be unique")
+    imp = job.imputation
+
+    def need(key: str, name: str) -> None:
+        if name not in cols:
+            raise JobError(f"{key}: unknown column {name!r}; the input has {len(cols)} columns")
+
+    for name in imp.method:
+        need(f"imputation.method.{name}", name)
+    for name, preds in (imp.predictors or {}).items():
+        need(f"imputation.predictors.{name}", name)
+        for p in preds:
+            need(f"imputation.predictors.{name}", p)
+    if isinstance(imp.visit_sequence, list):
+        for name in imp.visit_sequence:
+            need("imputation.visit_sequence", name)
+    for i, a in enumerate(job.analysis):
+        for key in ("weights", "offset"):
+            if getattr(a, key):
+                need(f"analysis.{i}.{key}", getattr(a, key))
+        for name in _formula_columns(a.formula, f"analysis.{i}.formula"):
+            need(f"analysis.{i}.formula", name)
+    if imp.predictors is not None and not _impute_accepts("predictors"):
+        raise JobError("imputation.predictors: not supported by this version of dmice.impute")
+
+
+def _formula_columns(formula: str, key: str) -> list[str]:
+    from formulaic import Formula
+
+    try:
+        f = Formula(formula)
+    except Exception:  # noqa: BLE001 - formulaic raises many kinds
+        raise JobError(f"{key}: not a valid formula") from None
+    names: list[str] = []
+    for side in ([f.lhs, f.rhs] if hasattr(f, "lhs") else [f]):
+        for term in side:
+            for factor in term.factors:
+                for v in _variables(factor):
+                    if v not in names:
+                        names.append(v)
+    return names
+
+
+def _variables(factor: Any) -> list[str]:
+    from formulaic.parser.types import Factor
+
+    if factor.eval_method == Factor.EvalMethod.LOOKUP:
+        return [factor.expr]
+    if factor.eval_method == Factor.EvalMethod.LITERAL:
+        return []
+    # a Python expression such as C(g) or np.log(x): its free names that are not callables
+    import ast
+
+    try:
+        tree = ast.parse(factor.expr, mode="eval")
+    except SyntaxError:
+        return []
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    attrs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in called
+            and id(n) not in attrs and n.id not in ("contr", "np", "True", "False", "None")]
+
+
+def _impute_accepts(name: str) -> bool:
+    import inspect
+
+    from dmice.api import impute
+
+    return name in inspect.signature(impute).parameters
+
+
+def validate(path: str, environ: dict[str, str] | None = None) -> tuple[JobSpec, InputInfo]:
+    """``dmice validate``: the job file, then the input's files and columns."""
+    job = load_job(path, environ)
+    info = inspect_input(job)
+    check_against_input(job, info)
+    return job, info
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def new_run_id() -> str:
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{now}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class RunOutcome:
+    """What ``run_job`` did: ``status`` is ``"done"`` or ``"noop"``."""
+
+    status: str
+    run_id: str
+    url: str
+
+
+def output_state(job: JobSpec) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The commit record and manifest of the output, or ``(None, None)`` when nothing is
+    committed.  Refuses a non-empty output that is not a job output."""
+    url, so = job.output.url, job.output.storage_options
+    pointer = store.read_pointer(url, so)
+    if pointer is None:
+        fs, root = store.filesystem(url, so)
+        if fs.exists(root):
+            names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
+            other = names - {store.RUNS}
+            if other:
+                raise ConflictError(f"output.url: {url!r} is not empty ({len(other)} entries other "
+                                    f"than {store.RUNS}/) and holds no committed dmice job output")
+        return None, None
+    if not pointer:
+        raise ConflictError(f"output.url: {url!r} holds a dmice output not written by a job; "
+                            "write the job to another output URL")
+    return pointer, store.read_manifest(url, so)
+
+
+def _check_committed(job: JobSpec, manifest: dict[str, Any], files: list[dict[str, Any]],
+                     force: bool) -> bool:
+    """True when the committed output is this job's result for this input (nothing to do)."""
+    committed = manifest.get("job") or {}
+    if committed.get("config_hash") != job.config_hash():
+        theirs = committed.get("section_hashes", {})
+        differ = [k for k, h in job.section_hashes().items() if theirs.get(k) != h]
+        raise ConflictError(f"output.url: {job.output.url!r} holds the result of another job "
+                            f"configuration (differs in: {', '.join(differ) or 'all'}); write to "
+                            "another output URL or delete the output first")
+    snap = manifest.get("input_snapshot") or {}
+    was = [(f["path"], f["bytes"]) for f in snap.get("files", [])]
+    now = [(f["path"], f["bytes"]) for f in files]
+    if was != now and not force:
+        n = len(set(was) ^ set(now))
+        raise ConflictError(f"input.url: the input changed since the committed run "
+                            f"{manifest.get('run_id')!r} ({n} files added, removed or resized); "
+                            "re-run with --force to recompute")
+    return not force
+
+
+def run_job(job: JobSpec, run_id: str | None = None, force: bool = False) -> RunOutcome:
+    """Run a job: impute, write under a run-scoped prefix, commit; or do nothing when done.
+
+    Parameters
+    ----------
+    job : JobSpec
+        A validated job (:func:`load_job`).
+    run_id : str, optional
+        Name of the run's prefix ``runs/<run_id>/`` (letters, digits, ``._-``).  Default: UTC
+        time and a random suffix.  A retry with the same run id replaces that run's
+        uncommitted files.
+    force : bool, default False
+        Recompute a committed output of the same job.
+
+    Returns
+    -------
+    RunOutcome
+
+    Raises
+    ------
+    JobError
+        Invalid job or input (exit code 2).
+    ConflictError
+        The output holds another configuration, or the input changed (exit code 3).
+    """
+    run_id = run_id or new_run_id()
+    if not _RUN_ID.match(run_id):
+        raise JobError("--run-id: expected letters, digits, '.', '_' or '-' (at most 128), "
+                       "starting with a letter or digit")
+    url, so = job.output.url, job.output.storage_options
+    info = inspect_input(job)
+    check_against_input(job, info)
+    pointer, manifest = output_state(job)
+    if manifest is not None and _check_committed(job, manifest, info.files, force):
+        log.info("%s is already complete (run %s); nothing to do", url, pointer["run_id"])
+        return RunOutcome("noop", pointer["run_id"], url)
+    if pointer and pointer["run_id"] == run_id:
+        raise ConflictError(f"--run-id: run {run_id!r} is the committed run of {url!r}; a forced "
+                            "re-run needs a new run id")
+    prefix = store.run_prefix(run_id)
+    fs, root = store.filesystem(url, so)
+    staging = posixpath.join(root, prefix)
+    if fs.exists(staging):
+        # an earlier, uncommitted attempt of this run id.
+        # CHECKPOINT/RESUME: keep staging/_checkpoint/ here and resume from it instead of
+        # starting afresh; everything else of the attempt is rewritten.
+        log.info("replacing the uncommitted files of an earlier attempt of run %s", run_id)
+        fs.rm(staging, recursive=True)
+    written = _compute_and_write(job, info, run_id, prefix)
+    store.commit(url, so, written, run_id=run_id)
+    if pointer and pointer.get("run_id") != run_id:
+        old = posixpath.join(root, store.run_prefix(pointer["run_id"]))
+        if fs.exists(old):
+            fs.rm(old, recursive=True)  # superseded: nothing names it any more
+    log.info("committed run %s to %s", run_id, url)
+    return RunOutcome("done", run_id, url)
+
+
+def _read_input(job: JobSpec, snapshot: dict[str, Any], meta: Any) -> Any:
+    """The input as a dask DataFrame, one partition per file, each checked against its
+    snapshot checksum when read."""
+    import dask.dataframe as dd
+
+    dtypes = {str(c): str(t) for c, t in meta.dtypes.items()}
+    reader = _ReadFile(job.input.url, job.input.format, job.input.storage_options, dtypes)
+    return dd.from_map(reader, [(f["path"], f["sha256"]) for f in snapshot["files"]], meta=meta,
+                       enforce_metadata=False)
+
+
+class _ReadFile:
+    def __init__(self, url: str, fmt: str, storage_options: dict[str, Any], dtypes: dict[str, str]):
+        self.url, self.fmt, self.so, self.dtypes = url, fmt, storage_options, dtypes
+
+    def __call__(self, item: tuple[str, str]) -> Any:
+        rel, sha = item
+        return store.read_input_file(self.url, rel, self.fmt, self.so, sha, self.dtypes)
+
+
+def impute_step(job: JobSpec, ddf: Any, client: Any, checkpoint_url: str) -> Any:
+    """The imputation of a run.
+
+    CHECKPOINT/RESUME hook: ``checkpoint_url`` (``<output>/runs/<run_id>/_checkpoint``) is
+    reserved for the engine's state; a resumable engine saves there after each iteration and
+    this function restarts from the last state found there.  Today it imputes from scratch.
+    """
+    from dmice.api import impute
+
+    imp = job.imputation
+    kwargs: dict[str, Any] = {}
+    if imp.predictors is not None:
+        kwargs["predictors"] = imp.predictors
+    return impute(ddf, m=imp.m, max_iter=imp.max_iter, seed=imp.seed, method=dict(imp.method) or None,
+                  visit_sequence=imp.visit_sequence, donors=imp.donors, donor_pool=imp.donor_pool,
+                  ridge=imp.ridge, client=client, **kwargs)
+
+
+def _compute_and_write(job: JobSpec, info: InputInfo, run_id: str, prefix: str) -> dict[str, Any]:
+    """Impute, write every file below ``prefix`` and return the run's manifest."""
+    from dmice import engine
+
+    url, so = job.output.url, job.output.storage_options
+    snapshot = store.snapshot_input(job.input.url, job.input.format, job.input.storage_options)
+    if [(f["path"], f["bytes"]) for f in snapshot["files"]] != [(f["path"], f["bytes"]) for f in info.files]:
+        raise InputError("input.url: the input changed while it was being read; try again")
+    ddf = _read_input(job, snapshot, info.meta)
+    client, cluster = engine.get_client(job.cluster.address, job.cluster.n_workers)
+    own_client = cluster is not None or job.cluster.address is not None
+    try:
+        with impute_step(job, ddf, client, posixpath.join(url.rstrip("/"), prefix, store.CHECKPOINT)) as imp:
+            rows = imp.schema.partition_rows
+            offsets = [sum(rows[:i]) for i in range(len(rows))]
+            for f, n, o in zip(snapshot["files"], rows, offsets):
+                f["rows"], f["offset"] = n, o
+            files, diag = imp.write_data(url, storage_options=so, prefix=prefix,
+                                         layout=job.output.layout, row_offsets=offsets)
+            aux = [diag]
+            analyses = []
+            for i, a in enumerate(job.analysis):
+                entry, written = _analysis(imp, a, i, url, so, prefix, client)
+                analyses.append(entry)
+                aux += written
+            manifest = imp.manifest_dict(files, ddf.npartitions)
+    finally:
+        if own_client:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    manifest.update({
+        "layout": job.output.layout, "run_id": run_id, "data_prefix": prefix,
+        "aux_files": aux, "analysis": analyses,
+        "input_snapshot": snapshot,
+        "input_dtypes": {str(c): str(t) for c, t in info.meta.dtypes.items()},
+        "job": {"config_hash": job.config_hash(), "section_hashes": job.section_hashes(),
+                "config": job.config()},
+    })
+    return manifest
+
+
+def _analysis(imp: Any, spec: AnalysisSpec, i: int, url: str, so: dict[str, Any], prefix: str,
+              client: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from dmice.analysis import analyze
+
+    res = analyze(imp, spec.formula, family=spec.family, link=spec.link, weights=spec.weights,
+                  offset=spec.offset, cov_type=spec.cov_type, client=client)
+    table = pooled_table(res)
+    name = spec.name or f"analysis_{i}"
+    fs, root = store.filesystem(url, so)
+    base = posixpath.join(prefix, store.ANALYSIS, name)
+    body = {"formula": spec.formula, "family": spec.family, "m": res.m, "nobs": res.nobs,
+            "dfcom": res.dfcom, "table": table.to_dict(orient="records")}
+    csv_info = store.put_bytes(fs, posixpath.join(root, base + ".csv"), table.to_csv(index=False).encode())
+    json_info = store.put_bytes(fs, posixpath.join(root, base + ".json"),
+                                json.dumps(body, indent=1, default=float).encode())
+    files = [{"path": base + ".csv", **csv_info}, {"path": base + ".json", **json_info}]
+    return {"name": name, "formula": spec.formula, "family": spec.family,
+            "csv": base + ".csv", "json": base + ".json"}, files
+
+
+def pooled_table(res: Any) -> Any:
+    """The pooled table with confidence intervals and Rubin's-rules columns."""
+    table = res.summary(conf_int=True)
+    pooled = res.pooled
+    return table.merge(pooled.drop(columns=[c for c in table.columns if c != "term" and c in pooled]),
+                       on="term")
