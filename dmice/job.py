@@ -101,6 +101,9 @@ class OutputSpec(_Strict):
         "full", description="full: m completed data sets; cells: only the imputed cells")
     storage_options: dict[str, Any] = Field(default_factory=dict,
                                             description="passed to fsspec unchanged; no credentials")
+    checkpoint_every: PositiveInt = Field(
+        1, description="save the chains' state every this many iterations; a killed run resumes "
+                       "from the last save")
 
 
 class ImputationSpec(_Strict):
@@ -117,6 +120,8 @@ class ImputationSpec(_Strict):
     donors: PositiveInt = 5
     donor_pool: PositiveInt = 10_000
     ridge: Annotated[float, Field(ge=0)] = 1e-5
+    until_rhat: Annotated[float, Field(gt=1)] | None = Field(
+        None, description="stop before max_iter once every R-hat is below this value")
 
 
 class AnalysisSpec(_Strict):
@@ -365,8 +370,6 @@ def check_against_input(job: JobSpec, info: InputInfo) -> None:
                 need(f"analysis.{i}.{key}", getattr(a, key))
         for name in _formula_columns(a.formula, f"analysis.{i}.formula"):
             need(f"analysis.{i}.formula", name)
-    if imp.predictors is not None and not _impute_accepts("predictors"):
-        raise JobError("imputation.predictors: not supported by this version of dmice.impute")
 
 
 def _formula_columns(formula: str, key: str) -> list[str]:
@@ -404,14 +407,6 @@ def _variables(factor: Any) -> list[str]:
     attrs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in called
             and id(n) not in attrs and n.id not in ("contr", "np", "True", "False", "None")]
-
-
-def _impute_accepts(name: str) -> bool:
-    import inspect
-
-    from dmice.api import impute
-
-    return name in inspect.signature(impute).parameters
 
 
 def validate(path: str, environ: dict[str, str] | None = None) -> tuple[JobSpec, InputInfo]:
@@ -524,9 +519,8 @@ def run_job(job: JobSpec, run_id: str | None = None, force: bool = False) -> Run
     fs, root = store.filesystem(url, so)
     staging = posixpath.join(root, prefix)
     if fs.exists(staging):
-        # an earlier, uncommitted attempt of this run id.
-        # CHECKPOINT/RESUME: keep staging/_checkpoint/ here and resume from it instead of
-        # starting afresh; everything else of the attempt is rewritten.
+        # an earlier, uncommitted attempt of this run id: its files are rewritten (the chains
+        # resume from the job's checkpoint, which lives outside the run prefix)
         log.info("replacing the uncommitted files of an earlier attempt of run %s", run_id)
         fs.rm(staging, recursive=True)
     written = _compute_and_write(job, info, run_id, prefix)
@@ -535,6 +529,10 @@ def run_job(job: JobSpec, run_id: str | None = None, force: bool = False) -> Run
         old = posixpath.join(root, store.run_prefix(pointer["run_id"]))
         if fs.exists(old):
             fs.rm(old, recursive=True)  # superseded: nothing names it any more
+    ck = checkpoint_url(job)
+    cfs, croot = store.filesystem(ck, so)
+    if cfs.exists(croot):
+        cfs.rm(croot, recursive=True)  # the committed output supersedes it
     log.info("committed run %s to %s", run_id, url)
     return RunOutcome("done", run_id, url)
 
@@ -559,22 +557,26 @@ class _ReadFile:
         return store.read_input_file(self.url, rel, self.fmt, self.so, sha, self.dtypes)
 
 
-def impute_step(job: JobSpec, ddf: Any, client: Any, checkpoint_url: str) -> Any:
-    """The imputation of a run.
+def checkpoint_url(job: JobSpec) -> str:
+    """Where the chains of this job's configuration are checkpointed: below ``runs/`` of the
+    output, keyed by the configuration hash, so that any later run of the same job (whatever its
+    run id) resumes from it; removed once a run is committed."""
+    return posixpath.join(job.output.url.rstrip("/"), store.RUNS, f"{store.CHECKPOINT}-{job.config_hash()[:16]}")
 
-    CHECKPOINT/RESUME hook: ``checkpoint_url`` (``<output>/runs/<run_id>/_checkpoint``) is
-    reserved for the engine's state; a resumable engine saves there after each iteration and
-    this function restarts from the last state found there.  Today it imputes from scratch.
-    """
+
+def impute_step(job: JobSpec, ddf: Any, client: Any, checkpoint: str) -> Any:
+    """The imputation of a run, checkpointed every ``output.checkpoint_every`` iterations to
+    ``checkpoint``; when that holds the state of an earlier, killed run of the same job, the
+    chains resume from it and the result equals an uninterrupted run."""
     from dmice.api import impute
 
     imp = job.imputation
-    kwargs: dict[str, Any] = {}
-    if imp.predictors is not None:
-        kwargs["predictors"] = imp.predictors
     return impute(ddf, m=imp.m, max_iter=imp.max_iter, seed=imp.seed, method=dict(imp.method) or None,
                   visit_sequence=imp.visit_sequence, donors=imp.donors, donor_pool=imp.donor_pool,
-                  ridge=imp.ridge, client=client, **kwargs)
+                  ridge=imp.ridge, until_rhat=imp.until_rhat, checkpoint=checkpoint,
+                  checkpoint_every=job.output.checkpoint_every,
+                  storage_options=job.output.storage_options, client=client, progress="log",
+                  predictors=imp.predictors)
 
 
 def _compute_and_write(job: JobSpec, info: InputInfo, run_id: str, prefix: str) -> dict[str, Any]:
@@ -589,7 +591,7 @@ def _compute_and_write(job: JobSpec, info: InputInfo, run_id: str, prefix: str) 
     client, cluster = engine.get_client(job.cluster.address, job.cluster.n_workers)
     own_client = cluster is not None or job.cluster.address is not None
     try:
-        with impute_step(job, ddf, client, posixpath.join(url.rstrip("/"), prefix, store.CHECKPOINT)) as imp:
+        with impute_step(job, ddf, client, checkpoint_url(job)) as imp:
             rows = imp.schema.partition_rows
             offsets = [sum(rows[:i]) for i in range(len(rows))]
             for f, n, o in zip(snapshot["files"], rows, offsets):
