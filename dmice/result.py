@@ -352,7 +352,7 @@ class MultipleImputation:
         store.prepare(url, storage_options, overwrite)
         files, diag = self.write_data(url, storage_options=storage_options)
         manifest = self.manifest_dict(files, self._ddf.npartitions)
-        manifest["aux_files"] = [diag]
+        manifest["aux_files"] = [diag] + store.describe_files(url, self._state_rel, storage_options)
         if distributions:
             from dmice.plots import stored_summaries
 

@@ -95,6 +95,16 @@ def put_bytes(fs: Any, path: str, data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def describe_files(url: str, rel_dir: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every file below ``url/rel_dir`` as manifest entries: path relative to ``url``, bytes, SHA-256."""
+    fs, root = filesystem(url, storage_options)
+    out = []
+    for p in sorted(fs.find(posixpath.join(root, rel_dir))):
+        out.append({"path": posixpath.relpath(p, root), "bytes": int(fs.size(p)),
+                    "sha256": sha256_file(fs, p)})
+    return out
+
+
 def _replace_atomically(fs: Any, path: str, data: bytes) -> None:
     """Replace one small object so that readers see the old or the new content, never a mix.
 

@@ -350,7 +350,7 @@ def test_force_recomputes_and_a_failed_run_loses_nothing(lake, tmp_path, monkeyp
 
     # a forced run that dies half-way through writing: the committed output is untouched
     def crash(job, ddf, client, checkpoint_url):
-        staged = Path(checkpoint_url).parent / "imputation=1"
+        staged = Path(job.output.url) / "runs" / "r2" / "imputation=1"
         staged.mkdir(parents=True)
         (staged / "part.0.parquet").write_bytes(b"PAR1 half-written")
         raise OSError("storage unavailable")

@@ -45,6 +45,8 @@ def test_job_reads_from_and_writes_to_s3(s3_job):
     fs, so = s3_job["fs"], s3_job["so"]
     keys = sorted(p.split("as_of=2026-11-01/", 1)[1] for p in fs.find(OUTPUT))
     assert keys == ["_SUCCESS", "runs/nightly-1/_diagnostics.arrow", "runs/nightly-1/_manifest.json",
+                    *[f"runs/nightly-1/_state/{n}" for n in ("chains.arrow", "models.npz", "part.0.npz",
+                                                            "part.1.npz", "part.2.npz", "state.json")],
                     *[f"runs/nightly-1/imputation={k}/part.{i}.parquet" for k in (1, 2) for i in range(3)]]
     pointer = json.loads(fs.cat_file(OUTPUT + "_SUCCESS"))
     assert pointer["run_id"] == "nightly-1"
