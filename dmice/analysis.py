@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from dask import delayed
+from scipy import special
 from scipy.special import expit, ndtr, ndtri
 
 from dmice.errors import InputError
@@ -127,61 +128,108 @@ def _check_family(family: str, link: str | None) -> str:
 # ------------------------------------------------------------------------------------------
 # per-partition statistics
 # ------------------------------------------------------------------------------------------
-def _partition_stats(df: pd.DataFrame, design: Callable[[pd.DataFrame], tuple], family: str,
-                     link: str, beta: np.ndarray | None) -> dict[str, Any]:
-    """Statistics of one partition at ``beta``, summed over its rows.
-
-    ``design`` maps the partition to ``(X, y, w, offset)`` (``w`` and ``offset`` may
-    be None).  Returns the expected information ``XtWX``, the score ``g`` (both
-    without the dispersion), the observed information ``Hobs``, the meat of the
-    sandwich ``meat`` (sum of the outer products of the per-row scores), the Pearson
-    chi-square, the deviance and the row count.  With ``beta=None`` (the first IRLS
-    pass) the statistics are taken at the starting means instead, and ``g`` is
-    ``X'W(z - offset)`` with the working response ``z``, so that
-    ``solve(XtWX, g)`` is the first estimate.
-    """
-    X, y, w, off = design(df)
-    X = np.asarray(X, dtype=float)
-    y = np.asarray(y, dtype=float)
-    n = len(y)
-    w = np.ones(n) if w is None else np.asarray(w, dtype=float)
-    off = np.zeros(n) if off is None else np.asarray(off, dtype=float)
+def _check_outcome(family: str, y: np.ndarray) -> None:
     if family == "binomial" and np.any((y < 0) | (y > 1)):
         raise InputError("a binomial outcome must be 0/1 or a proportion in [0, 1]")
     if family == "poisson" and np.any(y < 0):
         raise InputError("a poisson outcome must be a count >= 0")
+
+
+def _loglik_kernel(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray) -> float:
+    """Binomial (without the binomial coefficient) or poisson log-likelihood; 0 for gaussian."""
+    if family == "gaussian":
+        return 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if family == "poisson":
+            t = np.where(y > 0, y * np.log(mu), 0.0) - mu - special.gammaln(y + 1.0)
+        else:
+            t = np.where(y > 0, y * np.log(mu), 0.0) + np.where(y < 1, (1 - y) * np.log1p(-mu), 0.0)
+    return float(np.sum(w * t))
+
+
+def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray | None,
+                 family: str, link: str, beta: np.ndarray | None, robust: bool = True) -> dict[str, Any]:
+    """Statistics of one block of rows at ``beta``, summed over its rows.
+
+    Returns the expected information ``XtWX``, the score ``g`` (both without the
+    dispersion), the observed information ``Hobs``, the meat of the sandwich ``meat``
+    (sum of the outer products of the per-row scores; zeros unless ``robust``), the
+    Pearson chi-square, the deviance, the log-likelihood kernel ``loglik`` (binomial
+    and poisson), ``sum(log w)``, the sums ``sw = sum(w)``, ``swy = sum(w y)``,
+    ``swe``, ``swe2`` (of ``w eta0`` and ``w eta0**2`` with ``eta0 = X beta``, used for
+    R-squared) and the row count.  With ``beta=None`` (the first IRLS pass) the
+    statistics are taken at the starting means instead, and ``g`` is
+    ``X'W(z - offset)`` with the working response ``z``, so that ``solve(XtWX, g)`` is
+    the first estimate.
+    """
+    n = len(y)
+    w = np.ones(n) if w is None else w
+    off = np.zeros(n) if off is None else off
     if beta is None:
         with np.errstate(divide="ignore", invalid="ignore"):
             eta = _link(link, _starting_mu(family, y))
+        eta0 = eta - off
     else:
-        eta = X @ beta + off
+        eta0 = X @ beta
+        eta = eta0 + off
     mu, d1, d2 = _inverse_link(link, eta)
     V, dV = _variance(family, mu)
     with np.errstate(divide="ignore", invalid="ignore"):
         wexp = w * d1**2 / V  # IRLS weights (expected information)
         u = w * (y - mu) * d1 / V  # per-row score factor: score_i = u_i x_i
-        # observed information: -d(score)/d(eta) = wexp - w (y - mu) d/deta(d1 / V)
-        ddeta = (d2 * V - d1**2 * dV) / V**2
-        wobs = wexp - w * (y - mu) * ddeta
         pearson = float(np.sum(w * (y - mu) ** 2 / V))
-    if link in ("logit", "log"):  # canonical links: observed == expected, exactly
-        wobs = wexp
     Xe = X * wexp[:, None]
-    Xu = X * u[:, None]
+    XtWX = X.T @ Xe
+    if link in ("logit", "log", "identity"):  # canonical links: observed == expected, exactly
+        Hobs = XtWX
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # observed information: -d(score)/d(eta) = wexp - w (y - mu) d/deta(d1 / V)
+            ddeta = (d2 * V - d1**2 * dV) / V**2
+            wobs = wexp - w * (y - mu) * ddeta
+        Hobs = X.T @ (X * wobs[:, None])
+    if robust:
+        Xu = X * u[:, None]
+        meat = Xu.T @ Xu
+    else:
+        meat = np.zeros_like(XtWX)
     if beta is None:
         with np.errstate(divide="ignore", invalid="ignore"):
             g = Xe.T @ (eta - off + (y - mu) / d1)
     else:
         g = X.T @ u
+    with np.errstate(divide="ignore"):
+        sumlogw = float(np.sum(np.log(w[w > 0])))
     return {
-        "XtWX": X.T @ Xe,
+        "XtWX": XtWX,
         "g": g,
-        "Hobs": X.T @ (X * wobs[:, None]),
-        "meat": Xu.T @ Xu,
+        "Hobs": Hobs,
+        "meat": meat,
         "pearson": np.array(pearson),
         "deviance": np.array(_deviance(family, y, mu, w)),
+        "loglik": np.array(_loglik_kernel(family, y, mu, w)),
+        "sumlogw": np.array(sumlogw),
+        "sw": np.array(float(np.sum(w))),
+        "swy": np.array(float(np.sum(w * y))),
+        "swe": np.array(float(np.sum(w * eta0))),
+        "swe2": np.array(float(np.sum(w * eta0**2))),
         "n": np.array(float(n)),
     }
+
+
+def _partition_stats(df: pd.DataFrame, design: Callable[[pd.DataFrame], tuple], family: str,
+                     link: str, beta: np.ndarray | None) -> dict[str, Any]:
+    """:func:`_array_stats` of the design ``(X, y, w, offset)`` of one pandas partition."""
+    X, y, w, off = _arrays(design(design.prepare(df)) if hasattr(design, "prepare") else design(df))
+    _check_outcome(family, y)
+    return _array_stats(X, y, w, off, family, link, beta)
+
+
+def _arrays(d: tuple) -> tuple:
+    X, y, w, off = d
+    return (np.asarray(X, dtype=float), np.asarray(y, dtype=float),
+            None if w is None else np.asarray(w, dtype=float),
+            None if off is None else np.asarray(off, dtype=float))
 
 
 def _sum(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -189,6 +237,130 @@ def _sum(items: list[dict[str, Any]]) -> dict[str, Any]:
     for it in items[1:]:
         out = {k: out[k] + it[k] for k in out}
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# partition groups: the m completed versions of one partition, designed once
+# ------------------------------------------------------------------------------------------
+def _rows_differ(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
+    """Boolean mask of the rows where any column of ``a`` differs from ``b`` (same length)."""
+    mask = np.zeros(len(a), dtype=bool)
+    for c in a.columns:
+        x, y = a[c], b[c]
+        if (isinstance(x.dtype, pd.CategoricalDtype) and isinstance(y.dtype, pd.CategoricalDtype)
+                and list(x.cat.categories) == list(y.cat.categories)):
+            mask |= x.cat.codes.to_numpy() != y.cat.codes.to_numpy()
+        else:
+            xa, ya = x.to_numpy(), y.to_numpy()
+            try:
+                mask |= np.asarray(xa != ya, dtype=bool)
+            except (TypeError, ValueError):
+                mask |= np.array([not (p == q) for p, q in zip(xa, ya)], dtype=bool)
+    return mask
+
+
+@dataclass
+class _Group:
+    """Design arrays of one partition in every imputation of the group.
+
+    The first imputation's arrays are complete; every other imputation keeps only the
+    rows where its analysis columns differ from the first (``rows``), or all its rows
+    (``rows is None``) when the partitions are not the same length.
+    """
+
+    ks: list[int]
+    base: tuple
+    diffs: list[tuple[np.ndarray | None, tuple] | None]
+
+    def arrays(self, j: int) -> tuple:
+        if j == 0 or self.diffs[j] is None:
+            return self.base
+        rows, arr = self.diffs[j]
+        if rows is None:
+            return arr
+        out = []
+        for full, part in zip(self.base, arr):
+            if full is None:
+                out.append(None)
+                continue
+            full = full.copy()
+            full[rows] = part
+            out.append(full)
+        return tuple(out)
+
+
+def _load_group(design: Any, family: str, ks: list[int], *parts: pd.DataFrame) -> _Group:
+    """Build the design of one partition for the imputations ``ks`` (one pandas frame each).
+
+    The formula is evaluated once on the first imputation's partition and, for every
+    other imputation, only on the rows whose analysis columns differ from it (the
+    imputed cells): completed data sets share their observed values.
+    """
+    prepare = getattr(design, "prepare", lambda d: d)
+    frames = [prepare(p) for p in parts]
+    base = _arrays(design(frames[0]))
+    _check_outcome(family, base[1])
+    diffs: list[tuple[np.ndarray | None, tuple] | None] = [None]
+    for df in frames[1:]:
+        if len(df) != len(frames[0]):
+            arr = _arrays(design(df))
+            _check_outcome(family, arr[1])
+            diffs.append((None, arr))
+            continue
+        rows = np.flatnonzero(_rows_differ(df, frames[0]))
+        if not len(rows):
+            diffs.append(None)
+            continue
+        arr = _arrays(design(df.iloc[rows]))
+        _check_outcome(family, arr[1])
+        diffs.append((rows, arr))
+    return _Group(list(ks), base, diffs)
+
+
+def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str, link: str,
+                 robust: bool) -> dict[int, dict[str, Any]]:
+    """Statistics of every imputation of a group at its own ``betas[k]``."""
+    out = {}
+    for j, k in enumerate(group.ks):
+        X, y, w, off = group.arrays(j)
+        out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust)
+    return out
+
+
+def _groups(frames: list[Any]) -> list[tuple[list[int], list[Any]]]:
+    """Partition groups: all m versions of partition i together when the m frames have the
+    same number of partitions, else one group per (imputation, partition)."""
+    parts = [f.to_delayed() for f in frames]
+    if any(len(pk) == 0 for pk in parts):
+        raise InputError("every completed data set needs at least one partition")
+    m = len(frames)
+    if all(len(pk) == len(parts[0]) for pk in parts):
+        return [(list(range(m)), [parts[k][i] for k in range(m)]) for i in range(len(parts[0]))]
+    return [([k], [p]) for k in range(m) for p in parts[k]]
+
+
+def _reduce_groups(outs: list[dict[int, dict[str, Any]]], m: int) -> list[dict[str, Any]]:
+    return [_sum([o[k] for o in outs if k in o]) for k in range(m)]
+
+
+def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: np.ndarray,
+                client: Any = None) -> list[dict[str, Any]]:
+    """One pass over the data at fixed estimates ``betas[k]`` for imputation k."""
+    groups = _groups(frames)
+    design_d = delayed(design, pure=True, traverse=False)
+    tasks = [delayed(_group_stats)(delayed(_load_group)(design_d, family, ks, *pts),
+                                   {k: betas[k] for k in ks}, family, link, False)
+             for ks, pts in groups]
+    return _reduce_groups(list(_compute(client, *tasks)), len(frames))
+
+
+def _default_client() -> Any:
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
 
 
 @dataclass
@@ -199,28 +371,68 @@ class _Fits:
     deviance: np.ndarray  # (m,)
     nobs: int
     iterations: int
+    stats: list[dict[str, Any]]  # statistics of the last pass, per imputation
 
 
 def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, family: str,
          link: str, cov_type: str = "nonrobust", tol: float = 1e-10, max_iter: int = 50,
          client: Any = None) -> _Fits:
-    """Fisher scoring on all m frames at once; one graph (all imputations, all partitions) per pass."""
+    """Fisher scoring on all m frames at once.
+
+    The design of every partition group (the m versions of a partition) is built once,
+    kept in the workers' memory (with a distributed client) and reused by every pass;
+    each pass is one task per group computing the statistics of all m imputations.
+    """
     import dask
 
     m = len(frames)
-    parts = [f.to_delayed() for f in frames]
-    if any(len(pk) == 0 for pk in parts):
-        raise InputError("every completed data set needs at least one partition")
+    groups = _groups(frames)
     design_d = delayed(design, pure=True, traverse=False)
+    loads = [delayed(_load_group)(design_d, family, ks, *pts) for ks, pts in groups]
+    robust = cov_type != "nonrobust"
+    client = client if client is not None else _default_client()
+    if client is not None:
+        held = client.compute(loads)
 
-    def one_pass(beta: np.ndarray) -> list[dict[str, Any]]:
-        tasks = [delayed(_sum)([delayed(_partition_stats)(pt, design_d, family, link,
-                                                          None if beta is None else beta[k])
-                                for pt in parts[k]]) for k in range(m)]
+        def one_pass(beta: np.ndarray | None) -> list[dict[str, Any]]:
+            futs = [client.submit(_group_stats, g, {k: None if beta is None else beta[k] for k in ks},
+                                  family, link, robust, pure=False)
+                    for g, (ks, _) in zip(held, groups)]
+            return _reduce_groups(client.gather(futs), m)
+    else:
+        held = list(dask.compute(*loads))
+
+        def one_pass(beta: np.ndarray | None) -> list[dict[str, Any]]:
+            outs = [_group_stats(g, {k: None if beta is None else beta[k] for k in ks}, family, link,
+                                 robust) for g, (ks, _) in zip(held, groups)]
+            return _reduce_groups(outs, m)
+
+    try:
+        beta, res, it = _iterate(one_pass, m, p, link, tol, max_iter)
+    finally:
         if client is not None:
-            return client.gather(client.compute(tasks))
-        return list(dask.compute(*tasks))
+            client.cancel(held)
+        del held
+    n = int(res[0]["n"])
+    # covariance from the last pass (its step was below tol, so the change is negligible)
+    df_resid = n - p
+    covs, scales = np.empty((m, p, p)), np.empty(m)
+    for k, r in enumerate(res):
+        scale = float(r["pearson"]) / df_resid if family == "gaussian" else 1.0
+        scales[k] = scale
+        if cov_type == "nonrobust":
+            covs[k] = scale * np.linalg.inv(r["XtWX"])
+        else:
+            bread = np.linalg.inv(r["Hobs"])
+            c = bread @ r["meat"] @ bread
+            if cov_type == "HC1":
+                c = c * n / (n - p)
+            covs[k] = (c + c.T) / 2
+    return _Fits(beta, covs, scales, np.array([float(r["deviance"]) for r in res]), n, it, res)
 
+
+def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
+             max_iter: int) -> tuple[np.ndarray, list[dict[str, Any]], int]:
     beta: np.ndarray | None = None
     it = 0
     while True:
@@ -229,6 +441,8 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
         n = int(res[0]["n"])
         if n == 0:
             raise InputError("the analysis data have no rows")
+        if any(int(r["n"]) != n for r in res):
+            raise InputError("the completed data sets have different numbers of rows")
         step = np.empty((m, p))
         for k, r in enumerate(res):
             if not np.all(np.isfinite(r["XtWX"])) or not np.all(np.isfinite(r["g"])):
@@ -258,23 +472,9 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
             break
         if it >= max_iter:
             warnings.warn(f"the model did not converge in max_iter={max_iter} passes",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
             break
-    # covariance from the last pass (its step was below tol, so the change is negligible)
-    df_resid = n - p
-    covs, scales = np.empty((m, p, p)), np.empty(m)
-    for k, r in enumerate(res):
-        scale = float(r["pearson"]) / df_resid if family == "gaussian" else 1.0
-        scales[k] = scale
-        if cov_type == "nonrobust":
-            covs[k] = scale * np.linalg.inv(r["XtWX"])
-        else:
-            bread = np.linalg.inv(r["Hobs"])
-            c = bread @ r["meat"] @ bread
-            if cov_type == "HC1":
-                c = c * n / (n - p)
-            covs[k] = (c + c.T) / 2
-    return _Fits(beta, covs, scales, np.array([float(r["deviance"]) for r in res]), n, it)
+    return beta, res, it
 
 
 # ------------------------------------------------------------------------------------------
@@ -384,7 +584,7 @@ class _FormulaDesign:
         return df
 
     def __call__(self, df: pd.DataFrame) -> tuple:
-        df = self.prepare(df)
+        """Design arrays ``(X, y, w, offset)`` of a frame returned by :meth:`prepare`."""
         mm = self.spec.get_model_matrix(df)
         X = np.asarray(mm.rhs, dtype=float)
         y = np.asarray(mm.lhs, dtype=float)[:, 0]
