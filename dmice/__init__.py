@@ -1,16 +1,17 @@
 """dmice: multiple imputation by chained equations on Dask.
 
-The public API is :func:`impute`, :func:`open`, :func:`analyze` and :func:`pool`.
+The public API is :func:`impute`, :func:`open`, :func:`analyze`, :func:`compare` and :func:`pool`.
 """
 
 from __future__ import annotations
 
-from dmice.analysis import AnalysisResult, analyze
+from dmice.analysis import AnalysisResult, ModelComparison, analyze, compare
 from dmice.api import impute, open
 from dmice.errors import DmiceError, InputError, OutputError
 from dmice.pooling import (
     PooledResult,
     chi2_d2,
+    lr_d3,
     pool,
     pool_r_squared,
     pool_scalar,
@@ -25,13 +26,16 @@ __all__ = [
     "AnalysisResult",
     "DmiceError",
     "InputError",
+    "ModelComparison",
     "MultipleImputation",
     "OutputError",
     "PooledResult",
     "__version__",
     "analyze",
     "chi2_d2",
+    "compare",
     "impute",
+    "lr_d3",
     "open",
     "pool",
     "pool_r_squared",
