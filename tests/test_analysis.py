@@ -377,3 +377,31 @@ def test_unaligned_partitions_and_spline_bounds_over_all_partitions(cluster_clie
         mm = formulaic.model_matrix("y ~ bs(x, df=3) + z", df)
         fit = sm.OLS(np.asarray(mm.lhs)[:, 0], np.asarray(mm.rhs)).fit()
         np.testing.assert_allclose(res.fits[k].params.to_numpy(), fit.params, rtol=1e-6)
+
+
+def test_cli_analyze_prints_mc_errors_and_r_squared(cluster_client, golden_frames, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    # the CLI reads a written output: write the golden sets in dmice's layout
+    out = tmp_path / "out"
+    for k, f in enumerate(golden_frames, start=1):
+        f.to_parquet(str(out / f"imputation={k}"), write_index=False)
+    cols = list(golden_frames[0].columns)
+    from dmice import store
+
+    store.commit(str(out), None, {"m": 5, "iterations": 0, "seed": 0, "columns": cols,
+                                  "dtypes": {c: str(t) for c, t in golden_frames[0].dtypes.items()},
+                                  "method": {}, "n_missing": {}, "n_rows": 160, "visit_sequence": [],
+                                  "logged_events": []})
+    run = subprocess.run([sys.executable, "-m", "dmice.cli", "analyze", str(out), "--formula",
+                          "y ~ x1 + x2 + g", "--json", str(tmp_path / "t.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "mc_se_estimate" in run.stdout and "recommended_m" in run.stdout
+    assert "pooled R^2" in run.stdout and "pooled adj R^2" in run.stdout
+    got = json.loads((tmp_path / "t.json").read_text())
+    case = COMPARE_GOLDEN["cases"][0]
+    np.testing.assert_allclose(got["r_squared"]["R^2"]["est"], case["r_squared"]["est"], rtol=1e-8)
+    assert {"mc_se_estimate", "mc_se_p_value", "recommended_m", "fmi"} <= set(got["table"][0])
