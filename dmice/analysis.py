@@ -103,18 +103,6 @@ def _variance(family: str, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mu * (1.0 - mu), 1.0 - 2.0 * mu
 
 
-def _deviance(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray) -> float:
-    if family == "gaussian":
-        return float(np.sum(w * (y - mu) ** 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if family == "poisson":
-            t = np.where(y > 0, y * np.log(y / mu), 0.0) - (y - mu)
-        else:
-            t = (np.where(y > 0, y * np.log(y / mu), 0.0)
-                 + np.where(y < 1, (1 - y) * np.log((1 - y) / (1 - mu)), 0.0))
-    return float(2.0 * np.sum(w * t))
-
-
 def _check_family(family: str, link: str | None) -> str:
     if family not in FAMILIES:
         raise InputError(f"family must be one of {list(FAMILIES)}, got {family!r}")
@@ -136,20 +124,39 @@ def _check_outcome(family: str, y: np.ndarray) -> None:
         raise InputError("a poisson outcome must be a count >= 0")
 
 
-def _loglik_kernel(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray) -> float:
-    """Binomial (without the binomial coefficient) or poisson log-likelihood; 0 for gaussian."""
+def _outcome_constants(family: str, y: np.ndarray, w: np.ndarray) -> dict[str, float]:
+    """Sums that depend only on the outcome and the weights, computed once per block:
+    ``sum(log w)`` and the parts of the deviance (``cdev``) and of the log-likelihood
+    (``cll``) that do not depend on the means."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sumlogw = float(np.sum(np.log(w[w > 0])))
+        if family == "binomial":
+            ent = np.where((y > 0) & (y < 1), special.xlogy(y, y) + special.xlogy(1 - y, 1 - y), 0.0)
+            return {"sumlogw": sumlogw, "cdev": float(np.sum(w * ent)), "cll": 0.0}
+        if family == "poisson":
+            return {"sumlogw": sumlogw, "cdev": float(np.sum(w * (special.xlogy(y, y) - y))),
+                    "cll": float(np.sum(w * special.gammaln(y + 1.0)))}
+    return {"sumlogw": sumlogw, "cdev": 0.0, "cll": 0.0}
+
+
+def _deviance_loglik(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray,
+                     c: dict[str, float]) -> tuple[float, float]:
+    """Deviance and log-likelihood (binomial without the binomial coefficient; 0 for
+    gaussian, whose log-likelihood depends on the dispersion) at the means ``mu``."""
     if family == "gaussian":
-        return 0.0
+        return float(np.sum(w * (y - mu) ** 2)), 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
         if family == "poisson":
-            t = np.where(y > 0, y * np.log(mu), 0.0) - mu - special.gammaln(y + 1.0)
-        else:
-            t = np.where(y > 0, y * np.log(mu), 0.0) + np.where(y < 1, (1 - y) * np.log1p(-mu), 0.0)
-    return float(np.sum(w * t))
+            kern = float(np.sum(w * (np.where(y > 0, y * np.log(mu), 0.0) - mu)))
+            return 2.0 * c["cdev"] - 2.0 * kern, kern - c["cll"]
+        ll = float(np.sum(w * (np.where(y > 0, y * np.log(mu), 0.0)
+                               + np.where(y < 1, (1 - y) * np.log1p(-mu), 0.0))))
+    return 2.0 * c["cdev"] - 2.0 * ll, ll
 
 
 def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray | None,
-                 family: str, link: str, beta: np.ndarray | None, robust: bool = True) -> dict[str, Any]:
+                 family: str, link: str, beta: np.ndarray | None, robust: bool = True,
+                 consts: dict[str, float] | None = None) -> dict[str, Any]:
     """Statistics of one block of rows at ``beta``, summed over its rows.
 
     Returns the expected information ``XtWX``, the score ``g`` (both without the
@@ -199,17 +206,17 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
             g = Xe.T @ (eta - off + (y - mu) / d1)
     else:
         g = X.T @ u
-    with np.errstate(divide="ignore"):
-        sumlogw = float(np.sum(np.log(w[w > 0])))
+    c = _outcome_constants(family, y, w) if consts is None else consts
+    deviance, loglik = _deviance_loglik(family, y, mu, w, c)
     return {
         "XtWX": XtWX,
         "g": g,
         "Hobs": Hobs,
         "meat": meat,
         "pearson": np.array(pearson),
-        "deviance": np.array(_deviance(family, y, mu, w)),
-        "loglik": np.array(_loglik_kernel(family, y, mu, w)),
-        "sumlogw": np.array(sumlogw),
+        "deviance": np.array(deviance),
+        "loglik": np.array(loglik),
+        "sumlogw": np.array(c["sumlogw"]),
         "sw": np.array(float(np.sum(w))),
         "swy": np.array(float(np.sum(w * y))),
         "swe": np.array(float(np.sum(w * eta0))),
@@ -272,6 +279,7 @@ class _Group:
     ks: list[int]
     base: tuple
     diffs: list[tuple[np.ndarray | None, tuple] | None]
+    consts: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def arrays(self, j: int) -> tuple:
         if j == 0 or self.diffs[j] is None:
@@ -324,7 +332,9 @@ def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str
     out = {}
     for j, k in enumerate(group.ks):
         X, y, w, off = group.arrays(j)
-        out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust)
+        if j not in group.consts:  # kept with the group on the worker for the next passes
+            group.consts[j] = _outcome_constants(family, y, np.ones(len(y)) if w is None else w)
+        out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust, group.consts[j])
     return out
 
 

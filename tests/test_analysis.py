@@ -67,7 +67,7 @@ def _statsmodels(df, formula, family, link, weights, offset, cov_type):
     if cov_type == "HC1":  # statsmodels' GLM has no small-sample factor for HC1
         n, p = X.shape
         cov = cov * n / (n - p)
-    return list(mm.rhs.columns), np.asarray(res.params), np.sqrt(np.diag(cov))
+    return list(mm.rhs.columns), np.asarray(res.params), np.sqrt(np.diag(cov)), res
 
 
 CASES = [
@@ -99,10 +99,13 @@ def test_each_imputation_equals_statsmodels(cluster_client, frames, dask_frames,
     assert res.m == 3 and res.nobs == N
     assert res.link == (link or {"gaussian": "identity", "poisson": "log"}[family])
     for k, df in enumerate(frames):
-        terms, params, bse = _statsmodels(df, formula, family, link, weights, offset, cov_type)
+        terms, params, bse, ref = _statsmodels(df, formula, family, link, weights, offset, cov_type)
         assert res.terms == terms
         np.testing.assert_allclose(res.fits[k].params.to_numpy(), params, rtol=1e-6, atol=1e-10)
         np.testing.assert_allclose(res.fits[k].bse.to_numpy(), bse, rtol=1e-6)
+        np.testing.assert_allclose(res.fits[k].deviance, ref.deviance, rtol=1e-8)
+        if family != "gaussian" and weights is None:  # statsmodels' llf (binomial: 0/1 outcome)
+            np.testing.assert_allclose(res.loglik[k], ref.llf, rtol=1e-8)
 
 
 def test_formula_terms_reference_level_interaction_and_transform(cluster_client, dask_frames):
