@@ -11,6 +11,11 @@ graph covering all m imputations and all partitions, and only small statistics
 client.  Estimates and covariances equal those of statsmodels' ``GLM`` on the same
 data.
 
+:meth:`AnalysisResult.compare` (or :func:`compare`) tests nested models with D1, D2
+or D3 as R's mice/mitml; :meth:`AnalysisResult.r_squared` pools R-squared of
+gaussian models; :meth:`AnalysisResult.table` (shown by ``repr``) adds the
+Monte-Carlo errors and the recommended number of imputations to the pooled table.
+
 :func:`fit_glm` is the lower-level entry point with a user-supplied design
 function instead of a formula.
 """
