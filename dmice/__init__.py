@@ -1,18 +1,20 @@
 """dmice: multiple imputation by chained equations on Dask.
 
-The public API is :func:`impute`, :func:`open`, :func:`analyze` and :func:`pool`, with
-:func:`quickpred` (predictor matrices) and :func:`squeeze` / :func:`round_to` (post-processing).
+The public API is :func:`impute`, :func:`open`, :func:`analyze`, :func:`compare` and
+:func:`pool`, with :func:`quickpred` (predictor matrices), :func:`squeeze` / :func:`round_to`
+(post-processing) and :func:`md_pattern` / :func:`plot_pattern` (missing-data patterns).
 """
 
 from __future__ import annotations
 
-from dmice.analysis import AnalysisResult, analyze
+from dmice.analysis import AnalysisResult, ModelComparison, analyze, compare
 from dmice.api import impute, open
 from dmice.errors import DmiceError, InputError, OutputError
 from dmice.plots import md_pattern, plot_pattern
 from dmice.pooling import (
     PooledResult,
     chi2_d2,
+    lr_d3,
     pool,
     pool_r_squared,
     pool_scalar,
@@ -29,13 +31,16 @@ __all__ = [
     "AnalysisResult",
     "DmiceError",
     "InputError",
+    "ModelComparison",
     "MultipleImputation",
     "OutputError",
     "PooledResult",
     "__version__",
     "analyze",
     "chi2_d2",
+    "compare",
     "impute",
+    "lr_d3",
     "md_pattern",
     "open",
     "plot_pattern",

@@ -11,6 +11,11 @@ graph covering all m imputations and all partitions, and only small statistics
 client.  Estimates and covariances equal those of statsmodels' ``GLM`` on the same
 data.
 
+:meth:`AnalysisResult.compare` (or :func:`compare`) tests nested models with D1, D2
+or D3 as R's mice/mitml; :meth:`AnalysisResult.r_squared` pools R-squared of
+gaussian models; :meth:`AnalysisResult.table` (shown by ``repr``) adds the
+Monte-Carlo errors and the recommended number of imputations to the pooled table.
+
 :func:`fit_glm` is the lower-level entry point with a user-supplied design
 function instead of a formula.
 """
@@ -18,6 +23,7 @@ function instead of a formula.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from dask import delayed
+from scipy import special
 from scipy.special import expit, ndtr, ndtri
 
 from dmice.errors import InputError
@@ -101,18 +108,6 @@ def _variance(family: str, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mu * (1.0 - mu), 1.0 - 2.0 * mu
 
 
-def _deviance(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray) -> float:
-    if family == "gaussian":
-        return float(np.sum(w * (y - mu) ** 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if family == "poisson":
-            t = np.where(y > 0, y * np.log(y / mu), 0.0) - (y - mu)
-        else:
-            t = (np.where(y > 0, y * np.log(y / mu), 0.0)
-                 + np.where(y < 1, (1 - y) * np.log((1 - y) / (1 - mu)), 0.0))
-    return float(2.0 * np.sum(w * t))
-
-
 def _check_family(family: str, link: str | None) -> str:
     if family not in FAMILIES:
         raise InputError(f"family must be one of {list(FAMILIES)}, got {family!r}")
@@ -127,61 +122,127 @@ def _check_family(family: str, link: str | None) -> str:
 # ------------------------------------------------------------------------------------------
 # per-partition statistics
 # ------------------------------------------------------------------------------------------
-def _partition_stats(df: pd.DataFrame, design: Callable[[pd.DataFrame], tuple], family: str,
-                     link: str, beta: np.ndarray | None) -> dict[str, Any]:
-    """Statistics of one partition at ``beta``, summed over its rows.
-
-    ``design`` maps the partition to ``(X, y, w, offset)`` (``w`` and ``offset`` may
-    be None).  Returns the expected information ``XtWX``, the score ``g`` (both
-    without the dispersion), the observed information ``Hobs``, the meat of the
-    sandwich ``meat`` (sum of the outer products of the per-row scores), the Pearson
-    chi-square, the deviance and the row count.  With ``beta=None`` (the first IRLS
-    pass) the statistics are taken at the starting means instead, and ``g`` is
-    ``X'W(z - offset)`` with the working response ``z``, so that
-    ``solve(XtWX, g)`` is the first estimate.
-    """
-    X, y, w, off = design(df)
-    X = np.asarray(X, dtype=float)
-    y = np.asarray(y, dtype=float)
-    n = len(y)
-    w = np.ones(n) if w is None else np.asarray(w, dtype=float)
-    off = np.zeros(n) if off is None else np.asarray(off, dtype=float)
+def _check_outcome(family: str, y: np.ndarray) -> None:
     if family == "binomial" and np.any((y < 0) | (y > 1)):
         raise InputError("a binomial outcome must be 0/1 or a proportion in [0, 1]")
     if family == "poisson" and np.any(y < 0):
         raise InputError("a poisson outcome must be a count >= 0")
+
+
+def _outcome_constants(family: str, y: np.ndarray, w: np.ndarray) -> dict[str, float]:
+    """Sums that depend only on the outcome and the weights, computed once per block:
+    ``sum(log w)`` and the parts of the deviance (``cdev``) and of the log-likelihood
+    (``cll``) that do not depend on the means."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sumlogw = float(np.sum(np.log(w[w > 0])))
+        if family == "binomial":
+            ent = np.where((y > 0) & (y < 1), special.xlogy(y, y) + special.xlogy(1 - y, 1 - y), 0.0)
+            return {"sumlogw": sumlogw, "cdev": float(np.sum(w * ent)), "cll": 0.0}
+        if family == "poisson":
+            return {"sumlogw": sumlogw, "cdev": float(np.sum(w * (special.xlogy(y, y) - y))),
+                    "cll": float(np.sum(w * special.gammaln(y + 1.0)))}
+    return {"sumlogw": sumlogw, "cdev": 0.0, "cll": 0.0}
+
+
+def _deviance_loglik(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray,
+                     c: dict[str, float]) -> tuple[float, float]:
+    """Deviance and log-likelihood (binomial without the binomial coefficient; 0 for
+    gaussian, whose log-likelihood depends on the dispersion) at the means ``mu``."""
+    if family == "gaussian":
+        return float(np.sum(w * (y - mu) ** 2)), 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if family == "poisson":
+            kern = float(np.sum(w * (np.where(y > 0, y * np.log(mu), 0.0) - mu)))
+            return 2.0 * c["cdev"] - 2.0 * kern, kern - c["cll"]
+        ll = float(np.sum(w * (np.where(y > 0, y * np.log(mu), 0.0)
+                               + np.where(y < 1, (1 - y) * np.log1p(-mu), 0.0))))
+    return 2.0 * c["cdev"] - 2.0 * ll, ll
+
+
+def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray | None,
+                 family: str, link: str, beta: np.ndarray | None, robust: bool = True,
+                 consts: dict[str, float] | None = None) -> dict[str, Any]:
+    """Statistics of one block of rows at ``beta``, summed over its rows.
+
+    Returns the expected information ``XtWX``, the score ``g`` (both without the
+    dispersion), the observed information ``Hobs``, the meat of the sandwich ``meat``
+    (sum of the outer products of the per-row scores; zeros unless ``robust``), the
+    Pearson chi-square, the deviance, the log-likelihood kernel ``loglik`` (binomial
+    and poisson), ``sum(log w)``, the sums ``sw = sum(w)``, ``swy = sum(w y)``,
+    ``swe``, ``swe2`` (of ``w eta0`` and ``w eta0**2`` with ``eta0 = X beta``, used for
+    R-squared) and the row count.  With ``beta=None`` (the first IRLS pass) the
+    statistics are taken at the starting means instead, and ``g`` is
+    ``X'W(z - offset)`` with the working response ``z``, so that ``solve(XtWX, g)`` is
+    the first estimate.
+    """
+    n = len(y)
+    w = np.ones(n) if w is None else w
+    off = np.zeros(n) if off is None else off
     if beta is None:
         with np.errstate(divide="ignore", invalid="ignore"):
             eta = _link(link, _starting_mu(family, y))
+        eta0 = eta - off
     else:
-        eta = X @ beta + off
+        eta0 = X @ beta
+        eta = eta0 + off
     mu, d1, d2 = _inverse_link(link, eta)
     V, dV = _variance(family, mu)
     with np.errstate(divide="ignore", invalid="ignore"):
         wexp = w * d1**2 / V  # IRLS weights (expected information)
         u = w * (y - mu) * d1 / V  # per-row score factor: score_i = u_i x_i
-        # observed information: -d(score)/d(eta) = wexp - w (y - mu) d/deta(d1 / V)
-        ddeta = (d2 * V - d1**2 * dV) / V**2
-        wobs = wexp - w * (y - mu) * ddeta
         pearson = float(np.sum(w * (y - mu) ** 2 / V))
-    if link in ("logit", "log"):  # canonical links: observed == expected, exactly
-        wobs = wexp
     Xe = X * wexp[:, None]
-    Xu = X * u[:, None]
+    XtWX = X.T @ Xe
+    if link in ("logit", "log", "identity"):  # canonical links: observed == expected, exactly
+        Hobs = XtWX
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # observed information: -d(score)/d(eta) = wexp - w (y - mu) d/deta(d1 / V)
+            ddeta = (d2 * V - d1**2 * dV) / V**2
+            wobs = wexp - w * (y - mu) * ddeta
+        Hobs = X.T @ (X * wobs[:, None])
+    if robust:
+        Xu = X * u[:, None]
+        meat = Xu.T @ Xu
+    else:
+        meat = np.zeros_like(XtWX)
     if beta is None:
         with np.errstate(divide="ignore", invalid="ignore"):
             g = Xe.T @ (eta - off + (y - mu) / d1)
     else:
         g = X.T @ u
+    c = _outcome_constants(family, y, w) if consts is None else consts
+    deviance, loglik = _deviance_loglik(family, y, mu, w, c)
     return {
-        "XtWX": X.T @ Xe,
+        "XtWX": XtWX,
         "g": g,
-        "Hobs": X.T @ (X * wobs[:, None]),
-        "meat": Xu.T @ Xu,
+        "Hobs": Hobs,
+        "meat": meat,
         "pearson": np.array(pearson),
-        "deviance": np.array(_deviance(family, y, mu, w)),
+        "deviance": np.array(deviance),
+        "loglik": np.array(loglik),
+        "sumlogw": np.array(c["sumlogw"]),
+        "sw": np.array(float(np.sum(w))),
+        "swy": np.array(float(np.sum(w * y))),
+        "swe": np.array(float(np.sum(w * eta0))),
+        "swe2": np.array(float(np.sum(w * eta0**2))),
         "n": np.array(float(n)),
     }
+
+
+def _partition_stats(df: pd.DataFrame, design: Callable[[pd.DataFrame], tuple], family: str,
+                     link: str, beta: np.ndarray | None) -> dict[str, Any]:
+    """:func:`_array_stats` of the design ``(X, y, w, offset)`` of one pandas partition."""
+    X, y, w, off = _arrays(design(design.prepare(df)) if hasattr(design, "prepare") else design(df))
+    _check_outcome(family, y)
+    return _array_stats(X, y, w, off, family, link, beta)
+
+
+def _arrays(d: tuple) -> tuple:
+    X, y, w, off = d
+    return (np.asarray(X, dtype=float), np.asarray(y, dtype=float),
+            None if w is None else np.asarray(w, dtype=float),
+            None if off is None else np.asarray(off, dtype=float))
 
 
 def _sum(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -189,6 +250,133 @@ def _sum(items: list[dict[str, Any]]) -> dict[str, Any]:
     for it in items[1:]:
         out = {k: out[k] + it[k] for k in out}
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# partition groups: the m completed versions of one partition, designed once
+# ------------------------------------------------------------------------------------------
+def _rows_differ(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
+    """Boolean mask of the rows where any column of ``a`` differs from ``b`` (same length)."""
+    mask = np.zeros(len(a), dtype=bool)
+    for c in a.columns:
+        x, y = a[c], b[c]
+        if (isinstance(x.dtype, pd.CategoricalDtype) and isinstance(y.dtype, pd.CategoricalDtype)
+                and list(x.cat.categories) == list(y.cat.categories)):
+            mask |= x.cat.codes.to_numpy() != y.cat.codes.to_numpy()
+        else:
+            xa, ya = x.to_numpy(), y.to_numpy()
+            try:
+                mask |= np.asarray(xa != ya, dtype=bool)
+            except (TypeError, ValueError):
+                mask |= np.array([not (p == q) for p, q in zip(xa, ya)], dtype=bool)
+    return mask
+
+
+@dataclass
+class _Group:
+    """Design arrays of one partition in every imputation of the group.
+
+    The first imputation's arrays are complete; every other imputation keeps only the
+    rows where its analysis columns differ from the first (``rows``), or all its rows
+    (``rows is None``) when the partitions are not the same length.
+    """
+
+    ks: list[int]
+    base: tuple
+    diffs: list[tuple[np.ndarray | None, tuple] | None]
+    consts: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def arrays(self, j: int) -> tuple:
+        if j == 0 or self.diffs[j] is None:
+            return self.base
+        rows, arr = self.diffs[j]
+        if rows is None:
+            return arr
+        out = []
+        for full, part in zip(self.base, arr):
+            if full is None:
+                out.append(None)
+                continue
+            full = full.copy()
+            full[rows] = part
+            out.append(full)
+        return tuple(out)
+
+
+def _load_group(design: Any, family: str, ks: list[int], *parts: pd.DataFrame) -> _Group:
+    """Build the design of one partition for the imputations ``ks`` (one pandas frame each).
+
+    The formula is evaluated once on the first imputation's partition and, for every
+    other imputation, only on the rows whose analysis columns differ from it (the
+    imputed cells): completed data sets share their observed values.
+    """
+    prepare = getattr(design, "prepare", lambda d: d)
+    frames = [prepare(p) for p in parts]
+    base = _arrays(design(frames[0]))
+    _check_outcome(family, base[1])
+    diffs: list[tuple[np.ndarray | None, tuple] | None] = [None]
+    for df in frames[1:]:
+        if len(df) != len(frames[0]):
+            arr = _arrays(design(df))
+            _check_outcome(family, arr[1])
+            diffs.append((None, arr))
+            continue
+        rows = np.flatnonzero(_rows_differ(df, frames[0]))
+        if not len(rows):
+            diffs.append(None)
+            continue
+        arr = _arrays(design(df.iloc[rows]))
+        _check_outcome(family, arr[1])
+        diffs.append((rows, arr))
+    return _Group(list(ks), base, diffs)
+
+
+def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str, link: str,
+                 robust: bool) -> dict[int, dict[str, Any]]:
+    """Statistics of every imputation of a group at its own ``betas[k]``."""
+    out = {}
+    for j, k in enumerate(group.ks):
+        X, y, w, off = group.arrays(j)
+        if j not in group.consts:  # kept with the group on the worker for the next passes
+            group.consts[j] = _outcome_constants(family, y, np.ones(len(y)) if w is None else w)
+        out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust, group.consts[j])
+    return out
+
+
+def _groups(frames: list[Any]) -> list[tuple[list[int], list[Any]]]:
+    """Partition groups: all m versions of partition i together when the m frames have the
+    same number of partitions, else one group per (imputation, partition)."""
+    parts = [f.to_delayed() for f in frames]
+    if any(len(pk) == 0 for pk in parts):
+        raise InputError("every completed data set needs at least one partition")
+    m = len(frames)
+    if all(len(pk) == len(parts[0]) for pk in parts):
+        return [(list(range(m)), [parts[k][i] for k in range(m)]) for i in range(len(parts[0]))]
+    return [([k], [p]) for k in range(m) for p in parts[k]]
+
+
+def _reduce_groups(outs: list[dict[int, dict[str, Any]]], m: int) -> list[dict[str, Any]]:
+    return [_sum([o[k] for o in outs if k in o]) for k in range(m)]
+
+
+def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: np.ndarray,
+                client: Any = None) -> list[dict[str, Any]]:
+    """One pass over the data at fixed estimates ``betas[k]`` for imputation k."""
+    groups = _groups(frames)
+    design_d = delayed(design, pure=True, traverse=False)
+    tasks = [delayed(_group_stats)(delayed(_load_group)(design_d, family, ks, *pts),
+                                   {k: betas[k] for k in ks}, family, link, False)
+             for ks, pts in groups]
+    return _reduce_groups(list(_compute(client, *tasks)), len(frames))
+
+
+def _default_client() -> Any:
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
 
 
 @dataclass
@@ -199,28 +387,67 @@ class _Fits:
     deviance: np.ndarray  # (m,)
     nobs: int
     iterations: int
+    stats: list[dict[str, Any]]  # statistics of the last pass, per imputation
 
 
 def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, family: str,
          link: str, cov_type: str = "nonrobust", tol: float = 1e-10, max_iter: int = 50,
          client: Any = None) -> _Fits:
-    """Fisher scoring on all m frames at once; one graph (all imputations, all partitions) per pass."""
+    """Fisher scoring on all m frames at once.
+
+    The design of every partition group (the m versions of a partition) is built once,
+    kept in the workers' memory (with a distributed client) and reused by every pass;
+    each pass is one task per group computing the statistics of all m imputations.
+    """
     import dask
 
     m = len(frames)
-    parts = [f.to_delayed() for f in frames]
-    if any(len(pk) == 0 for pk in parts):
-        raise InputError("every completed data set needs at least one partition")
+    groups = _groups(frames)
     design_d = delayed(design, pure=True, traverse=False)
+    loads = [delayed(_load_group)(design_d, family, ks, *pts) for ks, pts in groups]
+    robust = cov_type != "nonrobust"
+    client = client if client is not None else _default_client()
+    if client is not None:
+        held = client.compute(loads)
 
-    def one_pass(beta: np.ndarray) -> list[dict[str, Any]]:
-        tasks = [delayed(_sum)([delayed(_partition_stats)(pt, design_d, family, link,
-                                                          None if beta is None else beta[k])
-                                for pt in parts[k]]) for k in range(m)]
+        def one_pass(beta: np.ndarray | None) -> list[dict[str, Any]]:
+            futs = [client.submit(_group_stats, g, {k: None if beta is None else beta[k] for k in ks},
+                                  family, link, robust, pure=False)
+                    for g, (ks, _) in zip(held, groups)]
+            return _reduce_groups(client.gather(futs), m)
+    else:
+        held = list(dask.compute(*loads))
+
+        def one_pass(beta: np.ndarray | None) -> list[dict[str, Any]]:
+            outs = [_group_stats(g, {k: None if beta is None else beta[k] for k in ks}, family, link,
+                                 robust) for g, (ks, _) in zip(held, groups)]
+            return _reduce_groups(outs, m)
+
+    try:
+        beta, res, it = _iterate(one_pass, m, p, link, tol, max_iter)
+    finally:
         if client is not None:
-            return client.gather(client.compute(tasks))
-        return list(dask.compute(*tasks))
+            client.cancel(held)  # release the designs held on the workers
+    n = int(res[0]["n"])
+    # covariance from the last pass (its step was below tol, so the change is negligible)
+    df_resid = n - p
+    covs, scales = np.empty((m, p, p)), np.empty(m)
+    for k, r in enumerate(res):
+        scale = float(r["pearson"]) / df_resid if family == "gaussian" else 1.0
+        scales[k] = scale
+        if cov_type == "nonrobust":
+            covs[k] = scale * np.linalg.inv(r["XtWX"])
+        else:
+            bread = np.linalg.inv(r["Hobs"])
+            c = bread @ r["meat"] @ bread
+            if cov_type == "HC1":
+                c = c * n / (n - p)
+            covs[k] = (c + c.T) / 2
+    return _Fits(beta, covs, scales, np.array([float(r["deviance"]) for r in res]), n, it, res)
 
+
+def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
+             max_iter: int) -> tuple[np.ndarray, list[dict[str, Any]], int]:
     beta: np.ndarray | None = None
     it = 0
     while True:
@@ -229,6 +456,8 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
         n = int(res[0]["n"])
         if n == 0:
             raise InputError("the analysis data have no rows")
+        if any(int(r["n"]) != n for r in res):
+            raise InputError("the completed data sets have different numbers of rows")
         step = np.empty((m, p))
         for k, r in enumerate(res):
             if not np.all(np.isfinite(r["XtWX"])) or not np.all(np.isfinite(r["g"])):
@@ -258,23 +487,9 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
             break
         if it >= max_iter:
             warnings.warn(f"the model did not converge in max_iter={max_iter} passes",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
             break
-    # covariance from the last pass (its step was below tol, so the change is negligible)
-    df_resid = n - p
-    covs, scales = np.empty((m, p, p)), np.empty(m)
-    for k, r in enumerate(res):
-        scale = float(r["pearson"]) / df_resid if family == "gaussian" else 1.0
-        scales[k] = scale
-        if cov_type == "nonrobust":
-            covs[k] = scale * np.linalg.inv(r["XtWX"])
-        else:
-            bread = np.linalg.inv(r["Hobs"])
-            c = bread @ r["meat"] @ bread
-            if cov_type == "HC1":
-                c = c * n / (n - p)
-            covs[k] = (c + c.T) / 2
-    return _Fits(beta, covs, scales, np.array([float(r["deviance"]) for r in res]), n, it)
+    return beta, res, it
 
 
 # ------------------------------------------------------------------------------------------
@@ -384,7 +599,7 @@ class _FormulaDesign:
         return df
 
     def __call__(self, df: pd.DataFrame) -> tuple:
-        df = self.prepare(df)
+        """Design arrays ``(X, y, w, offset)`` of a frame returned by :meth:`prepare`."""
         mm = self.spec.get_model_matrix(df)
         X = np.asarray(mm.rhs, dtype=float)
         y = np.asarray(mm.lhs, dtype=float)[:, 0]
@@ -478,6 +693,13 @@ class AnalysisResult:
         Passes over the data.
     pooled_result : dmice.pooling.PooledResult
         The full result of :func:`dmice.pooling.pool`.
+    outcome : str
+        Left-hand side of the formula.
+    weights, offset : str or None
+        Columns of prior weights and offset.
+    loglik : numpy.ndarray of shape (m,)
+        Log-likelihood of each fit (gaussian: at the maximum-likelihood variance
+        ``rss / n``; binomial without the binomial coefficient).
     """
 
     formula: str
@@ -490,6 +712,14 @@ class AnalysisResult:
     dfcom: float
     iterations: int
     pooled_result: Any = field(repr=False)
+    outcome: str = ""
+    weights: str | None = None
+    offset: str | None = None
+    loglik: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
+    _stats: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    _frames: list[Any] = field(default_factory=list, repr=False)
+    _design: Any = field(default=None, repr=False)
+    _client: Any = field(default=None, repr=False)
 
     @property
     def m(self) -> int:
@@ -522,11 +752,279 @@ class AnalysisResult:
         return self.pooled_result.summary(conf_int=conf_int, exponentiate=exponentiate,
                                           conf_level=conf_level)
 
+    @property
+    def df_resid(self) -> int:
+        """Residual degrees of freedom of each fit, ``nobs - p``."""
+        return self.nobs - len(self.terms)
+
+    def mc_error(self, target_cv: float = 0.05) -> pd.DataFrame:
+        """Monte-Carlo errors of the pooled results and the recommended m.
+
+        See :meth:`dmice.pooling.PooledResult.mc_error` (jackknife over the
+        imputations, as Stata's ``mi estimate, mcerror``; ``recommended_m`` from von
+        Hippel's quadratic rule for a standard error whose coefficient of variation
+        over repeated imputation is ``target_cv``).
+        """
+        return self.pooled_result.mc_error(target_cv=target_cv)
+
+    def table(self, exponentiate: bool = False, target_cv: float = 0.05) -> pd.DataFrame:
+        """The printed table: :meth:`summary` with ``fmi``, the Monte-Carlo errors of the
+        estimate, standard error and p-value, and the recommended m of each term."""
+        out = self.summary(conf_int=True, exponentiate=exponentiate)
+        mc = self.mc_error(target_cv=target_cv)
+        for c in ("fmi", "mc_se_estimate", "mc_se_std_error", "mc_se_p_value", "recommended_m"):
+            out[c] = mc[c].to_numpy()
+        if exponentiate:  # MC error of exp(estimate) by the delta method
+            out["mc_se_estimate"] = out["mc_se_estimate"] * out["estimate"]
+        return out
+
+    def r_squared(self, adjusted: bool = False) -> pd.DataFrame:
+        """Pooled R-squared of a gaussian model, as ``mice::pool.r.squared``.
+
+        Each fit's R-squared is R's ``summary.lm`` one: ``mss / (mss + rss)`` with the
+        (weighted) sum of squares of the fitted values without offset about their mean
+        (about 0 without an intercept) and the residual sum of squares; the adjusted
+        value is ``1 - (1 - R^2) (n - i) / (n - p)`` with ``i = 1`` for an intercept.
+        They are pooled by :func:`dmice.pooling.pool_r_squared` (Fisher z).
+
+        Parameters
+        ----------
+        adjusted : bool, default False
+            Pool the adjusted R-squared.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row (``"R^2"`` or ``"adj R^2"``) with columns ``est, lo_95, hi_95, fmi``.
+
+        Raises
+        ------
+        dmice.errors.InputError
+            For a non-gaussian model.
+        """
+        from dmice.pooling import pool_r_squared
+
+        return pool_r_squared(self.r_squared_values(adjusted), self.nobs, adjusted=adjusted)
+
+    def r_squared_values(self, adjusted: bool = False) -> np.ndarray:
+        """R-squared (or adjusted R-squared) of each imputation's fit (see :meth:`r_squared`)."""
+        if self.family != "gaussian":
+            raise InputError(f"R-squared is defined for gaussian models, this one is {self.family!r}")
+        n, p = self.nobs, len(self.terms)
+        icpt = "Intercept" in self.terms
+        out = np.empty(self.m)
+        for k, s in enumerate(self._stats):
+            sw, swe, swe2 = float(s["sw"]), float(s["swe"]), float(s["swe2"])
+            mss = swe2 - swe**2 / sw if icpt else swe2
+            r2 = mss / (mss + float(s["pearson"]))
+            out[k] = 1 - (1 - r2) * (n - int(icpt)) / (n - p) if adjusted else r2
+        return out
+
+    def _loglik_at(self, params: np.ndarray) -> np.ndarray:
+        """Log-likelihood of each imputation's data at ``params`` (one pass over the data);
+        gaussian models use the average of the m maximum-likelihood variances."""
+        if self._design is None:
+            raise InputError("this result holds no data to evaluate likelihoods on")
+        betas = np.tile(np.asarray(params, dtype=float), (self.m, 1))
+        stats = _fixed_pass(self._frames, self._design, self.family, self.link, betas, self._client)
+        if self.family != "gaussian":
+            return np.array([float(s["loglik"]) for s in stats])
+        n = self.nobs
+        s2 = float(np.mean([float(s["pearson"]) / n for s in self._stats]))
+        return np.array([-0.5 * n * math.log(2 * math.pi * s2) + 0.5 * float(s["sumlogw"])
+                         - float(s["pearson"]) / (2 * s2) for s in stats])
+
+    def compare(self, reduced: AnalysisResult | None = None, *, method: str = "D1",
+                dfcom: float | None = None, ariv: str = "default") -> ModelComparison:
+        """Test this model against a nested one with multiply imputed data (mice's D1/D2/D3).
+
+        Parameters
+        ----------
+        reduced : AnalysisResult, optional
+            The nested model, fitted by :func:`analyze` on the same data with the same
+            outcome, family, link, weights and offset and a subset of this model's
+            terms.  Default: the intercept-only model (D1 and D2 then test every
+            coefficient but the intercept, as mice's ``D1(fit1)``).
+        method : {"D1", "D2", "D3"}, default "D1"
+            ``"D1"``: multivariate Wald test (:func:`dmice.pooling.wald_d1`, mice's
+            ``D1(fit1, fit0)``) with ``dfcom``; ``"D2"``: pooled Wald chi-squares
+            (:func:`dmice.pooling.chi2_d2`, mice's ``D2(fit1, fit0)``); ``"D3"``:
+            Meng--Rubin likelihood-ratio test (:func:`dmice.pooling.lr_d3`, mitml's
+            ``testModels(method = "D3")``), which takes one more pass over the data
+            per model to evaluate each imputation's log-likelihood at the pooled
+            estimates.
+        dfcom : float, optional
+            Complete-data df for D1; default this model's :attr:`dfcom` (the residual
+            df unless given to :func:`analyze`), as mice.  Ignored by D2 and D3.
+        ariv : {"default", "positive"}, default "default"
+            D3 only: ``"positive"`` truncates a negative ``riv`` at 0.
+
+        Returns
+        -------
+        ModelComparison
+
+        Raises
+        ------
+        dmice.errors.InputError
+            When the models are not nested, differ in m, rows, outcome, family, link,
+            weights or offset, were fitted on different data, or ``method`` is unknown.
+
+        Notes
+        -----
+        D3 evaluates the log-likelihood of imputation i's data at the estimates
+        averaged over the m imputations; for gaussian models the variance is the
+        average of the m maximum-likelihood variances ``rss / n``, as mitml does for
+        ``lm``.  mice's ``D3()`` instead refits the intercept (and the variance) at the
+        pooled slopes, so its statistic can differ slightly from mitml's and dmice's.
+        Binomial and poisson log-likelihoods leave out the terms that depend only on
+        the outcome where they cancel in the ratio (the binomial coefficient).
+
+        Examples
+        --------
+        >>> full = dmice.analyze(imp, "y ~ x + C(g)")               # doctest: +SKIP
+        >>> full.compare(dmice.analyze(imp, "y ~ x"), method="D3")  # doctest: +SKIP
+        """
+        from dmice.pooling import chi2_d2, lr_d3, wald_chi2, wald_d1
+
+        if method not in ("D1", "D2", "D3"):
+            raise InputError(f"method must be 'D1', 'D2' or 'D3', got {method!r}")
+        if reduced is None:
+            if method == "D3":
+                reduced = analyze(self._frames, f"{self.outcome} ~ 1", family=self.family,
+                                  link=self.link, weights=self.weights, offset=self.offset,
+                                  client=self._client)
+                tested = [t for t in self.terms if t not in reduced.terms]
+            else:
+                tested = [t for t in self.terms if t != "Intercept"]
+            if not tested:
+                raise InputError("the model has no terms besides the intercept to test")
+        else:
+            tested = self._check_nested(reduced)
+        rformula = reduced.formula if reduced is not None else "intercept only"
+        if method in ("D1", "D2"):
+            est = pd.DataFrame([f.params for f in self.fits], columns=self.terms)
+            covs = [f.cov for f in self.fits]
+            if method == "D1":
+                dfc = self.dfcom if dfcom is None else dfcom
+                row = wald_d1(est, covs, tested, dfcom=dfc)
+            else:
+                row = chi2_d2(wald_chi2(est, covs, tested), len(tested))
+        else:
+            assert reduced is not None
+            ll1p = self._loglik_at(self.pooled["estimate"].to_numpy())
+            ll0p = reduced._loglik_at(reduced.pooled["estimate"].to_numpy())
+            row = lr_d3(self.loglik, reduced.loglik, ll1p, ll0p, len(tested), ariv=ariv)
+        r = row.iloc[0]
+        return ModelComparison(method=method, full=self.formula, reduced=rformula,
+                               tested=list(tested), statistic=float(r["statistic"]),
+                               df1=int(r["df1"]), df2=float(r["df2"]), dfcom=float(r["dfcom"]),
+                               p_value=float(r["p_value"]), riv=float(r["riv"]), m=self.m)
+
+    def _check_nested(self, reduced: Any) -> list[str]:
+        if not isinstance(reduced, AnalysisResult):
+            raise InputError(f"reduced must be an AnalysisResult from dmice.analyze, got "
+                             f"{type(reduced).__name__}")
+        if reduced.m != self.m:
+            raise InputError(f"the models have different numbers of imputations (m={self.m} and "
+                             f"m={reduced.m}); fit both on the same imputations")
+        for name in ("nobs", "outcome", "family", "link", "weights", "offset"):
+            a, b = getattr(self, name), getattr(reduced, name)
+            if a != b:
+                raise InputError(f"the models differ in {name} ({a!r} and {b!r}); nested models "
+                                 "need the same data and model family")
+        extra = [t for t in reduced.terms if t not in self.terms]
+        if extra:
+            hint = (" (the first model is the smaller one: call reduced.compare(full))"
+                    if all(t in reduced.terms for t in self.terms) else "")
+            raise InputError(f"the models are not nested: terms {extra} of the reduced model "
+                             f"{reduced.formula!r} are not in {self.formula!r}{hint}")
+        tested = [t for t in self.terms if t not in reduced.terms]
+        if not tested:
+            raise InputError(f"the models are not nested: {self.formula!r} has no terms that "
+                             f"{reduced.formula!r} lacks")
+        for s1, s0 in zip(self._stats, reduced._stats):
+            if not np.isclose(float(s1["swy"]), float(s0["swy"]), rtol=1e-9, atol=1e-12):
+                raise InputError("the models were fitted on different data (the outcome sums "
+                                 "differ between them)")
+        return tested
+
     def __repr__(self) -> str:
         head = (f"<dmice.AnalysisResult {self.formula}  family={self.family} link={self.link} "
                 f"cov_type={self.cov_type} m={self.m} nobs={self.nobs:,} dfcom={self.dfcom:g}>")
-        table = self.summary().to_string(index=False, float_format=lambda v: f"{v:.4g}")
-        return f"{head}\n{table}"
+        tab = self.table()
+        text = tab.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+        lines = [head, text]
+        if self.m >= 3:
+            rec = tab["recommended_m"].dropna()
+            lines.append("mc_se_*: Monte-Carlo error over the m imputations (jackknife, as Stata's "
+                         "mcerror); recommended_m: imputations for a standard error with a 5% "
+                         "Monte-Carlo coefficient of variation (von Hippel 2020)"
+                         + (f"; largest {int(rec.max())}" if len(rec) else ""))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    """Result of :meth:`AnalysisResult.compare`: a pooled test of nested models.
+
+    Attributes
+    ----------
+    method : str
+        ``"D1"``, ``"D2"`` or ``"D3"``.
+    full, reduced : str
+        Formulas of the two models.
+    tested : list of str
+        Terms of the full model absent from the reduced one.
+    statistic : float
+        F statistic.
+    df1, df2 : float
+        Numerator and denominator degrees of freedom.
+    dfcom : float
+        Complete-data df used (D1), NaN otherwise.
+    p_value : float
+        ``P(F(df1, df2) > statistic)``.
+    riv : float
+        Average relative increase in variance due to nonresponse.
+    m : int
+        Number of imputations.
+    """
+
+    method: str
+    full: str
+    reduced: str
+    tested: list[str]
+    statistic: float
+    df1: int
+    df2: float
+    dfcom: float
+    p_value: float
+    riv: float
+    m: int
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One-row table ``test, statistic, df1, df2, dfcom, p_value, riv`` (mice's
+        ``summary(D1(...))$comparisons`` in snake case)."""
+        return pd.DataFrame([{"test": self.method, "statistic": self.statistic, "df1": self.df1,
+                              "df2": self.df2, "dfcom": self.dfcom, "p_value": self.p_value,
+                              "riv": self.riv}])
+
+    def __repr__(self) -> str:
+        return (f"<dmice.ModelComparison {self.method}: {self.full!r} vs {self.reduced!r}, m={self.m}>\n"
+                f"  tested: {', '.join(self.tested)}\n"
+                f"  F = {self.statistic:.4g} on {self.df1} and {self.df2:.4g} df, p = {self.p_value:.4g}, "
+                f"riv = {self.riv:.4g}")
+
+
+def compare(full: AnalysisResult, reduced: AnalysisResult | None = None, *, method: str = "D1",
+            dfcom: float | None = None, ariv: str = "default") -> ModelComparison:
+    """Pooled test of nested models: ``full.compare(reduced, method=...)``.
+
+    See :meth:`AnalysisResult.compare`.
+    """
+    if not isinstance(full, AnalysisResult):
+        raise InputError(f"full must be an AnalysisResult from dmice.analyze, got {type(full).__name__}")
+    return full.compare(reduced, method=method, dfcom=dfcom, ariv=ariv)
 
 
 def _compute(client: Any, *objs: Any) -> tuple:
@@ -535,6 +1033,10 @@ def _compute(client: Any, *objs: Any) -> tuple:
     if client is not None:
         return tuple(client.gather(client.compute(list(objs))))
     return dask.compute(*objs)
+
+
+def _distinct(df: pd.DataFrame, columns: list[str]) -> dict[str, list[Any]]:
+    return {c: df[c].dropna().unique().tolist() for c in columns}
 
 
 def _sorted_levels(values: set) -> list[Any]:
@@ -548,7 +1050,32 @@ def _formula_error(e: Exception) -> str:
     """formulaic's message without the wrapped exception's text (which could quote data)."""
     msg = str(e).strip().splitlines()[0].split(" [", 1)[0].strip() if str(e).strip() else type(e).__name__
     cause = e.__cause__ or e.__context__
+    if isinstance(cause, NameError) and getattr(cause, "name", None):
+        return f"{msg} (unknown name {cause.name!r})"  # a name in the formula, not data
     return f"{msg} ({type(cause).__name__})" if cause is not None else msg
+
+
+#: rows sampled over all partitions of imputation 1 to fit a formula's stateful transforms
+SPEC_SAMPLE_ROWS = 100_000
+
+
+def _has_state(spec: Any) -> bool:
+    return any(bool(getattr(s, "transform_state", None)) for s in (spec.lhs, spec.rhs))
+
+
+def _spec_sample(df: pd.DataFrame, probe: _FormulaDesign, rows: int) -> pd.DataFrame:
+    """Every r-th row of a partition (about ``rows`` rows) plus the rows holding the minimum
+    and maximum of each numeric column, so that fitted bounds (spline boundary knots) cover
+    the partition."""
+    df = probe.prepare(df)
+    step = max(1, len(df) // max(rows, 1))
+    take = set(range(0, len(df), step))
+    for c in df.columns:
+        if pd.api.types.is_numeric_dtype(df[c].dtype) and not pd.api.types.is_bool_dtype(df[c].dtype) \
+                and len(df):
+            v = df[c].to_numpy(dtype=float)
+            take.update((int(np.argmin(v)), int(np.argmax(v))))
+    return df.iloc[sorted(take)]
 
 
 def _build_spec(formula: str, frames: list[Any], weights: str | None,
@@ -567,6 +1094,10 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
     meta = frames[0]._meta
     names = [str(c) for c in meta.columns]
     needed = sorted(str(v) for v in f.required_variables)
+    # formulaic leaves the arguments of stateful transforms (center(x), bs(x)) out of
+    # required_variables: add every column named in the formula
+    named = set(re.findall(r"`([^`]+)`|([A-Za-z_][A-Za-z0-9_.]*)", formula))
+    needed = sorted(set(needed) | {a or b for a, b in named if (a or b) in names})
     unknown = [v for v in needed if v not in names]
     for arg, col in (("weights", weights), ("offset", offset)):
         if col is not None and col not in names:
@@ -578,16 +1109,25 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
     levels: dict[str, list[Any]] = {}
     if strings:
         # global levels: distinct values over all partitions of all imputations
-        uniq = _compute(client, *[fr[c].dropna().unique() for fr in frames for c in strings])
-        for i, c in enumerate(strings):
-            vals = set()
-            for k in range(len(frames)):
-                vals.update(pd.Series(uniq[k * len(strings) + i]).tolist())
+        # (one small task per partition, no shuffle)
+        per_part = _compute(client, *[delayed(_distinct)(pt, strings)
+                                      for fr in frames for pt in fr[strings].to_delayed()])
+        for c in strings:
+            vals: set = set()
+            for d in per_part:
+                vals.update(d[c])
             levels[c] = _sorted_levels(vals)
     probe = _FormulaDesign(None, columns, levels, weights, offset)
     (first,) = _compute(client, frames[0].get_partition(0))
     try:
         spec = f.get_model_matrix(probe.prepare(first)).model_spec
+        if _has_state(spec) and frames[0].npartitions > 1:
+            # stateful transforms (center, scale, poly, bs, ...): fit them on a sample of
+            # every partition of imputation 1 instead of the first partition alone
+            per_part = math.ceil(SPEC_SAMPLE_ROWS / frames[0].npartitions)
+            parts = frames[0].to_delayed()
+            samples = _compute(client, *[delayed(_spec_sample)(p, probe, per_part) for p in parts])
+            spec = f.get_model_matrix(pd.concat(samples, ignore_index=True)).model_spec
     except FormulaicError as e:
         raise InputError(f"cannot evaluate formula {formula!r}: {_formula_error(e)}") from None
     lhs_cols = list(spec.lhs.column_names)
@@ -657,11 +1197,23 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
 
     Notes
     -----
-    The model spec is built once, on the first partition of the first imputation
-    (with global categorical levels), and replayed on every partition, so all
-    partitions and imputations share the same columns.  Each Fisher-scoring pass is
-    one graph over all m imputations and all partitions; only ``p x p`` statistics
-    reach the client.
+    The model spec is built once and replayed on every partition, so all partitions
+    and imputations share the same columns.  Categorical levels are global (see
+    ``formula``).  Stateful transforms (``center``, ``scale``, ``poly``, ``bs``, ...)
+    are fitted on imputation 1 only: on its first partition when it has one, else on
+    a sample of about 100,000 rows spread over all its partitions (every r-th row
+    plus each partition's minimum and maximum of every numeric column, so spline
+    boundary knots cover the data).  Their centres, scales and knots can therefore
+    differ slightly from those of a single-machine fit on the whole data set; the
+    fitted model is the same up to reparametrisation, but coefficients of such terms
+    are not exactly comparable with R's.
+
+    The design of each partition is built once for all m imputations: the formula is
+    evaluated on imputation 1's partition and, for the other imputations, only on the
+    rows whose analysis columns differ from it (the imputed cells).  The designs stay
+    in the workers' memory for the whole fit, and each Fisher-scoring pass is one
+    task per partition computing the statistics of all m fits; only ``p x p``
+    statistics reach the client.
 
     Examples
     --------
@@ -684,5 +1236,13 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     per = [ImputationFit(pd.Series(fits.params[k], index=terms),
                          pd.DataFrame(fits.cov[k], index=terms, columns=terms),
                          float(fits.scale[k]), float(fits.deviance[k])) for k in range(len(frames))]
+    if family == "gaussian":
+        ll = np.array([-0.5 * n * (math.log(2 * math.pi * float(s["pearson"]) / n) + 1.0)
+                       + 0.5 * float(s["sumlogw"]) for s in fits.stats])
+    else:
+        ll = np.array([float(s["loglik"]) for s in fits.stats])
     return AnalysisResult(formula=formula, family=family, link=link, cov_type=cov_type, terms=terms,
-                          fits=per, nobs=n, dfcom=dfc, iterations=fits.iterations, pooled_result=pooled)
+                          fits=per, nobs=n, dfcom=dfc, iterations=fits.iterations, pooled_result=pooled,
+                          outcome=formula.split("~", 1)[0].strip(), weights=weights, offset=offset,
+                          loglik=ll, _stats=fits.stats, _frames=frames, _design=design,
+                          _client=client)

@@ -44,16 +44,24 @@ def _analyze(args: argparse.Namespace) -> int:
 
     res = analyze(args.output_dir, args.formula, family=args.family, link=args.link,
                   weights=args.weights, offset=args.offset, cov_type=args.cov_type)
-    table = res.summary(conf_int=True, exponentiate=args.exponentiate)
-    full = table.merge(res.pooled.drop(columns=["estimate"]), on="term")
-    print(full.to_string(index=False))
+    table = res.table(exponentiate=args.exponentiate)
+    full = table.merge(res.pooled.drop(columns=["estimate", "fmi"]), on="term")
+    print(repr(res))
+    extra: dict[str, Any] = {}
+    if res.family == "gaussian" and res.m >= 2:
+        r2 = {"R^2": res.r_squared(), "adj R^2": res.r_squared(adjusted=True)}
+        for name, t in r2.items():
+            row = t.iloc[0]
+            print(f"pooled {name}: {row['est']:.4g} (95% CI {row['lo_95']:.4g} to {row['hi_95']:.4g}, "
+                  f"fmi {row['fmi']:.3g})")
+        extra["r_squared"] = {name: t.iloc[0].to_dict() for name, t in r2.items()}
     if args.csv:
         full.to_csv(args.csv, index=False)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"formula": args.formula, "family": args.family, "m": res.m, "nobs": res.nobs,
-                       "dfcom": res.dfcom, "table": full.to_dict(orient="records")}, f, indent=1,
-                      default=float)
+                       "dfcom": res.dfcom, "table": full.to_dict(orient="records"), **extra}, f,
+                      indent=1, default=float)
     return OK
 
 

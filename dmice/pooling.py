@@ -22,6 +22,9 @@ The module also holds multi-parameter tests and scalar pooling rules:
   ``mitml::testModels(method = "D1")``);
 * :func:`chi2_d2` and :func:`wald_chi2` -- the D2 pooled chi-square test
   (``mice::D2`` / ``mitml::testModels(method = "D2", use = "wald")``);
+* :func:`lr_d3` -- the D3 pooled likelihood-ratio test of Meng and Rubin
+  (``mitml::testModels(method = "D3")``; :meth:`dmice.AnalysisResult.compare`
+  evaluates the likelihoods it needs on the data);
 * :func:`pool_r_squared` -- ``mice::pool.r.squared``;
 * :func:`pool_scalar` -- ``mice::pool.scalar``;
 * :meth:`PooledResult.mc_error` and :func:`recommended_m` -- Monte Carlo
@@ -46,6 +49,7 @@ __all__ = [
     "ScalarPool",
     "barnard_rubin",
     "chi2_d2",
+    "lr_d3",
     "pool",
     "pool_r_squared",
     "pool_scalar",
@@ -843,6 +847,91 @@ def chi2_d2(chi2_values: Any, df: int) -> pd.DataFrame:
         v = k ** (-3 / m) * (m - 1) * (1 + 1 / r) ** 2
     k_out = int(k) if k.is_integer() else k
     return _test_frame("D2", statistic, k_out, v, np.nan, r)
+
+
+def lr_d3(
+    loglik_full: Any,
+    loglik_reduced: Any,
+    loglik_full_pooled: Any,
+    loglik_reduced_pooled: Any,
+    df: int,
+    *,
+    ariv: str = "default",
+) -> pd.DataFrame:
+    """Meng--Rubin (1992) pooled likelihood-ratio test D3, as mitml's ``.D3``.
+
+    With, per imputation ``i``, the log-likelihoods of the larger (``1``) and
+    the nested (``0``) model at their own estimates (``ll1_i``, ``ll0_i``)
+    and at the estimates averaged over the imputations (``ll1p_i``,
+    ``ll0p_i``; the data of imputation ``i`` evaluated at the pooled
+    parameters), and ``k = df`` the number of parameters the nested model
+    lacks::
+
+        dbar = mean(-2 (ll0_i - ll1_i))        dtilde = mean(-2 (ll0p_i - ll1p_i))
+        riv = (m + 1) / (k (m - 1)) (dbar - dtilde)
+        statistic = dtilde / (k (1 + riv))
+        t = k (m - 1)
+        df2 = 4 + (t - 4) (1 + (1 - 2/t) / riv)^2        (t > 4)
+              t (1 + 1/k) (1 + 1/riv)^2 / 2              (t <= 4)
+
+    and the p-value refers ``statistic`` to ``F(k, df2)``.
+
+    Parameters
+    ----------
+    loglik_full, loglik_reduced : array-like of shape (m,)
+        Log-likelihoods at each imputation's own estimates.
+    loglik_full_pooled, loglik_reduced_pooled : array-like of shape (m,)
+        Log-likelihoods of each imputation's data at the pooled estimates.
+    df : int
+        Number of parameters tested (``k``).
+    ariv : {"default", "positive"}, default "default"
+        ``"positive"`` truncates a negative ``riv`` at 0 (mitml's ``ariv =
+        "positive"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row with columns ``test, statistic, df1, df2, dfcom, p_value,
+        riv``; ``dfcom`` is NaN (D3 has no small-sample df, as in mice and
+        mitml).
+
+    Raises
+    ------
+    ValueError
+        If the four inputs do not have the same length ``m >= 2``, hold
+        non-finite values, or ``df`` is not a positive integer.
+
+    References
+    ----------
+    Meng, X.-L. and Rubin, D. B. (1992). Performing likelihood ratio tests
+    with multiply-imputed data sets. Biometrika 79, 103--111.
+    """
+    arrs = [np.asarray(a, dtype=float).ravel() for a in
+            (loglik_full, loglik_reduced, loglik_full_pooled, loglik_reduced_pooled)]
+    m = arrs[0].size
+    if m < 2 or any(a.size != m for a in arrs):
+        raise ValueError("D3 needs m >= 2 log-likelihoods of each kind, all of the same length")
+    if not all(np.all(np.isfinite(a)) for a in arrs):
+        raise ValueError("log-likelihoods must be finite")
+    if isinstance(df, bool) or int(df) != df or df < 1:
+        raise ValueError(f"df must be a positive integer, got {df!r}")
+    if ariv not in ("default", "positive"):
+        raise ValueError(f"ariv must be 'default' or 'positive', got {ariv!r}")
+    k = int(df)
+    ll1, ll0, ll1p, ll0p = arrs
+    dbar = float(np.mean(-2 * (ll0 - ll1)))
+    dtilde = float(np.mean(-2 * (ll0p - ll1p)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.float64((m + 1) / (k * (m - 1))) * (dbar - dtilde)
+        if ariv == "positive":
+            r = max(np.float64(0.0), r)
+        statistic = dtilde / (k * (1 + r))
+        t = np.float64(k * (m - 1))
+        if t > 4:
+            v = 4 + (t - 4) * (1 + (1 - 2 / t) / r) ** 2
+        else:
+            v = t * (1 + 1 / k) * (1 + 1 / r) ** 2 / 2
+    return _test_frame("D3", statistic, k, v, np.nan, r)
 
 
 # ------------------------------------------------------- scalar pooling

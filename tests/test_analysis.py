@@ -67,7 +67,7 @@ def _statsmodels(df, formula, family, link, weights, offset, cov_type):
     if cov_type == "HC1":  # statsmodels' GLM has no small-sample factor for HC1
         n, p = X.shape
         cov = cov * n / (n - p)
-    return list(mm.rhs.columns), np.asarray(res.params), np.sqrt(np.diag(cov))
+    return list(mm.rhs.columns), np.asarray(res.params), np.sqrt(np.diag(cov)), res
 
 
 CASES = [
@@ -99,10 +99,13 @@ def test_each_imputation_equals_statsmodels(cluster_client, frames, dask_frames,
     assert res.m == 3 and res.nobs == N
     assert res.link == (link or {"gaussian": "identity", "poisson": "log"}[family])
     for k, df in enumerate(frames):
-        terms, params, bse = _statsmodels(df, formula, family, link, weights, offset, cov_type)
+        terms, params, bse, ref = _statsmodels(df, formula, family, link, weights, offset, cov_type)
         assert res.terms == terms
         np.testing.assert_allclose(res.fits[k].params.to_numpy(), params, rtol=1e-6, atol=1e-10)
         np.testing.assert_allclose(res.fits[k].bse.to_numpy(), bse, rtol=1e-6)
+        np.testing.assert_allclose(res.fits[k].deviance, ref.deviance, rtol=1e-8)
+        if family != "gaussian" and weights is None:  # statsmodels' llf (binomial: 0/1 outcome)
+            np.testing.assert_allclose(res.loglik[k], ref.llf, rtol=1e-8)
 
 
 def test_formula_terms_reference_level_interaction_and_transform(cluster_client, dask_frames):
@@ -208,3 +211,200 @@ def test_errors_name_the_problem(cluster_client, frames, dask_frames):
     holes.loc[5, "x"] = np.nan
     with pytest.raises(InputError, match="'x'"):
         dmice.analyze([holes, frames[1]], "y ~ x")
+
+
+# ------------------------------------------------------------------------------------------
+# model comparisons (D1, D2, D3) and pooled R^2 against R mice / mitml
+# ------------------------------------------------------------------------------------------
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+COMPARE_GOLDEN = __import__("json").loads((FIXTURES / "compare_golden.json").read_text())
+TEST_FIELDS = ["statistic", "df1", "df2", "p_value", "riv"]
+
+
+@pytest.fixture(scope="module")
+def golden_frames():
+    """The m = 5 data sets completed by R mice (tests/fixtures/make_compare_golden.R)."""
+    long = pd.read_csv(FIXTURES / "compare_data.csv")
+    return [dd.from_pandas(d.drop(columns=".imp").reset_index(drop=True), npartitions=2, sort=False)
+            for _, d in long.groupby(".imp", sort=True)]
+
+
+@pytest.fixture(scope="module")
+def golden_fits(cluster_client, golden_frames):
+    out = {}
+    for case in COMPARE_GOLDEN["cases"]:
+        out[case["name"]] = tuple(dmice.analyze(golden_frames, case[f], family=case["family"])
+                                  for f in ("full", "reduced"))
+    return out
+
+
+def _assert_test(got, want):
+    for f in TEST_FIELDS:
+        np.testing.assert_allclose(getattr(got, f), want[f], rtol=1e-6, err_msg=f)
+    if want.get("dfcom") is None:
+        assert np.isnan(got.dfcom)
+    else:
+        assert got.dfcom == want["dfcom"]
+
+
+@pytest.mark.parametrize("case", COMPARE_GOLDEN["cases"], ids=lambda c: c["name"])
+def test_compare_d1_d2_d3_match_r(golden_fits, case):
+    full, reduced = golden_fits[case["name"]]
+    assert full.m == reduced.m == COMPARE_GOLDEN["m"] and full.nobs == COMPARE_GOLDEN["n"]
+    for method in ("D1", "D2", "D3"):
+        res = full.compare(reduced, method=method)
+        assert res.method == method and res.df1 == case["k"] and len(res.tested) == case["k"]
+        _assert_test(res, case[method.lower()])
+    # the log-likelihoods D3 is made of: at each imputation's own estimates, and of each
+    # imputation's data at the pooled estimates (one more pass over the data)
+    np.testing.assert_allclose(full.loglik, case["loglik_full"], rtol=1e-9)
+    np.testing.assert_allclose(reduced.loglik, case["loglik_reduced"], rtol=1e-9)
+    np.testing.assert_allclose(full._loglik_at(full.pooled["estimate"].to_numpy()),
+                               case["loglik_full_pooled"], rtol=1e-9)
+    np.testing.assert_allclose(reduced._loglik_at(reduced.pooled["estimate"].to_numpy()),
+                               case["loglik_reduced_pooled"], rtol=1e-9)
+    table = dmice.compare(full, reduced, method="D2").table
+    assert list(table.columns) == ["test", "statistic", "df1", "df2", "dfcom", "p_value", "riv"]
+    assert "D2" in repr(full.compare(reduced, method="D2"))
+
+
+@pytest.mark.parametrize("case", [c for c in COMPARE_GOLDEN["cases"] if "r_squared" in c],
+                         ids=lambda c: c["name"])
+def test_pooled_r_squared_matches_r(golden_fits, case):
+    full, _ = golden_fits[case["name"]]
+    for adjusted, key in ((False, "r_squared"), (True, "adj_r_squared")):
+        got = full.r_squared(adjusted=adjusted)
+        assert list(got.index) == ["adj R^2" if adjusted else "R^2"]
+        for col in ("est", "lo_95", "hi_95", "fmi"):
+            np.testing.assert_allclose(got[col].iloc[0], case[key][col], rtol=1e-8, err_msg=col)
+
+
+def test_r_squared_of_each_fit_equals_statsmodels_with_weights_and_offset(cluster_client, frames,
+                                                                         dask_frames):
+    res = dmice.analyze(dask_frames, "y ~ x + z", weights="w", offset="off")
+    for k, df in enumerate(frames):
+        X = sm.add_constant(df[["x", "z"]].to_numpy())
+        fit = sm.WLS(df["y"] - df["off"], X, weights=df["w"]).fit()  # same fit as the GLM
+        # R's summary.lm: fitted values without the offset, weighted sums of squares
+        f = X @ fit.params
+        w = df["w"].to_numpy()
+        mss = np.sum(w * (f - np.sum(w * f) / w.sum()) ** 2)
+        rss = np.sum(w * (df["y"] - df["off"] - f) ** 2)
+        np.testing.assert_allclose(res.r_squared_values()[k], mss / (mss + rss), rtol=1e-8)
+        np.testing.assert_allclose(res.r_squared_values(adjusted=True)[k],
+                                   1 - (1 - mss / (mss + rss)) * (N - 1) / (N - 3), rtol=1e-8)
+
+
+def test_compare_default_reduced_tests_all_but_intercept(golden_fits):
+    full, _ = golden_fits["lm_x2_g"]
+    from dmice.pooling import wald_d1
+
+    got = full.compare(method="D1")
+    est = np.array([f.params.to_numpy() for f in full.fits])
+    covs = np.array([f.cov.to_numpy() for f in full.fits])
+    want = wald_d1(est, covs, list(range(1, len(full.terms))), dfcom=full.dfcom).iloc[0]
+    assert got.tested == full.terms[1:]
+    np.testing.assert_allclose(got.statistic, want["statistic"], rtol=1e-12)
+    d3 = full.compare(method="D3")  # against the intercept-only model, fitted for the test
+    assert d3.df1 == len(full.terms) - 1 and d3.p_value < 1e-3
+
+
+def test_compare_errors(golden_fits):
+    from dataclasses import replace
+
+    full, reduced = golden_fits["lm_x2_g"]
+    logit, _ = golden_fits["logit_x2_g"]
+    with pytest.raises(InputError, match="not nested.*reduced.compare"):
+        reduced.compare(full)
+    other = replace(reduced, formula="y ~ x1 + cnt", terms=["Intercept", "x1", "cnt"])
+    with pytest.raises(InputError, match=r"not nested.*\['cnt'\]"):
+        full.compare(other)
+    with pytest.raises(InputError, match="not nested"):
+        full.compare(full)
+    with pytest.raises(InputError, match="family"):
+        logit.compare(reduced)
+    with pytest.raises(InputError, match="outcome"):
+        full.compare(replace(reduced, outcome="cnt"))
+    with pytest.raises(InputError, match="weights"):
+        full.compare(replace(reduced, weights="x2"))
+    with pytest.raises(InputError, match="m=5 and m=3"):
+        full.compare(replace(reduced, fits=reduced.fits[:3]))
+    with pytest.raises(InputError, match="method"):
+        full.compare(reduced, method="D4")
+    with pytest.raises(InputError, match="AnalysisResult"):
+        full.compare("y ~ x1")
+    with pytest.raises(InputError, match="AnalysisResult"):
+        dmice.compare("y ~ x1", reduced)
+    # fitted on other data: the outcome sums of the last pass differ
+    shifted = replace(reduced, _stats=[{**st, "swy": st["swy"] + 1.0} for st in reduced._stats])
+    with pytest.raises(InputError, match="different data"):
+        full.compare(shifted)
+    from dmice.pooling import lr_d3
+
+    with pytest.raises(ValueError, match="same length"):
+        lr_d3([1.0, 2.0], [1.0], [1.0, 2.0], [1.0, 2.0], 1)
+    with pytest.raises(ValueError, match="df"):
+        lr_d3([1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0], 0)
+
+
+def test_table_and_repr_show_monte_carlo_errors(golden_fits):
+    full, _ = golden_fits["logit_x2_g"]
+    tab = full.table()
+    b = full.pooled["b"].to_numpy()
+    np.testing.assert_allclose(tab["mc_se_estimate"], np.sqrt(b / full.m), rtol=1e-12)
+    fmi = full.pooled["fmi"].to_numpy()
+    np.testing.assert_array_equal(tab["recommended_m"], np.ceil(1 + 0.5 * (fmi / 0.05) ** 2 - 1e-9))
+    assert {"mc_se_std_error", "mc_se_p_value"} <= set(tab.columns)
+    odds = full.table(exponentiate=True)
+    np.testing.assert_allclose(odds["mc_se_estimate"], np.exp(full.pooled["estimate"]) * np.sqrt(b / 5))
+    text = repr(full)
+    assert "mc_se_estimate" in text and "recommended_m" in text and "von Hippel" in text
+
+
+def test_unaligned_partitions_and_spline_bounds_over_all_partitions(cluster_client, frames):
+    # imputations with different partitionings fall back to one design per partition
+    mixed = [dd.from_pandas(f, npartitions=n, sort=False) for f, n in zip(frames, (2, 3, 4))]
+    aligned = [dd.from_pandas(f, npartitions=3, sort=False) for f in frames]
+    a = dmice.analyze(mixed, "e ~ x + z", family="binomial")
+    b = dmice.analyze(aligned, "e ~ x + z", family="binomial")
+    np.testing.assert_allclose(a.pooled["estimate"], b.pooled["estimate"], rtol=1e-9)
+    np.testing.assert_allclose(a.pooled["t"], b.pooled["t"], rtol=1e-9)
+    # a cubic B-spline without interior knots has the data's range as its only knots: fitted
+    # on a sample spanning all partitions, not on the first one (sorted by x: it would not
+    # cover the range and the other partitions would fall outside the knots)
+    base = frames[0].sort_values("x").reset_index(drop=True)
+    srt = [base.assign(y=f["y"].to_numpy()) for f in frames]  # x complete, y differs
+    res = dmice.analyze([dd.from_pandas(f, npartitions=3, sort=False) for f in srt],
+                        "y ~ bs(x, df=3) + z")
+    for k, df in enumerate(srt):
+        mm = formulaic.model_matrix("y ~ bs(x, df=3) + z", df)
+        fit = sm.OLS(np.asarray(mm.lhs)[:, 0], np.asarray(mm.rhs)).fit()
+        np.testing.assert_allclose(res.fits[k].params.to_numpy(), fit.params, rtol=1e-6)
+
+
+def test_cli_analyze_prints_mc_errors_and_r_squared(cluster_client, golden_frames, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    # the CLI reads a written output: write the golden sets in dmice's layout
+    out = tmp_path / "out"
+    for k, f in enumerate(golden_frames, start=1):
+        f.to_parquet(str(out / f"imputation={k}"), write_index=False)
+    cols = list(golden_frames[0].columns)
+    from dmice import store
+
+    store.commit(str(out), None, {"m": 5, "iterations": 0, "seed": 0, "columns": cols,
+                                  "dtypes": {c: str(t) for c, t in golden_frames[0].dtypes.items()},
+                                  "method": {}, "n_missing": {}, "n_rows": 160, "visit_sequence": [],
+                                  "logged_events": []})
+    run = subprocess.run([sys.executable, "-m", "dmice.cli", "analyze", str(out), "--formula",
+                          "y ~ x1 + x2 + g", "--json", str(tmp_path / "t.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "mc_se_estimate" in run.stdout and "recommended_m" in run.stdout
+    assert "pooled R^2" in run.stdout and "pooled adj R^2" in run.stdout
+    got = json.loads((tmp_path / "t.json").read_text())
+    case = COMPARE_GOLDEN["cases"][0]
+    np.testing.assert_allclose(got["r_squared"]["R^2"]["est"], case["r_squared"]["est"], rtol=1e-8)
+    assert {"mc_se_estimate", "mc_se_p_value", "recommended_m", "fmi"} <= set(got["table"][0])
