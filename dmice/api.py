@@ -18,9 +18,9 @@ from dmice import engine as _engine
 from dmice import rng as _rng
 from dmice import store
 from dmice.errors import InputError
-from dmice.methods import TargetModel
+from dmice.methods import SEPARATION, TargetModel
 from dmice.result import MultipleImputation, from_manifest
-from dmice.schema import Schema, assign_methods, combine_summaries, layout
+from dmice.schema import MIN_LEVEL_COUNT, Schema, assign_methods, collapse_levels, combine_summaries, layout
 
 log = logging.getLogger("dmice")
 
@@ -73,7 +73,9 @@ def _default_progress(it: int, total: int, secs: float) -> None:
 def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None,
            method: dict[str, str] | None = None, visit_sequence: str | list[str] = "roman",
            donors: int = 5, donor_pool: int = 10_000, ridge: float = 1e-5,
-           client: Any = None, progress: Callable[[int, int, float], None] | None = None
+           client: Any = None, progress: Callable[[int, int, float], None] | None = None,
+           min_level_count: int = MIN_LEVEL_COUNT, collapse: dict[str, dict[Any, Any]] | None = None,
+           separation: str = "firth", shrinkage: str | float | None = "auto"
            ) -> MultipleImputation:
     """Multiple imputation by chained equations on a Dask cluster.
 
@@ -92,8 +94,10 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         recorded) when omitted.
     method : dict, optional
         Method per column, overriding the default from its dtype: ``"pmm"`` (continuous,
-        default), ``"norm"``, ``"logreg"`` (binary, default), ``"polyreg"`` (unordered
-        categories, default), ``"sample"``, or ``""`` (not imputed).
+        default), ``"norm"``, ``"poisson"`` (non-negative integer counts; never chosen by
+        default, as in mice), ``"logreg"`` (binary, default), ``"logreg.firth"``,
+        ``"polyreg"`` (unordered categories, default), ``"polr"`` (ordered categories,
+        default), ``"sample"``, or ``""`` (not imputed).
     visit_sequence : {"roman", "arabic", "monotone"} or list of str, default "roman"
         Order of the visits within an iteration: column order, reverse, increasing
         number of missing values, or explicit (repeats allowed).
@@ -112,6 +116,26 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     progress : callable, optional
         Called after each iteration with ``(iteration, max_iter, seconds)``; the default
         logs one line per iteration on the ``dmice`` logger.
+    min_level_count : int, default 10
+        Levels of a categorical *predictor* observed fewer times share one design column
+        ("other"; joined to the reference level when that group is rare too); ``0`` disables.
+        Ten is the usual events-per-parameter rule: a dummy with fewer rows carries an effect
+        of the order of its standard error and often separates a binary or categorical target.
+        Imputed values always keep the column's own levels.
+    collapse : dict, optional
+        ``{column: {level: group}}``: explicit merges of predictor levels (applied first).
+        The mapping is recorded in the manifest and summarised in the logged events.
+    separation : {"firth", "ridge", "error"}, default "firth"
+        What to do when a logistic or multinomial fit is separated (see
+        :class:`dmice.methods.TargetModel` for the rule): refit a binary target with Firth's
+        bias-reduced logistic regression (``logreg.firth``; multinomial targets get the ridge
+        penalty), refit with a ridge penalty, or raise.  Each switch is a logged event.
+    shrinkage : "auto", float or None, default "auto"
+        Gaussian prior on the coefficients of ``polyreg`` models (intercepts excepted), fitted
+        by Newton to its mode and drawn from the Laplace approximation.  ``"auto"``: for
+        targets with a level observed fewer than ``min_level_count`` times, prior variance by
+        empirical Bayes; a number: the prior standard deviation, for every polyreg target;
+        None: off.
 
     Returns
     -------
@@ -151,6 +175,15 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         raise InputError(f"method must be a dict of column -> method name, got {type(method).__name__}")
     if not isinstance(ridge, numbers.Real) or not ridge >= 0:
         raise InputError(f"ridge must be a number >= 0, got {ridge!r}")
+    min_level_count = _check_int("min_level_count", min_level_count, 0)
+    if collapse is not None and not isinstance(collapse, dict):
+        raise InputError(f"collapse must be a dict of column -> {{level: group}}, got "
+                         f"{type(collapse).__name__}")
+    if separation not in SEPARATION:
+        raise InputError(f"separation must be one of {list(SEPARATION)}, got {separation!r}")
+    if not (shrinkage is None or shrinkage == "auto"
+            or (isinstance(shrinkage, numbers.Real) and not isinstance(shrinkage, bool) and shrinkage > 0)):
+        raise InputError(f"shrinkage must be 'auto', a prior standard deviation > 0 or None, got {shrinkage!r}")
     if len(set(map(str, ddf.columns))) != len(ddf.columns):
         raise InputError("column names must be unique strings")
 
@@ -164,6 +197,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         summaries = _engine.summarize(client, parts)
         variables = combine_summaries(summaries, ddf.dtypes)
         events = [{"iteration": 0, **e} for e in assign_methods(variables, method)]
+        events += [{"iteration": 0, **e} for e in collapse_levels(variables, min_level_count, collapse)]
         n_cols = layout(variables)
         rows = [next(iter(s.values()))["n"] if s else 0 for s in summaries]  # any column's count
         schema = Schema(variables=variables, n_rows=sum(rows), n_cols_encoded=n_cols,
@@ -185,7 +219,8 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
             own = set(range(*v.cols))
             xcols = np.array([c for c in range(n_cols) if c not in own], dtype=np.int64)
             models[j] = TargetModel(j, v, xcols, m=m, seed=seed, donors=donors, ridge=ridge,
-                                    sample_pool=pools[j])
+                                    sample_pool=pools[j], separation=separation, shrinkage=shrinkage,
+                                    min_level_count=min_level_count)
         eng = _engine.Engine(client, plan, blocks, models, schema)
         log.info("dmice: %d rows, %d partitions, %d columns to impute, m=%d; set up in %.2f s",
                  schema.n_rows, len(parts), len(models), m, time.perf_counter() - t0)

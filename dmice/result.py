@@ -165,6 +165,7 @@ class MultipleImputation:
             "predictors": {v.name: [p.name for p in sch.variables if p.width and p.name != v.name]
                            for v in sch.imputed} if sch else {},
             "logged_events": self._events,
+            "collapse": {v.name: v.collapse for v in sch.variables if v.collapse} if sch else {},
             "convergence": self._convergence_summary(),
             "files": files,
             "versions": _versions(),

@@ -16,22 +16,49 @@ from typing import Any
 import numpy as np
 
 from dmice import rng as _rng
+from dmice.errors import InputError
 from dmice.methods import linear, newton
-from dmice.schema import Variable
+from dmice.schema import MIN_LEVEL_COUNT, Variable
 
 #: penalty added to the coefficients when a model has too few observations
 FALLBACK_PENALTY = 1.0
 #: a Newton fit is accepted once its remaining error is predicted below this many standard errors
 NEWTON_ACCURACY = 0.05
+#: statistics computed by the workers for each Newton method
+NEWTON_STATS = {"logreg": "logistic", "logreg.firth": "firth", "polyreg": "multinomial",
+                "polr": "polr", "poisson": "poisson"}
+#: ways of handling separation of a logistic or multinomial fit
+SEPARATION = ("firth", "ridge", "error")
+#: separation rule: an accepted Newton step still moving a coefficient by at least this much
+#: (encoded scale: continuous predictors standardised, dummies 0/1) ...
+SEPARATION_STEP = 0.5
+#: ... and by at least this fraction of the previous step in the same direction
+SEPARATION_RATIO = 0.8
 
 
 class TargetModel:
-    """The conditional model of one incomplete variable, for all chains."""
+    """The conditional model of one incomplete variable, for all chains.
+
+    Newton methods (``logreg``, ``logreg.firth``, ``polyreg``, ``polr``, ``poisson``) keep one flat
+    parameter vector per chain: the coefficients on ``xcols`` (level by level for ``polyreg``), or
+    ``[cutpoints, slopes]`` for ``polr`` (the slopes on ``xcols`` without the intercept).
+
+    Separation of a logistic or multinomial fit is declared when the fit reaches its step limit, or
+    when the accepted Newton step still moves some coefficient by at least ``SEPARATION_STEP`` and by
+    at least ``SEPARATION_RATIO`` times its previous step in the same direction: a finite maximum is
+    approached quadratically, while a coefficient diverging under separation moves by about the same
+    amount every step (its information shrinks as fast as its score).  It is then handled as
+    ``separation`` says: ``"firth"`` refits a binary target by Firth's penalised likelihood (a
+    multinomial one with the ridge penalty), ``"ridge"`` refits with the ridge penalty
+    ``FALLBACK_PENALTY``, ``"error"`` raises.
+    """
 
     def __init__(self, j: int, var: Variable, xcols: np.ndarray, *, m: int, seed: int,
                  donors: int = 5, ridge: float = 1e-5, newton_tol: float = 0.2,
                  newton_accuracy: float = NEWTON_ACCURACY,
-                 max_newton: int = 25, sample_pool: np.ndarray | None = None):
+                 max_newton: int = 25, sample_pool: np.ndarray | None = None,
+                 separation: str = "firth", shrinkage: str | float | None = "auto",
+                 min_level_count: int = MIN_LEVEL_COUNT):
         self.j = j
         self.var = var
         self.method = var.method
@@ -44,21 +71,55 @@ class TargetModel:
         self.newton_accuracy = newton_accuracy
         self.max_newton = max_newton
         self.sample_pool = sample_pool
-        q = len(self.xcols)
-        self.n_params = q * (var.n_levels - 1) if self.method == "polyreg" else q
+        self.separation = separation
         self.beta: np.ndarray | None = None  # current estimates (Newton methods), kept across visits
+        self.inv_info: np.ndarray | None = None  # Firth: inverse information of the last round
+        self._init_pending = False  # polr/poisson: the first round only supplies starting values
+        self._separated = False
+        self._sep_penalty = 0.0
+        self.prior_var: np.ndarray | None = None  # shrinkage: prior variance per chain
+        self._fixed_prior = None
+        if self.method == "polyreg" and shrinkage is not None:
+            if shrinkage == "auto":
+                sparse = var.counts is not None and min(var.counts) < min_level_count
+                if sparse:
+                    self.prior_var = np.ones(m)
+            else:
+                self._fixed_prior = float(shrinkage) ** 2
+                self.prior_var = np.full(m, self._fixed_prior)
         self._fits: list[Any] = []
         self._donor: tuple[np.ndarray, np.ndarray] | None = None
         self._rounds = 0
         self.last_rounds = 0
         self._last_step = np.inf
         self._curvature = 0.0  # largest observed Newton contraction constant M
+        self._prev_delta: np.ndarray | None = None
+
+    @property
+    def n_params(self) -> int:
+        q = len(self.xcols)
+        if self.method == "polyreg":
+            return q * (self.var.n_levels - 1)
+        if self.method == "polr":
+            return self.var.n_levels - 1 + int(np.sum(self.xcols != 0))
+        return q
+
+    def _intercepts(self) -> np.ndarray:
+        """Positions of the unpenalised parameters (intercepts, cutpoints) in the flat vector."""
+        q = len(self.xcols)
+        i0 = np.nonzero(self.xcols == 0)[0]
+        if self.method == "polyreg":
+            return (np.arange(self.var.n_levels - 1)[:, None] * q + i0[None, :]).reshape(-1)
+        if self.method == "polr":
+            return np.arange(self.var.n_levels - 1)
+        return i0
 
     # -- what the workers compute -------------------------------------------------
     @property
     def stat(self) -> str | None:
-        return {"norm": "gram", "pmm": "gram", "logreg": "logistic",
-                "polyreg": "multinomial"}.get(self.method)
+        if self.method in ("norm", "pmm"):
+            return "gram"
+        return NEWTON_STATS.get(self.method)
 
     def request(self) -> dict[str, Any] | None:
         if self.stat is None:
@@ -66,8 +127,10 @@ class TargetModel:
         req: dict[str, Any] = {"var": self.j, "stat": self.stat, "xcols": self.xcols}
         if self.method == "pmm":
             req["pool"] = True
-        if self.stat in ("logistic", "multinomial"):
+        if self.stat != "gram":
             req["beta"] = self._current_beta()
+        if self.stat == "firth":
+            req["inv_info"] = self.inv_info
         return req
 
     def _current_beta(self) -> np.ndarray:
@@ -76,8 +139,37 @@ class TargetModel:
             if self.method == "polyreg":
                 self.beta = np.zeros((self.m, q, self.var.n_levels - 1))
             else:
-                self.beta = np.zeros((self.m, q))
+                self.beta = np.zeros((self.m, self.n_params))
+                if self.method == "polr":  # any increasing cutpoints; the first round replaces them
+                    self.beta[:, :self.var.n_levels - 1] = np.arange(self.var.n_levels - 1)
+            self._init_pending = self.method in ("polr", "poisson")
         return self.beta
+
+    def _flat(self, b: np.ndarray) -> np.ndarray:
+        return b.T.reshape(-1) if self.method == "polyreg" else b
+
+    def _unflat(self, new: np.ndarray) -> np.ndarray:
+        if self.method == "polyreg":
+            q = len(self.xcols)
+            return new.reshape(self.m, -1, q).transpose(0, 2, 1)
+        return new
+
+    def _start(self, s: dict[str, np.ndarray]) -> None:
+        """Starting values of polr (cutpoints at the marginal logits) and poisson (log mean)."""
+        beta = np.zeros((self.m, self.n_params))
+        if self.method == "polr":
+            for c in range(self.m):
+                cnt = s["counts"][c]
+                cum = np.clip(np.cumsum(cnt)[:-1] / max(cnt.sum(), 1.0), 1e-6, 1 - 1e-6)
+                cuts = np.log(cum / (1 - cum))
+                beta[c, :len(cuts)] = cuts + 1e-6 * np.arange(len(cuts))  # strictly increasing
+        else:
+            i0 = np.nonzero(self.xcols == 0)[0]
+            mean = max(float(s["sy"][0]) / max(float(s["n"]), 1.0), 1e-8)
+            if len(i0):
+                beta[:, i0[0]] = np.log(mean)
+        self.beta = beta
+        self._init_pending = False
 
     # -- fitting ---------------------------------------------------------------------
     def _penalty(self, n: float) -> float:
@@ -86,8 +178,11 @@ class TargetModel:
     def update(self, res: dict[str, Any], iteration: int, events: list[dict[str, Any]]) -> bool:
         """Consume reduced statistics; return True once the model is ready to draw."""
         n = float(res["sum"]["n"])
-        penalty = self._penalty(n)
-        if penalty and self._rounds == 0:
+        if self._init_pending:
+            self._start(res["sum"])
+            return False
+        penalty = max(self._penalty(n), self._sep_penalty)
+        if self._penalty(n) and self._rounds == 0:
             events.append({"iteration": iteration, "variable": self.var.name,
                            "event": f"ridge fallback: {int(n)} observed rows for "
                                     f"{self.n_params} parameters"})
@@ -101,6 +196,17 @@ class TargetModel:
                                     "collinear predictors)"})
             return self._update(res, n, FALLBACK_PENALTY, iteration, events)
 
+    def _penalty_matrix(self, penalty: float, c: int) -> np.ndarray | None:
+        d = np.zeros(self.n_params)
+        if penalty:
+            d += penalty
+        if self.prior_var is not None:
+            d += 1.0 / self.prior_var[c]
+        if not d.any():
+            return None
+        d[self._intercepts()] = 0.0
+        return np.diag(d)
+
     def _update(self, res: dict[str, Any], n: float, penalty: float, iteration: int,
                 events: list[dict[str, Any]]) -> bool:
         s = res["sum"]
@@ -113,24 +219,26 @@ class TargetModel:
             self.last_rounds = 1
             return True
         beta = self._current_beta()
-        q = len(self.xcols)
-        shape = beta.shape[1:]
-        km1 = 1 if self.method == "logreg" else shape[1]
-        intercepts = np.arange(km1) * q  # column 0 of X in each level block
-        P = newton.penalty_matrix(self.n_params, penalty, intercepts) if penalty else None
+        score = s["gf"] if self.stat == "firth" else s["g"]
         worst = 0.0
         fits = []
+        deltas = []
         for c in range(self.m):
-            b = beta[c].T.reshape(-1) if self.method == "polyreg" else beta[c]
-            st = newton.step(b, s["g"][c], s["H"][c], P)
+            b = self._flat(beta[c])
+            st = newton.step(b, score[c], s["H"][c], self._penalty_matrix(penalty, c))
+            if self.method == "polr":
+                st.beta = _ordered_cuts(b, st.beta, self.var.n_levels - 1)
             fits.append(st)
+            deltas.append(st.beta - b)
             worst = max(worst, st.step_se)
-        new = np.stack([f.beta for f in fits])
-        if self.method == "polyreg":
-            new = new.reshape(self.m, km1, q).transpose(0, 2, 1)
-        self.beta = new
+        self.beta = self._unflat(np.stack([f.beta for f in fits]))
+        if self.stat == "firth":
+            self.inv_info = np.stack([f.cov for f in fits])
         self._fits = fits
         self._rounds += 1
+        delta = np.stack(deltas)
+        prev_delta, self._prev_delta = self._prev_delta, delta
+        prior_moved = self._update_prior()
         # Newton converges quadratically: e_next ~ M e^2 (in standard errors).  M is measured on
         # consecutive steps of the same fit; once known, a step d leaves an error of about M d^2.
         prev, self._last_step = self._last_step, worst
@@ -138,16 +246,78 @@ class TargetModel:
             self._curvature = max(self._curvature, worst / prev**2)
         predicted = self._curvature * worst**2 if self._curvature > 0 else np.inf
         done = worst <= self.newton_tol or (worst <= 3.0 and predicted <= self.newton_accuracy)
+        done = done and not prior_moved
         if done or self._rounds >= self.max_newton:
+            if self._check_separation(done, delta, prev_delta, iteration, events):
+                return False
             if not done:
                 events.append({"iteration": iteration, "variable": self.var.name,
-                               "event": f"Newton fit did not converge in {self._rounds} steps "
-                                        "(possible separation)"})
-            self.last_rounds = self._rounds
-            self._rounds = 0
-            self._last_step = np.inf
+                               "event": f"Newton fit did not converge in {self._rounds} steps"})
+            self._finish()
             return True
         return False
+
+    def _finish(self) -> None:
+        self.last_rounds = self._rounds
+        self._rounds = 0
+        self._last_step = np.inf
+        self._prev_delta = None
+
+    def _update_prior(self) -> bool:
+        """Empirical-Bayes prior variance (MacKay's fixed point); True while it still moves."""
+        if self.prior_var is None or self._fixed_prior is not None:
+            return False
+        pen = np.ones(self.n_params, dtype=bool)
+        pen[self._intercepts()] = False
+        k = int(pen.sum())
+        moved = False
+        for c, f in enumerate(self._fits):
+            b = f.beta[pen]
+            tr = float(np.trace(f.cov[np.ix_(pen, pen)]))
+            old = self.prior_var[c]
+            gamma = max(k - tr / old, 1e-3)  # effective number of well-determined coefficients
+            new = float(np.clip(b @ b / gamma, 1e-4, 1e4))
+            self.prior_var[c] = new
+            moved |= abs(np.log(new / old)) > 0.05
+        return moved
+
+    def _check_separation(self, done: bool, delta: np.ndarray, prev_delta: np.ndarray | None,
+                          iteration: int, events: list[dict[str, Any]]) -> bool:
+        """Apply the separation rule at the end of a fit; True when the model is refitted."""
+        if self.method not in ("logreg", "polyreg") or self._separated:
+            return False
+        separated = not done
+        if prev_delta is not None:
+            for d, dp in zip(delta, prev_delta):
+                i = int(np.argmax(np.abs(d)))
+                if abs(d[i]) >= SEPARATION_STEP and d[i] * dp[i] > 0 \
+                        and abs(d[i]) >= SEPARATION_RATIO * abs(dp[i]):
+                    separated = True
+        if not separated:
+            return False
+        name = self.var.name
+        if self.separation == "error":
+            raise InputError(f"column {name!r}: the {self.method} model is separated (a predictor "
+                             "predicts some of its values perfectly); use separation='firth' or "
+                             "'ridge', collapse rare levels, or choose another method")
+        self._separated = True
+        if self.method == "logreg" and self.separation == "firth":
+            self.method = "logreg.firth"
+            self.var.method = "logreg.firth"
+            what = "refitted by Firth's penalised likelihood (logreg.firth)"
+        else:
+            self._sep_penalty = FALLBACK_PENALTY
+            what = f"refitted with a ridge penalty of {FALLBACK_PENALTY}"
+        events.append({"iteration": iteration, "variable": name,
+                       "event": f"separation detected in the {NEWTON_STATS.get(self.method, '')} "
+                                f"fit after {self._rounds} Newton steps; {what}"})
+        self.beta = None
+        self.inv_info = None
+        self._rounds = 0
+        self._last_step = np.inf
+        self._curvature = 0.0
+        self._prev_delta = None
+        return True
 
     # -- drawing -----------------------------------------------------------------------
     def order(self, iteration: int) -> dict[str, Any]:
@@ -173,9 +343,21 @@ class TargetModel:
                 o["donor_yhat"], o["donor_y"], o["donors"] = dyh, dy, self.donors
             return o
         draws = [newton.draw(f.beta, f.cov, g) for f, g in zip(self._fits, gens)]
-        beta = np.stack(draws)
-        if self.method == "polyreg":
-            q = len(self.xcols)
-            beta = beta.reshape(self.m, -1, q).transpose(0, 2, 1)
-        o["beta"] = beta
+        if self.method == "polr":
+            km1 = self.var.n_levels - 1
+            draws = [_ordered_cuts(f.beta, d, km1) for f, d in zip(self._fits, draws)]
+            slopes = np.zeros((self.m, len(self.xcols)))
+            slopes[:, self.xcols != 0] = np.stack([d[km1:] for d in draws])
+            o["beta"] = slopes
+            o["cuts"] = np.stack([d[:km1] for d in draws])
+            return o
+        o["beta"] = self._unflat(np.stack(draws))
         return o
+
+
+def _ordered_cuts(b: np.ndarray, new: np.ndarray, km1: int) -> np.ndarray:
+    """Move from ``b`` towards ``new`` by halving the move until the cutpoints stay increasing."""
+    t = 1.0
+    while km1 > 1 and np.any(np.diff(b[:km1] + t * (new[:km1] - b[:km1])) <= 0) and t > 1e-12:
+        t /= 2
+    return b + t * (new - b)

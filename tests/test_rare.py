@@ -1,0 +1,125 @@
+"""Rare categories and separation: polr, poisson, Firth, collapsing, shrinkage.
+
+Model fits run through the worker kernels (dmice.block, dmice.stats) and the client Newton code
+(dmice.methods) on in-memory partitions and are checked against statsmodels or a direct
+single-machine implementation on the same design; the end-to-end tests run dmice.impute on the
+real cluster.
+"""
+
+from __future__ import annotations
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+from scipy.special import expit
+from statsmodels.miscmodels.ordinal_model import OrderedModel
+
+import dmice
+from dmice import block as B
+from dmice import schema as S
+from dmice.methods import TargetModel
+
+
+def _setup(df, method=None, m=1, seed=3, parts=1, min_level_count=0, collapse=None):
+    variables = S.combine_summaries([S.summarize_partition(df)], df.dtypes)
+    S.assign_methods(variables, method)
+    S.collapse_levels(variables, min_level_count, collapse)
+    Q = S.layout(variables)
+    plan = B.Plan(tuple(variables), Q, m, seed, {j: 1.0 for j, v in enumerate(variables) if v.imputed})
+    bounds = np.linspace(0, len(df), parts + 1).astype(int)
+    blocks = [B.encode_partition(df.iloc[a:b], plan, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    pools = {j: np.concatenate([B.sample_values(b)[j] for b in blocks]) for j in blocks[0].mis}
+    blocks = [B.init_fill(b, plan, pools) for b in blocks]
+    return variables, plan, blocks, pools
+
+
+def _fit(df, target, method=None, m=1, parts=1, setup=None, **kw):
+    """Fit the target's model to convergence on in-memory blocks, as the engine does."""
+    variables, plan, blocks, pools = _setup(df, method, m=m, parts=parts, **(setup or {}))
+    j = [v.name for v in variables].index(target)
+    v = variables[j]
+    own = set(range(*v.cols))
+    xcols = np.array([c for c in range(plan.n_cols) if c not in own])
+    model = TargetModel(j, v, xcols, m=m, seed=plan.seed, sample_pool=pools[j], **kw)
+    events: list = []
+    rounds = 0
+    while True:
+        outs = [B.get_out(B.visit(b, plan, None, model.request())) for b in blocks]
+        rounds += 1
+        if model.update(B.combine(outs), 1, events):
+            break
+        assert rounds < 200
+    X = np.concatenate([B.design(b, plan, b.obs[j], xcols)[0] for b in blocks])
+    return model, X, events
+
+
+def _data(n=3000, seed=0):
+    g = np.random.default_rng(seed)
+    x1 = g.normal(10, 3, n)
+    x2 = (g.random(n) < 0.4).astype(float)
+    c = g.choice(3, n, p=[0.5, 0.3, 0.2])
+    ystar = 0.3 * (x1 - 10) - 0.8 * x2 + 0.6 * (c == 1) + g.logistic(size=n)
+    o = np.digitize(ystar, [-1.5, 0.0, 1.2])
+    lam = np.exp(0.5 + 0.08 * (x1 - 10) + 0.4 * x2 - 0.3 * (c == 2))
+    return pd.DataFrame({
+        "x1": x1, "x2": x2, "cat": pd.Categorical(np.array(["a", "b", "c"])[c]),
+        "o": pd.Categorical(np.array(["low", "mid", "high", "top"])[o],
+                            categories=["low", "mid", "high", "top"], ordered=True),
+        "cnt": g.poisson(lam).astype(np.int64),
+    })
+
+
+# ---------------------------------------------------------------------------
+# polr
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_polr_equals_statsmodels_ordered_model(parts):
+    df = _data()
+    miss = np.random.default_rng(1).random(len(df)) < 0.25
+    df.loc[miss, "o"] = np.nan
+    v_cnt = df["cnt"].astype(float)
+    df["cnt"] = v_cnt
+    model, X, events = _fit(df, "o", parts=parts, newton_tol=1e-10, newton_accuracy=0.0)
+    assert model.method == "polr" and not events
+    obs = df[~miss]
+    Z = X[:, 1:]  # the encoded design without its intercept
+    ref = OrderedModel(obs["o"].cat.codes.to_numpy(), Z, distr="logit").fit(
+        method="newton", disp=0, tol=1e-12, maxiter=200)
+    q = Z.shape[1]
+    cuts = ref.model.transform_threshold_params(ref.params)[1:-1]
+    est = model.beta[0]
+    np.testing.assert_allclose(est[:3], cuts, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(est[3:], ref.params[:q], rtol=1e-6, atol=1e-7)
+    # the slope block of the inverse information does not depend on how the cutpoints are parametrised
+    cov = model._fits[0].cov[3:, 3:]
+    np.testing.assert_allclose(cov, ref.cov_params()[:q, :q], rtol=1e-4, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------
+# poisson
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_poisson_equals_statsmodels_glm(parts):
+    df = _data()
+    miss = np.random.default_rng(2).random(len(df)) < 0.3
+    df["cnt"] = df["cnt"].astype("Int64")
+    df.loc[miss, "cnt"] = pd.NA
+    model, X, events = _fit(df, "cnt", method={"cnt": "poisson"}, parts=parts, newton_tol=1e-10,
+                            newton_accuracy=0.0)
+    assert not events
+    y = df.loc[~miss, "cnt"].to_numpy(dtype=float)
+    ref = sm.GLM(y, X, family=sm.families.Poisson()).fit(tol=1e-13)
+    np.testing.assert_allclose(model.beta[0], ref.params, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(model._fits[0].cov, ref.cov_params(), rtol=1e-5)
+
+
+def test_poisson_needs_non_negative_integers():
+    df = _data(200)
+    df["cnt"] = df["cnt"] - 3.0
+    df.loc[:20, "cnt"] = np.nan
+    with pytest.raises(dmice.errors.InputError, match="non-negative integer"):
+        _setup(df, {"cnt": "poisson"})
