@@ -64,6 +64,11 @@ def multinomial(X: np.ndarray, codes: np.ndarray, B: np.ndarray) -> dict[str, np
     return {"g": g, "H": H, "ll": np.array(ll)}
 
 
+#: Firth fits with at most this many coefficients take exact Newton steps on the penalised
+#: likelihood (the workers return a q x q^2 tensor); larger ones take logistf's I^-1 U* steps
+FIRTH_EXACT_MAX_Q = 60
+
+
 def logistic_firth(X: np.ndarray, y: np.ndarray, beta: np.ndarray,
                    inv_info: np.ndarray | None) -> dict[str, np.ndarray]:
     """Logistic statistics plus Firth's modified score at ``beta``.
@@ -80,8 +85,21 @@ def logistic_firth(X: np.ndarray, y: np.ndarray, beta: np.ndarray,
         return out
     mu = expit(X @ beta)
     w = mu * (1.0 - mu)
-    h = w * np.einsum("ij,jk,ik->i", X, inv_info, X)
+    ht = np.einsum("ij,jk,ik->i", X, inv_info, X)  # x_i' I^-1 x_i
+    h = w * ht
     out["gf"] = X.T @ (y - mu + h * (0.5 - mu))
+    q = X.shape[1]
+    if q <= FIRTH_EXACT_MAX_Q:
+        # second derivatives of log|I(beta)| / 2 (exact Newton on the penalised likelihood):
+        # A = X' diag(ht w (1 - 6w)) X and T[j] = X' diag(w (1 - 2 mu) x_j) X = dI/dbeta_j
+        out["A"] = (X * (ht * w * (1 - 6 * w))[:, None]).T @ X
+        a = w * (1 - 2 * mu)
+        T = np.zeros((q, q * q))
+        for s in range(0, X.shape[0], 4096):
+            Xc = X[s:s + 4096]
+            Z = (Xc[:, :, None] * Xc[:, None, :]).reshape(len(Xc), q * q)
+            T += (Xc * a[s:s + 4096, None]).T @ Z
+        out["T"] = T
     return out
 
 

@@ -123,3 +123,103 @@ def test_poisson_needs_non_negative_integers():
     df.loc[:20, "cnt"] = np.nan
     with pytest.raises(dmice.errors.InputError, match="non-negative integer"):
         _setup(df, {"cnt": "poisson"})
+
+
+# ---------------------------------------------------------------------------
+# separation and Firth
+
+
+def _firth_direct(X, y, tol=1e-12):
+    """Single-machine Firth logistic regression: full hat matrix at the current estimate."""
+    b = np.zeros(X.shape[1])
+    for _ in range(5000):  # logistf's iteration; linear convergence, slow under complete separation
+        p = expit(X @ b)
+        w = p * (1 - p)
+        info = X.T @ (X * w[:, None])
+        inv = np.linalg.inv(info)
+        Xw = X * np.sqrt(w)[:, None]
+        h = np.einsum("ij,jk,ik->i", Xw, inv, Xw)  # diag of W^1/2 X I^-1 X' W^1/2
+        step = inv @ (X.T @ (y - p + h * (0.5 - p)))
+        b = b + step
+        if np.max(np.abs(step)) < tol:
+            break
+    return b, inv
+
+
+def _penalised_ll(b, X, y):
+    eta = X @ b
+    p = expit(eta)
+    info = X.T @ (X * (p * (1 - p))[:, None])
+    return float(np.sum(y * eta - np.logaddexp(0, eta)) + 0.5 * np.linalg.slogdet(info)[1])
+
+
+def _separated(n=400, seed=4, quasi=False):
+    g = np.random.default_rng(seed)
+    x1 = g.normal(size=n)
+    x2 = (g.random(n) < 0.5).astype(float)
+    if quasi:  # level "r" of a 3-level predictor only ever has b = 0
+        c = g.choice(3, n, p=[0.45, 0.45, 0.1])
+        b = (g.random(n) < expit(0.3 + 0.8 * x1)).astype(float)
+        b[c == 2] = 0.0
+    else:  # x2 predicts b perfectly
+        c = g.choice(3, n)
+        b = x2.copy()
+    df = pd.DataFrame({"x1": x1, "x2": x2, "c": pd.Categorical(np.array(["p", "q", "r"])[c]), "b": b})
+    df.loc[g.random(n) < 0.2, "b"] = np.nan
+    return df
+
+
+@pytest.mark.parametrize("quasi", [False, True])
+def test_separation_detected_and_firth_equals_direct_fit(quasi):
+    df = _separated(quasi=quasi)
+    model, X, events = _fit(df, "b", parts=2, newton_tol=1e-10, newton_accuracy=0.0)
+    assert any("separation detected" in e["event"] and e["variable"] == "b" for e in events)
+    assert model.method == "logreg.firth" and model.var.method == "logreg.firth"
+    y = df["b"].dropna().to_numpy()
+    ref, ref_inv = _firth_direct(X, y)
+    np.testing.assert_allclose(model.beta[0], ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model._fits[0].cov, ref_inv, rtol=1e-5, atol=1e-8)
+    # and it maximises the penalised likelihood l(b) + log|I(b)|/2 (checked without any score formula)
+    from scipy.optimize import minimize
+
+    opt = minimize(lambda b: -_penalised_ll(b, X, y), np.zeros(X.shape[1]), method="BFGS",
+                   options={"gtol": 1e-8})
+    assert _penalised_ll(model.beta[0], X, y) >= -opt.fun - 1e-7
+    assert np.all(np.abs(model.beta[0]) < 15)  # finite, unlike the diverging ML fit
+
+
+def test_no_separation_on_ordinary_logistic_data():
+    g = np.random.default_rng(8)
+    n = 3000
+    x1 = g.normal(size=n)
+    b = (g.random(n) < expit(-0.5 + 1.5 * x1)).astype(float)
+    df = pd.DataFrame({"x1": x1, "x2": g.normal(size=n), "b": b})
+    df.loc[g.random(n) < 0.2, "b"] = np.nan
+    model, X, events = _fit(df, "b", newton_tol=1e-10, newton_accuracy=0.0)
+    assert not events and model.method == "logreg"
+    ref = sm.Logit(df["b"].dropna().to_numpy(), X).fit(disp=0, tol=1e-12)
+    np.testing.assert_allclose(model.beta[0], ref.params, rtol=1e-6)
+
+
+def test_separation_ridge_and_error():
+    df = _separated(quasi=True)
+    model, X, events = _fit(df, "b", separation="ridge")
+    assert model.method == "logreg" and any("ridge penalty" in e["event"] for e in events)
+    # the ridge MAP: score minus penalty vanishes at the estimate
+    y = df["b"].dropna().to_numpy()
+    bhat = model.beta[0]
+    grad = X.T @ (y - expit(X @ bhat)) - np.r_[0.0, np.ones(X.shape[1] - 1)] * bhat
+    assert np.max(np.abs(grad)) < 0.2 * np.sqrt(len(y))  # the default rule stops within 0.2 SE
+    with pytest.raises(dmice.errors.InputError, match="'b'.*separated"):
+        _fit(df, "b", separation="error")
+
+
+def test_firth_method_on_request():
+    df = _data()
+    df["b"] = (df["x2"] > 0).astype(float)
+    df["b"] = np.where(np.random.default_rng(3).random(len(df)) < 0.1, 1 - df["b"], df["b"])
+    df = df.drop(columns=["x2", "o"])
+    df.loc[np.random.default_rng(4).random(len(df)) < 0.2, "b"] = np.nan
+    model, X, events = _fit(df, "b", method={"b": "logreg.firth"}, newton_tol=1e-10, newton_accuracy=0.0)
+    ref, _ = _firth_direct(X, df["b"].dropna().to_numpy())
+    np.testing.assert_allclose(model.beta[0], ref, rtol=1e-6, atol=1e-8)

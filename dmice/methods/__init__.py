@@ -44,9 +44,9 @@ class TargetModel:
     ``[cutpoints, slopes]`` for ``polr`` (the slopes on ``xcols`` without the intercept).
 
     Separation of a logistic or multinomial fit is declared when the fit reaches its step limit, or
-    when the accepted Newton step still moves some coefficient by at least ``SEPARATION_STEP`` and by
-    at least ``SEPARATION_RATIO`` times its previous step in the same direction: a finite maximum is
-    approached quadratically, while a coefficient diverging under separation moves by about the same
+    when a Newton step of at most one standard error still moves some coefficient by at least
+    ``SEPARATION_STEP`` and by at least ``SEPARATION_RATIO`` times its previous step in the same
+    direction: a finite maximum is approached quadratically, while a coefficient diverging under separation moves by about the same
     amount every step (its information shrinks as fast as its score).  It is then handled as
     ``separation`` says: ``"firth"`` refits a binary target by Firth's penalised likelihood (a
     multinomial one with the ridge penalty), ``"ridge"`` refits with the ridge penalty
@@ -73,7 +73,8 @@ class TargetModel:
         self.sample_pool = sample_pool
         self.separation = separation
         self.beta: np.ndarray | None = None  # current estimates (Newton methods), kept across visits
-        self.inv_info: np.ndarray | None = None  # Firth: inverse information of the last round
+        self.inv_info: np.ndarray | None = None  # Firth: inverse information at beta (score rounds)
+        self._firth: dict[str, Any] = {}  # Firth: last accepted estimate and its penalised likelihood
         self._init_pending = False  # polr/poisson: the first round only supplies starting values
         self._separated = False
         self._sep_penalty = 0.0
@@ -219,13 +220,20 @@ class TargetModel:
             self.last_rounds = 1
             return True
         beta = self._current_beta()
+        if self.stat == "firth" and self.inv_info is None:
+            return self._firth_information(s, penalty)
         score = s["gf"] if self.stat == "firth" else s["g"]
         worst = 0.0
         fits = []
         deltas = []
         for c in range(self.m):
             b = self._flat(beta[c])
-            st = newton.step(b, score[c], s["H"][c], self._penalty_matrix(penalty, c))
+            H = s["H"][c]
+            if self.stat == "firth":
+                H = self._firth_hessian(s, c)
+            st = newton.step(b, score[c], H, self._penalty_matrix(penalty, c))
+            if self.stat == "firth":
+                st.cov = self._firth["inv"][c]  # draws and hat values use the Fisher information
             if self.method == "polr":
                 st.beta = _ordered_cuts(b, st.beta, self.var.n_levels - 1)
             fits.append(st)
@@ -233,7 +241,7 @@ class TargetModel:
             worst = max(worst, st.step_se)
         self.beta = self._unflat(np.stack([f.beta for f in fits]))
         if self.stat == "firth":
-            self.inv_info = np.stack([f.cov for f in fits])
+            self.inv_info = None  # the next round computes the information at the new estimate
         self._fits = fits
         self._rounds += 1
         delta = np.stack(deltas)
@@ -247,9 +255,10 @@ class TargetModel:
         predicted = self._curvature * worst**2 if self._curvature > 0 else np.inf
         done = worst <= self.newton_tol or (worst <= 3.0 and predicted <= self.newton_accuracy)
         done = done and not prior_moved
+        if (done or worst <= 1.0 or self._rounds >= self.max_newton) \
+                and self._check_separation(done, delta, prev_delta, iteration, events):
+            return False
         if done or self._rounds >= self.max_newton:
-            if self._check_separation(done, delta, prev_delta, iteration, events):
-                return False
             if not done:
                 events.append({"iteration": iteration, "variable": self.var.name,
                                "event": f"Newton fit did not converge in {self._rounds} steps"})
@@ -257,7 +266,56 @@ class TargetModel:
             return True
         return False
 
+    def _firth_information(self, s: dict[str, np.ndarray], penalty: float) -> bool:
+        """Firth, first round of a step: information and penalised likelihood at the current estimate.
+
+        Like logistf, a step that lowers the penalised log-likelihood ``l + log|I| / 2`` is halved
+        back towards the previous estimate (per chain).  Otherwise the inverse information is
+        kept and broadcast, and the next round computes the modified score with exact hat values.
+        """
+        beta = self.beta
+        prev = self._firth.get("beta")
+        pll = np.array([float(s["ll"][c]) + 0.5 * np.linalg.slogdet(s["H"][c])[1] for c in range(self.m)])
+        if prev is not None:
+            worse = pll < self._firth["pll"] - 1e-9
+            halvings = self._firth.get("halvings", 0)
+            if worse.any() and halvings < 20:
+                self.beta = np.where(worse[:, None], (prev + beta) / 2, beta)
+                self._firth["halvings"] = halvings + 1
+                return False
+        self._firth = {"beta": beta.copy(), "pll": pll, "halvings": 0}
+        inv = []
+        for c in range(self.m):
+            P = self._penalty_matrix(penalty, c)
+            H = s["H"][c] + (P if P is not None else 0.0)
+            Li = np.linalg.inv(np.linalg.cholesky(H))
+            inv.append(Li.T @ Li)
+        self.inv_info = np.stack(inv)
+        self._firth["H"] = s["H"]
+        self._firth["inv"] = self.inv_info
+        return False
+
+    def _firth_hessian(self, s: dict[str, np.ndarray], c: int) -> np.ndarray:
+        """Negative Hessian of ``l + log|I| / 2``: ``I - A / 2 + B / 2`` with
+        ``B_jk = tr(V T_j V T_k)``; the Fisher information ``I`` where it is not positive definite."""
+        info = self._firth["H"][c]
+        if "T" not in s:
+            return info
+        V = self._firth["inv"][c]
+        q = info.shape[0]
+        T = s["T"][c].reshape(q, q, q)
+        VT = np.einsum("ab,jbc->jac", V, T)  # V T_j
+        Bm = np.einsum("jac,kca->jk", VT, VT)  # tr(V T_j V T_k)
+        Hp = info - 0.5 * s["A"][c] + 0.5 * Bm
+        Hp = (Hp + Hp.T) / 2
+        try:
+            np.linalg.cholesky(Hp)
+        except np.linalg.LinAlgError:
+            return info
+        return Hp
+
     def _finish(self) -> None:
+        self._firth = {}
         self.last_rounds = self._rounds
         self._rounds = 0
         self._last_step = np.inf
@@ -286,7 +344,7 @@ class TargetModel:
         """Apply the separation rule at the end of a fit; True when the model is refitted."""
         if self.method not in ("logreg", "polyreg") or self._separated:
             return False
-        separated = not done
+        separated = not done and self._rounds >= self.max_newton
         if prev_delta is not None:
             for d, dp in zip(delta, prev_delta):
                 i = int(np.argmax(np.abs(d)))
@@ -301,6 +359,7 @@ class TargetModel:
                              "predicts some of its values perfectly); use separation='firth' or "
                              "'ridge', collapse rare levels, or choose another method")
         self._separated = True
+        fit = NEWTON_STATS[self.method]
         if self.method == "logreg" and self.separation == "firth":
             self.method = "logreg.firth"
             self.var.method = "logreg.firth"
@@ -309,10 +368,10 @@ class TargetModel:
             self._sep_penalty = FALLBACK_PENALTY
             what = f"refitted with a ridge penalty of {FALLBACK_PENALTY}"
         events.append({"iteration": iteration, "variable": name,
-                       "event": f"separation detected in the {NEWTON_STATS.get(self.method, '')} "
-                                f"fit after {self._rounds} Newton steps; {what}"})
+                       "event": f"separation detected in the {fit} fit after {self._rounds} Newton steps; {what}"})
         self.beta = None
         self.inv_info = None
+        self._firth = {}
         self._rounds = 0
         self._last_step = np.inf
         self._curvature = 0.0
