@@ -342,3 +342,67 @@ def test_impute_end_to_end_polr_poisson_firth_collapse(cluster_client):
         y = df["cnt"].dropna().to_numpy(float)
         assert abs(out.loc[mis_c, "cnt"].astype(float).mean() - y.mean()) < 4 * y.std() / np.sqrt(mis_c.sum())
         assert set(out["icd"].dropna().unique()) <= {"A", "B", "C", "R"}
+
+
+# ---------------------------------------------------------------------------
+# shrinkage of sparse polyreg targets
+
+
+def _sparse_target(n=1500, seed=12):
+    g = np.random.default_rng(seed)
+    x1 = g.normal(size=n)
+    x2 = (g.random(n) < 0.5).astype(float)
+    eta = np.column_stack([np.zeros(n), 0.5 + 0.8 * x1, -0.3 * x2 + 0.2 * x1, -5.0 + 0.5 * x1])
+    P = np.exp(eta) / np.exp(eta).sum(1, keepdims=True)
+    k = (P.cumsum(1) < g.random(n)[:, None]).sum(1)
+    df = pd.DataFrame({"x1": x1, "x2": x2, "k": pd.Categorical(np.array(["a", "b", "c", "d"])[k])})
+    df.loc[g.random(n) < 0.2, "k"] = np.nan
+    return df
+
+
+def _map_direct(X, codes, prec, pen):
+    """Penalised multinomial fit by scipy (independent of dmice's kernels)."""
+    from scipy.optimize import minimize
+
+    q, km1 = X.shape[1], 3
+
+    def f(t):
+        Bm = t.reshape(km1, q).T
+        eta = np.column_stack([np.zeros(len(X)), X @ Bm])
+        ll = eta[np.arange(len(X)), codes].sum() - np.logaddexp.reduce(eta, axis=1).sum()
+        return -ll + 0.5 * prec * np.sum(t[pen] ** 2)
+
+    return minimize(f, np.zeros(q * km1), method="BFGS", options={"gtol": 1e-9}).x
+
+
+def test_shrinkage_fixed_prior_is_the_map():
+    df = _sparse_target()
+    model, X, _ = _fit(df, "k", shrinkage=0.7, newton_tol=1e-10, newton_accuracy=0.0)
+    codes = df["k"].dropna().cat.codes.to_numpy()
+    pen = np.ones(3 * X.shape[1], dtype=bool)
+    pen[np.arange(3) * X.shape[1]] = False
+    ref = _map_direct(X, codes, 1 / 0.49, pen)
+    np.testing.assert_allclose(model._fits[0].beta, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shrinkage_empirical_bayes_fixed_point_and_laplace_covariance():
+    df = _sparse_target()
+    assert min(S.combine_summaries([S.summarize_partition(df)], df.dtypes)[2].counts) < 10
+    model, X, _ = _fit(df, "k", newton_tol=1e-10, newton_accuracy=0.0)  # shrinkage="auto"
+    tau2 = model.prior_var[0]
+    assert np.isfinite(tau2) and 1e-4 < tau2 < 1e4
+    codes = df["k"].dropna().cat.codes.to_numpy()
+    q = X.shape[1]
+    pen = np.ones(3 * q, dtype=bool)
+    pen[np.arange(3) * q] = False
+    b = _map_direct(X, codes, 1 / tau2, pen)
+    np.testing.assert_allclose(model._fits[0].beta, b, rtol=1e-4, atol=1e-4)
+    # Laplace approximation: covariance (-Hessian of the log-likelihood + prior precision)^-1, the
+    # Hessian from statsmodels' MNLogit at the same coefficients
+    hess = sm.MNLogit(codes, X).hessian(b.reshape(3, q).T.reshape(-1, order="F"))
+    V = np.linalg.inv(-hess + np.diag(pen / tau2))
+    np.testing.assert_allclose(model._fits[0].cov, V, rtol=2e-3, atol=1e-6)
+    # empirical Bayes: tau^2 = (|b|^2 + tr V) / k over the penalised coefficients (the stationary
+    # point of the Laplace evidence with the curvature held fixed)
+    expect = (b[pen] @ b[pen] + np.trace(V[np.ix_(pen, pen)])) / pen.sum()
+    np.testing.assert_allclose(tau2, expect, rtol=0.02)

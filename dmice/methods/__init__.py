@@ -336,7 +336,7 @@ class TargetModel:
             gamma = max(k - tr / old, 1e-3)  # effective number of well-determined coefficients
             new = float(np.clip(b @ b / gamma, 1e-4, 1e4))
             self.prior_var[c] = new
-            moved |= abs(np.log(new / old)) > 0.05
+            moved |= abs(np.log(new / old)) > 0.01
         return moved
 
     def _check_separation(self, done: bool, delta: np.ndarray, prev_delta: np.ndarray | None,
