@@ -125,11 +125,12 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     collapse : dict, optional
         ``{column: {level: group}}``: explicit merges of predictor levels (applied first).
         The mapping is recorded in the manifest and summarised in the logged events.
-    separation : {"firth", "ridge", "error"}, default "firth"
+    separation : {"firth", "ridge", "error", "none"}, default "firth"
         What to do when a logistic or multinomial fit is separated (see
         :class:`dmice.methods.TargetModel` for the rule): refit a binary target with Firth's
         bias-reduced logistic regression (``logreg.firth``; multinomial targets get the ridge
-        penalty), refit with a ridge penalty, or raise.  Each switch is a logged event.
+        penalty), refit with a ridge penalty, raise, or keep the maximum-likelihood fit
+        (mice's behaviour).  Each detection is a logged event.
     shrinkage : "auto", float or None, default "auto"
         Gaussian prior on the coefficients of ``polyreg`` models (intercepts excepted), fitted
         by Newton to its mode and drawn from the Laplace approximation.  ``"auto"``: for

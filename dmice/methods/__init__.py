@@ -28,7 +28,7 @@ NEWTON_ACCURACY = 0.05
 NEWTON_STATS = {"logreg": "logistic", "logreg.firth": "firth", "polyreg": "multinomial",
                 "polr": "polr", "poisson": "poisson"}
 #: ways of handling separation of a logistic or multinomial fit
-SEPARATION = ("firth", "ridge", "error")
+SEPARATION = ("firth", "ridge", "error", "none")
 #: separation rule: an accepted Newton step still moving a coefficient by at least this much
 #: (encoded scale: continuous predictors standardised, dummies 0/1) ...
 SEPARATION_STEP = 0.5
@@ -50,7 +50,8 @@ class TargetModel:
     amount every step (its information shrinks as fast as its score).  It is then handled as
     ``separation`` says: ``"firth"`` refits a binary target by Firth's penalised likelihood (a
     multinomial one with the ridge penalty), ``"ridge"`` refits with the ridge penalty
-    ``FALLBACK_PENALTY``, ``"error"`` raises.
+    ``FALLBACK_PENALTY``, ``"error"`` raises, ``"none"`` keeps the maximum-likelihood fit (mice's
+    behaviour, for comparisons).
     """
 
     def __init__(self, j: int, var: Variable, xcols: np.ndarray, *, m: int, seed: int,
@@ -360,6 +361,11 @@ class TargetModel:
                              "'ridge', collapse rare levels, or choose another method")
         self._separated = True
         fit = NEWTON_STATS[self.method]
+        if self.separation == "none":  # plain maximum likelihood, as mice without augmentation
+            events.append({"iteration": iteration, "variable": name,
+                           "event": f"separation detected in the {fit} fit after {self._rounds} "
+                                    "Newton steps; maximum-likelihood fit kept (separation='none')"})
+            return False
         if self.method == "logreg" and self.separation == "firth":
             self.method = "logreg.firth"
             self.var.method = "logreg.firth"
