@@ -406,3 +406,18 @@ def test_shrinkage_empirical_bayes_fixed_point_and_laplace_covariance():
     # point of the Laplace evidence with the curvature held fixed)
     expect = (b[pen] @ b[pen] + np.trace(V[np.ix_(pen, pen)])) / pen.sum()
     np.testing.assert_allclose(tau2, expect, rtol=0.02)
+
+
+def test_polr_falls_back_to_polyreg_when_a_predictor_orders_the_levels():
+    g = np.random.default_rng(13)
+    n = 600
+    x = g.normal(size=n)
+    o = np.digitize(x, [-0.5, 0.5])  # x orders the levels perfectly: the polr slope diverges
+    df = pd.DataFrame({"x": x, "w": g.normal(size=n),
+                       "o": pd.Categorical(np.array(["l", "m", "h"])[o], categories=["l", "m", "h"],
+                                           ordered=True)})
+    df.loc[g.random(n) < 0.2, "o"] = np.nan
+    model, X, events = _fit(df, "o", m=2)
+    assert any("polr cannot be fitted" in e["event"] for e in events)
+    assert model.method == "polyreg" and model.var.method == "polyreg"
+    assert np.all(np.isfinite(model.beta)) and np.all(np.abs(model.beta) < 50)

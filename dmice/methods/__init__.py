@@ -189,14 +189,34 @@ class TargetModel:
                            "event": f"ridge fallback: {int(n)} observed rows for "
                                     f"{self.n_params} parameters"})
         try:
-            return self._update(res, n, penalty, iteration, events)
+            try:
+                return self._update(res, n, penalty, iteration, events)
+            except np.linalg.LinAlgError:
+                if penalty:
+                    raise
+                events.append({"iteration": iteration, "variable": self.var.name,
+                               "event": "ridge fallback: singular information matrix (constant or "
+                                        "collinear predictors)"})
+                return self._update(res, n, FALLBACK_PENALTY, iteration, events)
         except np.linalg.LinAlgError:
-            if penalty:
+            if self.method != "polr":
                 raise
-            events.append({"iteration": iteration, "variable": self.var.name,
-                           "event": "ridge fallback: singular information matrix (constant or "
-                                    "collinear predictors)"})
-            return self._update(res, n, FALLBACK_PENALTY, iteration, events)
+            self._to_polyreg("its information matrix is singular even with the ridge penalty",
+                             iteration, events)
+            return False
+
+    def _to_polyreg(self, why: str, iteration: int, events: list[dict[str, Any]]) -> None:
+        """Fall back from polr to polyreg (refitted from scratch) with a logged event."""
+        events.append({"iteration": iteration, "variable": self.var.name,
+                       "event": f"polr cannot be fitted ({why}); imputed with polyreg instead"})
+        self.method = "polyreg"
+        self.var.method = "polyreg"
+        self.beta = None
+        self._init_pending = False
+        self._rounds = 0
+        self._last_step = np.inf
+        self._curvature = 0.0
+        self._prev_delta = None
 
     def _penalty_matrix(self, penalty: float, c: int) -> np.ndarray | None:
         d = np.zeros(self.n_params)
@@ -260,6 +280,10 @@ class TargetModel:
                 and self._check_separation(done, delta, prev_delta, iteration, events):
             return False
         if done or self._rounds >= self.max_newton:
+            if not done and self.method == "polr":
+                self._to_polyreg(f"no convergence in {self._rounds} Newton steps, e.g. a predictor "
+                                 "orders the levels perfectly", iteration, events)
+                return False
             if not done:
                 events.append({"iteration": iteration, "variable": self.var.name,
                                "event": f"Newton fit did not converge in {self._rounds} steps"})
@@ -343,7 +367,7 @@ class TargetModel:
     def _check_separation(self, done: bool, delta: np.ndarray, prev_delta: np.ndarray | None,
                           iteration: int, events: list[dict[str, Any]]) -> bool:
         """Apply the separation rule at the end of a fit; True when the model is refitted."""
-        if self.method not in ("logreg", "polyreg") or self._separated:
+        if self.method not in ("logreg", "polyreg", "polr") or self._separated:
             return False
         separated = not done and self._rounds >= self.max_newton
         if prev_delta is not None:
@@ -359,13 +383,17 @@ class TargetModel:
             raise InputError(f"column {name!r}: the {self.method} model is separated (a predictor "
                              "predicts some of its values perfectly); use separation='firth' or "
                              "'ridge', collapse rare levels, or choose another method")
-        self._separated = True
         fit = NEWTON_STATS[self.method]
         if self.separation == "none":  # plain maximum likelihood, as mice without augmentation
+            self._separated = True
             events.append({"iteration": iteration, "variable": name,
                            "event": f"separation detected in the {fit} fit after {self._rounds} "
                                     "Newton steps; maximum-likelihood fit kept (separation='none')"})
             return False
+        if self.method == "polr":  # the multinomial model then gets its own separation handling
+            self._to_polyreg(f"separation detected after {self._rounds} Newton steps", iteration, events)
+            return True
+        self._separated = True
         if self.method == "logreg" and self.separation == "firth":
             self.method = "logreg.firth"
             self.var.method = "logreg.firth"
