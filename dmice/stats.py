@@ -2,8 +2,9 @@
 
 Each kernel turns the rows of one partition (one chain's design) into small
 statistics whose sums over partitions are the statistics of the whole data:
-gradients and information matrices for the Newton steps of the logistic and
-multinomial imputation models.  (Gram matrices of the linear models are built
+gradients and information matrices for the Newton steps of the logistic,
+Firth-logistic, multinomial, proportional-odds (polr) and Poisson imputation
+models.  (Gram matrices of the linear models are built
 in :mod:`dmice.block`, which reuses the part that never changes.)
 """
 

@@ -388,7 +388,9 @@ def test_shrinkage_fixed_prior_is_the_map():
 def test_shrinkage_empirical_bayes_fixed_point_and_laplace_covariance():
     df = _sparse_target()
     assert min(S.combine_summaries([S.summarize_partition(df)], df.dtypes)[2].counts) < 10
-    model, X, _ = _fit(df, "k", newton_tol=1e-10, newton_accuracy=0.0)  # shrinkage="auto"
+    model, X, _ = _fit(df, "k", m=2, newton_tol=1e-10, newton_accuracy=0.0)  # shrinkage="auto"
+    # before the first visit every chain holds the same data: the same prior variance
+    np.testing.assert_allclose(model.prior_var[1], model.prior_var[0], rtol=1e-9)
     tau2 = model.prior_var[0]
     assert np.isfinite(tau2) and 1e-4 < tau2 < 1e4
     codes = df["k"].dropna().cat.codes.to_numpy()
