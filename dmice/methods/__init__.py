@@ -51,7 +51,16 @@ class TargetModel:
     ``separation`` says: ``"firth"`` refits a binary target by Firth's penalised likelihood (a
     multinomial one with the ridge penalty), ``"ridge"`` refits with the ridge penalty
     ``FALLBACK_PENALTY``, ``"error"`` raises, ``"none"`` keeps the maximum-likelihood fit (mice's
-    behaviour, for comparisons).
+    behaviour, for comparisons).  A separated ``polr`` fit falls back to ``polyreg``.
+
+    ``shrinkage`` puts a Gaussian prior ``N(0, tau^2)`` on every ``polyreg`` coefficient but the
+    intercepts: Newton then finds the posterior mode (the prior precision added to the information)
+    and draws come from the Laplace approximation ``N(mode, (H + I / tau^2)^-1)``.  A number is
+    ``tau``; ``"auto"`` applies to targets with a level observed fewer than ``min_level_count``
+    times and sets ``tau^2`` per chain by empirical Bayes, iterating MacKay's update
+    ``tau^2 = |b|^2 / (k - tr(V) / tau^2)`` (``k`` penalised coefficients, ``V`` their posterior
+    covariance) until it moves by less than 1%; its fixed point ``tau^2 = (|b|^2 + tr V) / k`` is the
+    stationary point of the Laplace evidence with the curvature held fixed.
     """
 
     def __init__(self, j: int, var: Variable, xcols: np.ndarray, *, m: int, seed: int,
