@@ -6,7 +6,7 @@ Usage::
     python benchmarks/bench_rare.py [--reps 100] [--n 2000] [--m 5] [--out benchmarks/RESULTS.md]
 
 Data (per replication, seed = replication number): ``x ~ N(0, 1)``; ``z`` in {A, B, C, R} with
-probabilities 0.40/0.30/0.25/0.05; a binary ``b`` with ``P(b = 1) = expit(-0.5 + x + d_z)``,
+probabilities 0.35/0.30/0.25/0.10; a binary ``b`` with ``P(b = 1) = expit(-0.5 + x + d_z)``,
 ``d = (0, 0.5, -0.5)`` for A, B, C and ``b = 0`` always in level R (a structural zero: the
 logistic imputation model of ``b`` is quasi-separated); an outcome ``y = 1 + b + 0.5 x + e``,
 ``e ~ N(0, 1)``.  ``b`` is missing at random given ``x`` and ``y`` (about 30%).
@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
-P_Z = {"A": 0.40, "B": 0.30, "C": 0.25, "R": 0.05}
+P_Z = {"A": 0.35, "B": 0.30, "C": 0.25, "R": 0.10}
 D_Z = {"A": 0.0, "B": 0.5, "C": -0.5}
 
 
@@ -123,7 +123,7 @@ def main() -> None:
              "",
              f"- command: `python benchmarks/bench_rare.py --reps {a.reps} --n {a.n} --m {a.m} --max-iter {a.max_iter}`",
              f"- {a.reps} replications, n = {a.n}, m = {a.m}, {a.max_iter} iterations; b missing at random "
-             "given x and y (about 30%); level R (5% of rows) never has b = 1; Monte-Carlo SE of a 95% "
+             "given x and y (about 30%); level R (10% of rows) never has b = 1; Monte-Carlo SE of a 95% "
              f"coverage: {mc:.3f}; run time {time.time() - t0:.0f} s, load average at start "
              f"{load0[0]:.1f}",
              f"- truths: mean of b = {truth['mean_b']:.4f}, coefficient of b in y ~ b + x = 1, of x = 0.5",
