@@ -423,3 +423,19 @@ def test_polr_falls_back_to_polyreg_when_a_predictor_orders_the_levels():
     assert any("polr cannot be fitted" in e["event"] for e in events)
     assert model.method == "polyreg" and model.var.method == "polyreg"
     assert np.all(np.isfinite(model.beta)) and np.all(np.abs(model.beta) < 50)
+
+
+def test_impute_end_to_end_sparse_polyreg_shrinkage(cluster_client):
+    df = _sparse_target(n=2000)
+    ddf = dd.from_pandas(df, npartitions=2)
+    imp = dmice.impute(ddf, m=2, max_iter=2, seed=5, client=cluster_client)
+    model = imp._engine.models[2]
+    assert model.prior_var is not None and np.all(np.isfinite(model.prior_var))  # "auto" applied
+    for k in (1, 2):
+        out = imp.complete(k).compute()
+        assert out["k"].dtype == ddf.dtypes["k"] and not out["k"].isna().any()
+        # the sparse level d (about 1% of rows) is imputed about as often as it is observed
+        obs_d = (df["k"] == "d").mean() / df["k"].notna().mean()
+        n_mis = df["k"].isna().sum()
+        imp_d = (out.loc[df["k"].isna(), "k"] == "d").mean()
+        assert abs(imp_d - obs_d) < 4 * np.sqrt(obs_d * (1 - obs_d) / n_mis) + 0.005
