@@ -26,10 +26,20 @@ from dmice import progress as _progress
 from dmice import rng as _rng
 from dmice import store
 from dmice.errors import InputError, OutputError
-from dmice.methods import TargetModel
+from dmice.methods import SEPARATION, TargetModel
 from dmice.methods.stratified import StratifiedModel
 from dmice.result import MultipleImputation, from_manifest
-from dmice.schema import BINARY, NOMINAL, ORDINAL, Schema, assign_methods, combine_summaries, layout
+from dmice.schema import (
+    BINARY,
+    MIN_LEVEL_COUNT,
+    NOMINAL,
+    ORDINAL,
+    Schema,
+    assign_methods,
+    collapse_levels,
+    combine_summaries,
+    layout,
+)
 
 log = logging.getLogger("dmice")
 
@@ -90,6 +100,8 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
            by: str | None = None,
            until_rhat: float | None = None, checkpoint: str | None = None, checkpoint_every: int = 1,
            storage_options: dict[str, Any] | None = None,
+           min_level_count: int = MIN_LEVEL_COUNT, collapse: dict[str, dict[Any, Any]] | None = None,
+           separation: str = "firth", shrinkage: str | float | None = "auto",
            client: Any = None, progress: Any = "auto", _state: str | None = None
            ) -> MultipleImputation:
     """Multiple imputation by chained equations on a Dask cluster.
@@ -110,8 +122,10 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         recorded) when omitted.
     method : dict, optional
         Method per column, overriding the default from its dtype: ``"pmm"`` (continuous,
-        default), ``"norm"``, ``"logreg"`` (binary, default), ``"polyreg"`` (unordered
-        categories, default), ``"sample"``, or ``""`` (not imputed).
+        default), ``"norm"``, ``"poisson"`` (non-negative integer counts; never chosen by
+        default, as in mice), ``"logreg"`` (binary, default), ``"logreg.firth"``,
+        ``"polyreg"`` (unordered categories, default), ``"polr"`` (ordered categories,
+        default), ``"sample"``, or ``""`` (not imputed).
     visit_sequence : {"roman", "arabic", "monotone"} or list of str, default "roman"
         Order of the visits within an iteration: column order, reverse, increasing
         number of missing values, or explicit (repeats allowed).
@@ -198,6 +212,27 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         values; at most 50 levels): every conditional model is fitted and drawn
         separately within each of its levels, as imputing each group on its own.  The
         column itself is not used as a predictor.
+    min_level_count : int, default 10
+        Levels of a categorical *predictor* observed fewer times share one design column
+        ("other"; joined to the reference level when that group is rare too); ``0`` disables.
+        Ten is the usual events-per-parameter rule: a dummy with fewer rows carries an effect
+        of the order of its standard error and often separates a binary or categorical target.
+        Imputed values always keep the column's own levels.
+    collapse : dict, optional
+        ``{column: {level: group}}``: explicit merges of predictor levels (applied first).
+        The mapping is recorded in the manifest and summarised in the logged events.
+    separation : {"firth", "ridge", "error", "none"}, default "firth"
+        What to do when a logistic or multinomial fit is separated (see
+        :class:`dmice.methods.TargetModel` for the rule): refit a binary target with Firth's
+        bias-reduced logistic regression (``logreg.firth``; multinomial targets get the ridge
+        penalty), refit with a ridge penalty, raise, or keep the maximum-likelihood fit
+        (mice's behaviour).  Each detection is a logged event.
+    shrinkage : "auto", float or None, default "auto"
+        Gaussian prior on the coefficients of ``polyreg`` models (intercepts excepted), fitted
+        by Newton to its mode and drawn from the Laplace approximation.  ``"auto"``: for
+        targets with a level observed fewer than ``min_level_count`` times, prior variance by
+        empirical Bayes; a number: the prior standard deviation, for every polyreg target;
+        None: off.
 
     Returns
     -------
@@ -252,6 +287,15 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise InputError(f"checkpoint must be a URL string, got {type(checkpoint).__name__}")
     _progress.check(progress)
+    min_level_count = _check_int("min_level_count", min_level_count, 0)
+    if collapse is not None and not isinstance(collapse, dict):
+        raise InputError(f"collapse must be a dict of column -> {{level: group}}, got "
+                         f"{type(collapse).__name__}")
+    if separation not in SEPARATION:
+        raise InputError(f"separation must be one of {list(SEPARATION)}, got {separation!r}")
+    if not (shrinkage is None or shrinkage == "auto"
+            or (isinstance(shrinkage, numbers.Real) and not isinstance(shrinkage, bool) and shrinkage > 0)):
+        raise InputError(f"shrinkage must be 'auto', a prior standard deviation > 0 or None, got {shrinkage!r}")
     if len(set(map(str, ddf.columns))) != len(ddf.columns):
         raise InputError("column names must be unique strings")
     passive_specs = _passive.parse(passive, [str(c) for c in ddf.columns])
@@ -271,6 +315,8 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
               "formulas": {k: f"{k} ~ {v}" for k, v in formula_rhs.items()},
               "substantive": substantive, "substantive_family": substantive_family,
               "predictors": _pred.as_json(predictors), "delta": dict(delta or {}), "by": by,
+              "min_level_count": min_level_count, "collapse": collapse, "separation": separation,
+              "shrinkage": shrinkage,
               # not stored, only fingerprinted: a checkpoint must come from the same masks and functions
               "where": _fingerprint(where), "ignore": _fingerprint(ignore), "post": _fingerprint(post)}
 
@@ -289,6 +335,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         passive_idx = _passive_plan(variables, passive_specs)
         by_j = _check_by(variables, by, method)
         _check_where_methods(variables, where)
+        events += [{"iteration": 0, **e} for e in collapse_levels(variables, min_level_count, collapse)]
         n_cols = layout(variables)
         sets, pred_events = _pred.resolve(predictors, variables, exclude=[] if by_j is None else [by_j])
         events += [{"iteration": 0, **e} for e in pred_events]
@@ -368,7 +415,8 @@ def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[s
     models: dict[int, Any] = {}
     variables = list(plan.variables)
     common = {"m": plan.m, "seed": plan.seed, "donors": params["donors"], "ridge": params["ridge"],
-              "chain0": plan.chain0, "labels": setup["labels"]}
+              "chain0": plan.chain0, "labels": setup["labels"], "separation": params["separation"],
+              "shrinkage": params["shrinkage"], "min_level_count": params["min_level_count"]}
     for j, v in enumerate(variables):
         if not v.imputed or v.method == "passive":
             continue

@@ -178,6 +178,9 @@ def encoded(v: Variable, vals: np.ndarray) -> np.ndarray:
     if v.kind == CONTINUOUS:
         return ((vals - v.center) / v.scale)[..., None]
     if v.kind in (NOMINAL, ORDINAL):
+        if v.groups is not None:  # collapsed levels share a column
+            g = np.asarray(v.groups, dtype=np.int64)
+            return np.eye(int(g.max()) + 1)[g[vals.astype(np.int64)]][..., 1:]
         return np.eye(v.n_levels)[vals.astype(np.int64)][..., 1:]
     return vals[..., None]
 
@@ -403,8 +406,15 @@ def impute_values(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int,
         return v.center + v.scale * (eta + order["sigma"][c] * g.standard_normal(n))
     if method == "pmm":
         return _match(eta, order["donor_yhat"][c], order["donor_y"][c], order["donors"], g)
-    if method == "logreg":
+    if method in ("logreg", "logreg.firth"):
         return (g.random(n) < expit(eta)).astype(np.float64)
+    if method == "poisson":
+        # exp(40) keeps the rate inside the range of numpy's Poisson sampler
+        return g.poisson(np.exp(np.minimum(eta, 40.0))).astype(np.float64)
+    if method == "polr":
+        cum = expit(order["cuts"][c][None, :] - eta[:, None])  # P(Y <= k), k = 0..K-2
+        u = g.random(n)
+        return (cum < u[:, None]).sum(axis=1).astype(np.float64)
     if method == "polyreg":
         P = stats.softmax0(eta)
         u = g.random(n)
@@ -473,14 +483,25 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
     # observed rows is built once and the kernels of dmice.stats run on it directly
     y = block.values[j][obs]
     beta = request["beta"]
-    kernel = stats.logistic if kind == "logistic" else stats.multinomial
-    designs = (X[:, xcols] for X in formula_designs(block, plan, j, obs, "obs")) if j in plan.formulas \
-        else chain_designs(block, plan, obs, xcols)
-    res = [kernel(X, y, beta[c]) for c, X in enumerate(designs)]
-    for key in ("g", "H", "ll"):
-        out_sum[key] = np.stack([r[key] for r in res])
-    if kind not in ("logistic", "multinomial"):
+    designs = (lambda: (X[:, xcols] for X in formula_designs(block, plan, j, obs, "obs"))) \
+        if j in plan.formulas else (lambda: chain_designs(block, plan, obs, xcols))
+    if kind in ("logistic", "multinomial", "poisson"):
+        kernel = {"logistic": stats.logistic, "multinomial": stats.multinomial,
+                  "poisson": stats.poisson}[kind]
+        res = [kernel(X, y, beta[c]) for c, X in enumerate(designs())]
+    elif kind == "firth":
+        inv = request.get("inv_info")
+        res = [stats.logistic_firth(X, y, beta[c], None if inv is None else inv[c])
+               for c, X in enumerate(designs())]
+    elif kind == "polr":
+        keep = np.asarray(xcols) != 0  # the cutpoints take the intercept's place
+        km1 = v.n_levels - 1
+        res = [stats.polr(X[:, keep], y, beta[c][:km1], beta[c][km1:])
+               for c, X in enumerate(designs())]
+    else:
         raise ValueError(f"unknown statistics {kind!r}")
+    for key in res[0] if res else ():
+        out_sum[key] = np.stack([r[key] for r in res])
     return {"sum": out_sum, "cat": out_cat}
 
 

@@ -224,6 +224,7 @@ class MultipleImputation:
             "logged_events": self._events,
             "parameters": self.parameters,
             "state": getattr(self, "_state_rel", None) if self._engine is not None else None,
+            "collapse": {v.name: v.collapse for v in sch.variables if v.collapse} if sch else {},
             "convergence": self._convergence_summary(),
             "files": files,
             "versions": _versions(),

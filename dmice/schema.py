@@ -29,13 +29,18 @@ UNSUPPORTED = "unsupported"
 
 #: methods that each kind accepts (the first is the default)
 METHODS_FOR_KIND: dict[str, tuple[str, ...]] = {
-    CONTINUOUS: ("pmm", "norm", "sample", ""),
-    BINARY: ("logreg", "pmm", "polyreg", "sample", ""),
+    CONTINUOUS: ("pmm", "norm", "poisson", "sample", ""),
+    BINARY: ("logreg", "logreg.firth", "pmm", "polyreg", "sample", ""),
     NOMINAL: ("polyreg", "sample", ""),
-    ORDINAL: ("polyreg", "sample", ""),
+    ORDINAL: ("polr", "polyreg", "sample", ""),
     UNSUPPORTED: ("",),
 }
-ALL_METHODS = ("norm", "pmm", "logreg", "polyreg", "sample", "")
+ALL_METHODS = ("norm", "pmm", "poisson", "logreg", "logreg.firth", "polyreg", "polr", "sample", "")
+
+#: default of ``min_level_count``: predictor levels observed fewer times than this share one column.
+#: Ten follows the usual events-per-parameter rule for logistic models: a dummy with fewer rows has a
+#: standard error of the order of its effect and often separates a binary or categorical target.
+MIN_LEVEL_COUNT = 10
 
 #: a string/object column with more distinct values than this is not treated as categorical
 MAX_LEVELS = 200
@@ -57,6 +62,10 @@ class Variable:
     integer: bool = False  # numeric column holding integers only
     method: str = ""
     cols: tuple[int, int] = (0, 0)  # [start, stop) in the encoded design matrix
+    counts: list[int] | None = None  # categorical: observed rows per level
+    minimum: float | None = None  # numeric: smallest observed value
+    groups: list[int] | None = None  # categorical predictor: encoded group of each level (0 = reference)
+    collapse: dict[str, str] | None = None  # merged levels -> their shared group label
 
     @property
     def incomplete(self) -> bool:
@@ -85,6 +94,7 @@ class Variable:
             "n_observed": self.n_observed,
             "levels": levels,
             "ordered": self.ordered,
+            **({"collapse": self.collapse} if self.collapse else {}),
         }
 
 
@@ -172,14 +182,17 @@ def summarize_partition(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
             info["shift"] = shift
             info["ss"] = float(((x - shift) ** 2).sum())
             info["integer"] = bool(np.all(x == np.round(x)))
+            info["min"] = float(x.min()) if len(x) else None
             uniq = np.unique(x[: 100_000]) if len(x) else np.array([])
             if len(uniq) <= 2:
                 uniq = np.unique(x)
             info["distinct"] = uniq[:3].tolist()
         elif pd.api.types.is_string_dtype(s.dtype) or s.dtype == object:
             info["family"] = "string"
-            vals = pd.unique(s[~miss])
-            info["distinct"] = sorted(map(str, vals[: MAX_LEVELS + 1]))
+            vc = s[~miss].astype(str).value_counts()
+            if len(vc) <= MAX_LEVELS:
+                info["counts"] = {str(k): int(c) for k, c in vc.items()}
+            info["distinct"] = sorted(map(str, vc.index[: MAX_LEVELS + 1]))
         else:
             info["family"] = "other"
         out[name] = info
@@ -204,6 +217,8 @@ def combine_summaries(parts: list[dict[str, dict[str, Any]]], dtypes: pd.Series)
                                  "numbers or missing values (NaN/NA/None)")
             distinct = sorted(set().union(*[set(i["distinct"]) for i in infos]))
             var.integer = all(i["integer"] for i in infos)
+            mins = [i["min"] for i in infos if i.get("min") is not None]
+            var.minimum = min(mins) if mins else None
             if len(distinct) == 2:
                 var.kind = BINARY
                 var.levels = [int(v) if var.integer else float(v) for v in distinct]
@@ -232,6 +247,7 @@ def combine_summaries(parts: list[dict[str, dict[str, Any]]], dtypes: pd.Series)
                     counts[c] = counts.get(c, 0) + k
             # categories never observed are kept in the dtype but not modelled (never imputed)
             var.levels = [c for c, k in counts.items() if k > 0]
+            var.counts = [counts[c] for c in var.levels]
             var.ordered = bool(infos[0]["ordered"])
             if len(var.levels) == 2:
                 var.kind = BINARY
@@ -243,6 +259,8 @@ def combine_summaries(parts: list[dict[str, dict[str, Any]]], dtypes: pd.Series)
                 var.kind = UNSUPPORTED
             else:
                 var.levels = levels
+                if all("counts" in i for i in infos):
+                    var.counts = [sum(i["counts"].get(lev, 0) for i in infos) for lev in levels]
                 var.kind = BINARY if len(levels) == 2 else NOMINAL
         variables.append(var)
     return variables
@@ -279,12 +297,12 @@ def assign_methods(variables: list[Variable], method: dict[str, str] | None) -> 
             if m == "pmm" and v.kind == BINARY and v.levels is not None \
                     and not all(isinstance(x, (int, float)) for x in v.levels):
                 raise InputError(f"method 'pmm' needs a numeric column; {v.name!r} has dtype {v.dtype}")
+            if m == "poisson" and v.incomplete and not (v.integer and (v.minimum or 0.0) >= 0):
+                raise InputError(f"method 'poisson' needs non-negative integer counts; column {v.name!r} "
+                                 "has negative or non-integer values")
             v.method = m if v.incomplete else ""
         else:
             v.method = allowed[0] if v.incomplete else ""
-            if v.incomplete and v.kind == ORDINAL:
-                events.append({"variable": v.name, "event": "ordinal variable imputed with polyreg "
-                               "(proportional-odds polr is not available yet)"})
         if v.kind == UNSUPPORTED:
             why = ("too many distinct values for a categorical variable"
                    if v.dtype in ("object", "str", "string") else f"dtype {v.dtype} is not supported")
@@ -296,6 +314,85 @@ def assign_methods(variables: list[Variable], method: dict[str, str] | None) -> 
     return events
 
 
+def collapse_levels(variables: list[Variable], min_level_count: int = MIN_LEVEL_COUNT,
+                    collapse: dict[str, dict[Any, Any]] | None = None) -> list[dict[str, Any]]:
+    """Merge rare or user-grouped levels of categorical predictors into shared design columns.
+
+    Each level of a nominal or ordinal variable gets a group (``Variable.groups``); levels of
+    one group share one dummy column in the encoded design of the *predictors*.  The variable
+    itself keeps all its levels when it is imputed: collapsing changes how it predicts other
+    variables, never the values it can take.
+
+    Parameters
+    ----------
+    variables : list of Variable
+    min_level_count : int
+        Levels observed fewer times merge into one group ``"other"``; when that group is itself
+        observed fewer times it joins the reference group (the group of the first level).
+        ``0`` or ``1`` disables automatic merging.
+    collapse : dict, optional
+        ``{column: {level: group label}}``: explicit merges, applied before the automatic rule.
+
+    Returns
+    -------
+    list of dict
+        Logged events (column names and counts only); the mapping is kept in
+        ``Variable.collapse`` (recorded in the manifest).
+    """
+    events: list[dict[str, Any]] = []
+    collapse = dict(collapse or {})
+    by_name = {v.name: v for v in variables}
+    for name, mapping in collapse.items():
+        if name not in by_name:
+            raise InputError(f"collapse names unknown column {name!r}")
+        v = by_name[name]
+        if v.kind not in (NOMINAL, ORDINAL):
+            raise InputError(f"collapse: column {name!r} is {v.kind}, not a categorical column with "
+                             "more than two levels")
+        if not isinstance(mapping, dict):
+            raise InputError(f"collapse[{name!r}] must be a dict of level -> group label")
+        known = {str(lev) for lev in v.levels or []}
+        bad = [k for k in mapping if str(k) not in known]
+        if bad:
+            raise InputError(f"collapse[{name!r}] names {len(bad)} level(s) the column does not have")
+    for v in variables:
+        if v.kind not in (NOMINAL, ORDINAL) or not v.levels:
+            continue
+        label = [str(lev) for lev in v.levels]
+        user = {str(k): str(g) for k, g in collapse.get(v.name, {}).items()}
+        label = [user.get(lab, lab) for lab in label]
+        n_user = sum(1 for lev in v.levels if str(lev) in user)
+        counts = v.counts
+        n_rare = 0
+        if counts is not None and min_level_count > 1:
+            tot: dict[str, int] = {}
+            for lab, k in zip(label, counts):
+                tot[lab] = tot.get(lab, 0) + k
+            rare = {lab for lab, k in tot.items() if k < min_level_count}
+            if len(rare) >= 1 and len(tot) > 2:
+                other = "other" if "other" not in tot or "other" in rare else "other (merged)"
+                n_rare = sum(1 for lab in label if lab in rare)
+                label = [other if lab in rare else lab for lab in label]
+                k_other = sum(k for lab, k in zip(label, counts) if lab == other)
+                if k_other < min_level_count and label[0] != other:
+                    label = [label[0] if lab == other else lab for lab in label]
+        order: dict[str, int] = {}
+        for lab in label:
+            order.setdefault(lab, len(order))
+        groups = [order[lab] for lab in label]
+        if groups == list(range(len(groups))):
+            continue
+        v.groups = groups
+        v.collapse = {str(lev): lab for lev, lab in zip(v.levels, label) if str(lev) != lab}
+        msg = f"{len(v.levels)} levels encoded as {len(order)} groups"
+        if n_rare:
+            msg += f"; {n_rare} level(s) observed fewer than {min_level_count} times merged"
+        if n_user:
+            msg += f"; {n_user} level(s) merged as given in collapse"
+        events.append({"variable": v.name, "event": f"predictor levels collapsed: {msg}"})
+    return events
+
+
 def layout(variables: list[Variable]) -> int:
     """Assign each predictor its columns in the encoded design; column 0 is the intercept."""
     pos = 1
@@ -304,7 +401,10 @@ def layout(variables: list[Variable]) -> int:
         if not usable:
             v.cols = (pos, pos)
             continue
-        width = v.n_levels - 1 if v.kind in (NOMINAL, ORDINAL) else 1
+        if v.kind in (NOMINAL, ORDINAL):
+            width = (max(v.groups) if v.groups is not None else v.n_levels - 1)
+        else:
+            width = 1
         v.cols = (pos, pos + width)
         pos += width
     return pos

@@ -2,8 +2,9 @@
 
 Each kernel turns the rows of one partition (one chain's design) into small
 statistics whose sums over partitions are the statistics of the whole data:
-gradients and information matrices for the Newton steps of the logistic and
-multinomial imputation models.  (Gram matrices of the linear models are built
+gradients and information matrices for the Newton steps of the logistic,
+Firth-logistic, multinomial, proportional-odds (polr) and Poisson imputation
+models.  (Gram matrices of the linear models are built
 in :mod:`dmice.block`, which reuses the part that never changes.)
 """
 
@@ -62,3 +63,98 @@ def multinomial(X: np.ndarray, codes: np.ndarray, B: np.ndarray) -> dict[str, np
     for a in range(km1):
         H[a * q:(a + 1) * q, a * q:(a + 1) * q] += XA[:, a * q:(a + 1) * q]
     return {"g": g, "H": H, "ll": np.array(ll)}
+
+
+#: Firth fits with at most this many coefficients take exact Newton steps on the penalised
+#: likelihood (the workers return a q x q^2 tensor); larger ones take logistf's I^-1 U* steps
+FIRTH_EXACT_MAX_Q = 60
+
+
+def logistic_firth(X: np.ndarray, y: np.ndarray, beta: np.ndarray,
+                   inv_info: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Logistic statistics plus Firth's modified score at ``beta``.
+
+    Returns the statistics of :func:`logistic` and ``gf = X'(y - mu + h (1/2 - mu))``, where
+    the hat values ``h_i = w_i x_i' inv_info x_i`` use the broadcast inverse information
+    ``inv_info`` (``gf`` equals ``g`` when it is None).  ``inv_info`` comes from the previous
+    Newton round; at a fixed point of the iteration it is the inverse information at ``beta``,
+    so the fixed point solves Firth's score equation exactly.
+    """
+    out = logistic(X, y, beta)
+    if inv_info is None:
+        out["gf"] = out["g"].copy()
+        return out
+    mu = expit(X @ beta)
+    w = mu * (1.0 - mu)
+    ht = np.einsum("ij,jk,ik->i", X, inv_info, X)  # x_i' I^-1 x_i
+    h = w * ht
+    out["gf"] = X.T @ (y - mu + h * (0.5 - mu))
+    q = X.shape[1]
+    if q <= FIRTH_EXACT_MAX_Q:
+        # second derivatives of log|I(beta)| / 2 (exact Newton on the penalised likelihood):
+        # A = X' diag(ht w (1 - 6w)) X and T[j] = X' diag(w (1 - 2 mu) x_j) X = dI/dbeta_j
+        out["A"] = (X * (ht * w * (1 - 6 * w))[:, None]).T @ X
+        a = w * (1 - 2 * mu)
+        T = np.zeros((q, q * q))
+        for s in range(0, X.shape[0], 4096):
+            Xc = X[s:s + 4096]
+            Z = (Xc[:, :, None] * Xc[:, None, :]).reshape(len(Xc), q * q)
+            T += (Xc * a[s:s + 4096, None]).T @ Z
+        out["T"] = T
+    return out
+
+
+def poisson(X: np.ndarray, y: np.ndarray, beta: np.ndarray) -> dict[str, np.ndarray]:
+    """Gradient, information and log-likelihood (up to ``-sum log y!``) of a Poisson log-linear model.
+
+    ``g = X'(y - mu)``, ``H = X' diag(mu) X`` with ``mu = exp(X beta)``, summed over the rows given.
+    """
+    eta = X @ beta
+    mu = np.exp(np.minimum(eta, 700.0))
+    Xs = X * np.sqrt(mu)[:, None]
+    return {"g": X.T @ (y - mu), "H": Xs.T @ Xs, "ll": np.array(float((y * eta - mu).sum())),
+            "sy": np.array(float(y.sum()))}
+
+
+def polr(X: np.ndarray, codes: np.ndarray, cuts: np.ndarray, beta: np.ndarray) -> dict[str, np.ndarray]:
+    """Gradient, observed information and log-likelihood of a proportional-odds logit.
+
+    ``P(Y <= k | x) = expit(cuts[k] - x' beta)`` for ``k = 0..K-2`` (``X`` without an intercept).
+    Parameters are stacked as ``[cuts (K-1), beta (q)]``.  With ``u = cuts[y] - eta``,
+    ``l = cuts[y-1] - eta`` and ``p = F(u) - F(l)`` each row contributes ``log p``; its
+    derivatives in ``(u, l)`` are combined with ``du/dtheta = (e_y, -x)`` and
+    ``dl/dtheta = (e_{y-1}, -x)``.  The log-likelihood is concave (Pratt 1981), so ``H``
+    (the negative Hessian) is positive semi-definite.  Also returns the level counts
+    ``counts`` (for the starting cutpoints).
+    """
+    n = X.shape[0]
+    km1 = len(cuts)
+    c = codes.astype(np.int64)
+    eta = X @ beta
+    ext = np.concatenate([[-np.inf], cuts, [np.inf]])
+    u = ext[c + 1] - eta
+    lo = ext[c] - eta
+    Fu, Fl = expit(u), expit(lo)
+    # P(l < Y* <= u) computed on the side that keeps precision
+    p = np.where(lo > 0, expit(-lo) - expit(-u), Fu - Fl)
+    p = np.clip(p, 1e-300, None)
+    fu, fl = Fu * (1 - Fu), Fl * (1 - Fl)
+    gu, gl = fu / p, -fl / p
+    huu = fu * (1 - 2 * Fu) / p - gu * gu
+    hll = -fl * (1 - 2 * Fl) / p - gl * gl
+    hul = -gu * gl  # f(u) f(l) / p^2
+    DU = np.zeros((n, km1 + X.shape[1]))
+    DL = np.zeros_like(DU)
+    top = c < km1
+    DU[np.nonzero(top)[0], c[top]] = 1.0
+    bot = c > 0
+    DL[np.nonzero(bot)[0], c[bot] - 1] = 1.0
+    DU[:, km1:] = -X
+    DL[:, km1:] = -X
+    g = DU.T @ gu + DL.T @ gl
+    H = (DU * huu[:, None]).T @ DU + (DL * hll[:, None]).T @ DL
+    C = (DU * hul[:, None]).T @ DL
+    H = -(H + C + C.T)
+    ll = float(np.log(p).sum())
+    counts = np.bincount(c, minlength=km1 + 1).astype(float)
+    return {"g": g, "H": H, "ll": np.array(ll), "counts": counts}

@@ -16,23 +16,60 @@ from typing import Any
 import numpy as np
 
 from dmice import rng as _rng
+from dmice.errors import InputError
 from dmice.methods import linear, newton
-from dmice.schema import Variable
+from dmice.schema import MIN_LEVEL_COUNT, Variable
 
 #: penalty added to the coefficients when a model has too few observations
 FALLBACK_PENALTY = 1.0
 #: a Newton fit is accepted once its remaining error is predicted below this many standard errors
 NEWTON_ACCURACY = 0.05
+#: statistics computed by the workers for each Newton method
+NEWTON_STATS = {"logreg": "logistic", "logreg.firth": "firth", "polyreg": "multinomial",
+                "polr": "polr", "poisson": "poisson"}
+#: ways of handling separation of a logistic or multinomial fit
+SEPARATION = ("firth", "ridge", "error", "none")
+#: separation rule: an accepted Newton step still moving a coefficient by at least this much
+#: (encoded scale: continuous predictors standardised, dummies 0/1) ...
+SEPARATION_STEP = 0.5
+#: ... and by at least this fraction of the previous step in the same direction
+SEPARATION_RATIO = 0.8
 
 
 class TargetModel:
-    """The conditional model of one incomplete variable, for all chains."""
+    """The conditional model of one incomplete variable, for all chains.
+
+    Newton methods (``logreg``, ``logreg.firth``, ``polyreg``, ``polr``, ``poisson``) keep one flat
+    parameter vector per chain: the coefficients on ``xcols`` (level by level for ``polyreg``), or
+    ``[cutpoints, slopes]`` for ``polr`` (the slopes on ``xcols`` without the intercept).
+
+    Separation of a logistic or multinomial fit is declared when the fit reaches its step limit, or
+    when a Newton step of at most one standard error still moves some coefficient by at least
+    ``SEPARATION_STEP`` and by at least ``SEPARATION_RATIO`` times its previous step in the same
+    direction: a finite maximum is approached quadratically, while a coefficient diverging under separation moves by about the same
+    amount every step (its information shrinks as fast as its score).  It is then handled as
+    ``separation`` says: ``"firth"`` refits a binary target by Firth's penalised likelihood (a
+    multinomial one with the ridge penalty), ``"ridge"`` refits with the ridge penalty
+    ``FALLBACK_PENALTY``, ``"error"`` raises, ``"none"`` keeps the maximum-likelihood fit (mice's
+    behaviour, for comparisons).  A separated ``polr`` fit falls back to ``polyreg``.
+
+    ``shrinkage`` puts a Gaussian prior ``N(0, tau^2)`` on every ``polyreg`` coefficient but the
+    intercepts: Newton then finds the posterior mode (the prior precision added to the information)
+    and draws come from the Laplace approximation ``N(mode, (H + I / tau^2)^-1)``.  A number is
+    ``tau``; ``"auto"`` applies to targets with a level observed fewer than ``min_level_count``
+    times and sets ``tau^2`` per chain by empirical Bayes, iterating MacKay's update
+    ``tau^2 = |b|^2 / (k - tr(V) / tau^2)`` (``k`` penalised coefficients, ``V`` their posterior
+    covariance) until it moves by less than 1%; its fixed point ``tau^2 = (|b|^2 + tr V) / k`` is the
+    stationary point of the Laplace evidence with the curvature held fixed.
+    """
 
     def __init__(self, j: int, var: Variable, xcols: np.ndarray, *, m: int, seed: int,
                  donors: int = 5, ridge: float = 1e-5, newton_tol: float = 0.2,
                  newton_accuracy: float = NEWTON_ACCURACY,
                  max_newton: int = 25, sample_pool: np.ndarray | None = None, chain0: int = 0,
-                 labels: list[str] | None = None, screen: bool = True, stream: tuple[int, ...] = ()):
+                 labels: list[str] | None = None, screen: bool = True, stream: tuple[int, ...] = (),
+                 separation: str = "firth", shrinkage: str | float | None = "auto",
+                 min_level_count: int = MIN_LEVEL_COUNT):
         self.j = j
         self.var = var
         self.method = var.method
@@ -46,9 +83,23 @@ class TargetModel:
         self.max_newton = max_newton
         self.sample_pool = sample_pool
         self.chain0 = chain0  # number of the first chain: draws are keyed by chain number
-        q = len(self.xcols)
-        self.n_params = q * (var.n_levels - 1) if self.method == "polyreg" else q
+        self.separation = separation
         self.beta: np.ndarray | None = None  # current estimates (Newton methods), kept across visits
+        self.inv_info: np.ndarray | None = None  # Firth: inverse information at beta (score rounds)
+        self._firth: dict[str, Any] = {}  # Firth: last accepted estimate and its penalised likelihood
+        self._init_pending = False  # polr/poisson: the first round only supplies starting values
+        self._separated = False
+        self._sep_penalty = 0.0
+        self.prior_var: np.ndarray | None = None  # shrinkage: prior variance per chain
+        self._fixed_prior = None
+        if self.method == "polyreg" and shrinkage is not None:
+            if shrinkage == "auto":
+                sparse = var.counts is not None and min(var.counts) < min_level_count
+                if sparse:
+                    self.prior_var = np.ones(m)
+            else:
+                self._fixed_prior = float(shrinkage) ** 2
+                self.prior_var = np.full(m, self._fixed_prior)
         self._fits: list[Any] = []
         self._donor: tuple[np.ndarray, np.ndarray] | None = None
         self._rounds = 0
@@ -64,7 +115,10 @@ class TargetModel:
     def get_state(self) -> dict[str, Any]:
         """Warm start of the Newton fits (what a continued run needs from this model)."""
         return {"beta": None if self.beta is None else self.beta.copy(), "curvature": self._curvature,
-                "xcols": self.xcols.copy(), "dropped": list(self.dropped)}
+                "xcols": self.xcols.copy(), "dropped": list(self.dropped), "method": self.method,
+                "separated": self._separated, "sep_penalty": self._sep_penalty,
+                "prior_var": None if self.prior_var is None else self.prior_var.copy(),
+                "inv_info": None if self.inv_info is None else self.inv_info.copy()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         beta = state.get("beta")
@@ -72,15 +126,41 @@ class TargetModel:
         self._curvature = float(state.get("curvature", 0.0))
         if state.get("xcols") is not None:  # predictors dropped by the screening stay dropped
             self.xcols = np.asarray(state["xcols"], dtype=np.int64)
-            q = len(self.xcols)
-            self.n_params = q * (self.var.n_levels - 1) if self.method == "polyreg" else q
         self.dropped = list(state.get("dropped", []))
+        if state.get("method"):  # a separated logreg continues as logreg.firth, a failed polr as polyreg
+            self.method = self.var.method = state["method"]
+        self._separated = bool(state.get("separated", False))
+        self._sep_penalty = float(state.get("sep_penalty", 0.0))
+        for key in ("prior_var", "inv_info"):
+            if state.get(key) is not None:
+                setattr(self, key, np.asarray(state[key], dtype=float).copy())
+        self._prev_delta: np.ndarray | None = None
+
+    @property
+    def n_params(self) -> int:
+        q = len(self.xcols)
+        if self.method == "polyreg":
+            return q * (self.var.n_levels - 1)
+        if self.method == "polr":
+            return self.var.n_levels - 1 + int(np.sum(self.xcols != 0))
+        return q
+
+    def _intercepts(self) -> np.ndarray:
+        """Positions of the unpenalised parameters (intercepts, cutpoints) in the flat vector."""
+        q = len(self.xcols)
+        i0 = np.nonzero(self.xcols == 0)[0]
+        if self.method == "polyreg":
+            return (np.arange(self.var.n_levels - 1)[:, None] * q + i0[None, :]).reshape(-1)
+        if self.method == "polr":
+            return np.arange(self.var.n_levels - 1)
+        return i0
 
     # -- what the workers compute -------------------------------------------------
     @property
     def stat(self) -> str | None:
-        return {"norm": "gram", "pmm": "gram", "logreg": "logistic",
-                "polyreg": "multinomial"}.get(self.method)
+        if self.method in ("norm", "pmm"):
+            return "gram"
+        return NEWTON_STATS.get(self.method)
 
     def request(self) -> dict[str, Any] | None:
         if self.stat is None:
@@ -88,8 +168,10 @@ class TargetModel:
         req: dict[str, Any] = {"var": self.j, "stat": self.stat, "xcols": self.xcols}
         if self.method == "pmm":
             req["pool"] = True
-        if self.stat in ("logistic", "multinomial"):
+        if self.stat != "gram":
             req["beta"] = self._current_beta()
+        if self.stat == "firth":
+            req["inv_info"] = self.inv_info
         return req
 
     def _current_beta(self) -> np.ndarray:
@@ -98,8 +180,37 @@ class TargetModel:
             if self.method == "polyreg":
                 self.beta = np.zeros((self.m, q, self.var.n_levels - 1))
             else:
-                self.beta = np.zeros((self.m, q))
+                self.beta = np.zeros((self.m, self.n_params))
+                if self.method == "polr":  # any increasing cutpoints; the first round replaces them
+                    self.beta[:, :self.var.n_levels - 1] = np.arange(self.var.n_levels - 1)
+            self._init_pending = self.method in ("polr", "poisson")
         return self.beta
+
+    def _flat(self, b: np.ndarray) -> np.ndarray:
+        return b.T.reshape(-1) if self.method == "polyreg" else b
+
+    def _unflat(self, new: np.ndarray) -> np.ndarray:
+        if self.method == "polyreg":
+            q = len(self.xcols)
+            return new.reshape(self.m, -1, q).transpose(0, 2, 1)
+        return new
+
+    def _start(self, s: dict[str, np.ndarray]) -> None:
+        """Starting values of polr (cutpoints at the marginal logits) and poisson (log mean)."""
+        beta = np.zeros((self.m, self.n_params))
+        if self.method == "polr":
+            for c in range(self.m):
+                cnt = s["counts"][c]
+                cum = np.clip(np.cumsum(cnt)[:-1] / max(cnt.sum(), 1.0), 1e-6, 1 - 1e-6)
+                cuts = np.log(cum / (1 - cum))
+                beta[c, :len(cuts)] = cuts + 1e-6 * np.arange(len(cuts))  # strictly increasing
+        else:
+            i0 = np.nonzero(self.xcols == 0)[0]
+            mean = max(float(s["sy"][0]) / max(float(s["n"]), 1.0), 1e-8)
+            if len(i0):
+                beta[:, i0[0]] = np.log(mean)
+        self.beta = beta
+        self._init_pending = False
 
     # -- fitting ---------------------------------------------------------------------
     def _penalty(self, n: float) -> float:
@@ -112,20 +223,54 @@ class TargetModel:
             if stale:
                 return False
         n = float(res["sum"]["n"])
-        penalty = self._penalty(n)
-        if penalty and self._rounds == 0:
+        if self._init_pending:
+            self._start(res["sum"])
+            return False
+        penalty = max(self._penalty(n), self._sep_penalty)
+        if self._penalty(n) and self._rounds == 0:
             events.append({"iteration": iteration, "variable": self.var.name,
                            "event": f"ridge fallback: {int(n)} observed rows for "
                                     f"{self.n_params} parameters"})
         try:
-            return self._update(res, n, penalty, iteration, events)
+            try:
+                return self._update(res, n, penalty, iteration, events)
+            except np.linalg.LinAlgError:
+                if penalty:
+                    raise
+                events.append({"iteration": iteration, "variable": self.var.name,
+                               "event": "ridge fallback: singular information matrix (constant or "
+                                        "collinear predictors)"})
+                return self._update(res, n, FALLBACK_PENALTY, iteration, events)
         except np.linalg.LinAlgError:
-            if penalty:
+            if self.method != "polr":
                 raise
-            events.append({"iteration": iteration, "variable": self.var.name,
-                           "event": "ridge fallback: singular information matrix (constant or "
-                                    "collinear predictors)"})
-            return self._update(res, n, FALLBACK_PENALTY, iteration, events)
+            self._to_polyreg("its information matrix is singular even with the ridge penalty",
+                             iteration, events)
+            return False
+
+    def _to_polyreg(self, why: str, iteration: int, events: list[dict[str, Any]]) -> None:
+        """Fall back from polr to polyreg (refitted from scratch) with a logged event."""
+        events.append({"iteration": iteration, "variable": self.var.name,
+                       "event": f"polr cannot be fitted ({why}); imputed with polyreg instead"})
+        self.method = "polyreg"
+        self.var.method = "polyreg"
+        self.beta = None
+        self._init_pending = False
+        self._rounds = 0
+        self._last_step = np.inf
+        self._curvature = 0.0
+        self._prev_delta = None
+
+    def _penalty_matrix(self, penalty: float, c: int) -> np.ndarray | None:
+        d = np.zeros(self.n_params)
+        if penalty:
+            d += penalty
+        if self.prior_var is not None:
+            d += 1.0 / self.prior_var[c]
+        if not d.any():
+            return None
+        d[self._intercepts()] = 0.0
+        return np.diag(d)
 
     def _screen(self, res: dict[str, Any], iteration: int, events: list[dict[str, Any]]
                 ) -> tuple[dict[str, Any], bool]:
@@ -162,7 +307,6 @@ class TargetModel:
             return res, False
         self.xcols = self.xcols[keep]
         q = len(self.xcols)
-        self.n_params = q * (self.var.n_levels - 1) if self.method == "polyreg" else q
         if self.stat == "gram":
             sel = np.append(np.nonzero(keep)[0], len(keep))
             new = {"sum": dict(s, G=s["G"][:, sel][:, :, sel]), "cat": dict(res["cat"])}
@@ -184,24 +328,33 @@ class TargetModel:
             self.last_rounds = 1
             return True
         beta = self._current_beta()
-        q = len(self.xcols)
-        shape = beta.shape[1:]
-        km1 = 1 if self.method == "logreg" else shape[1]
-        intercepts = np.arange(km1) * q  # column 0 of X in each level block
-        P = newton.penalty_matrix(self.n_params, penalty, intercepts) if penalty else None
+        if self.stat == "firth" and self.inv_info is None:
+            return self._firth_information(s, penalty)
+        score = s["gf"] if self.stat == "firth" else s["g"]
         worst = 0.0
         fits = []
+        deltas = []
         for c in range(self.m):
-            b = beta[c].T.reshape(-1) if self.method == "polyreg" else beta[c]
-            st = newton.step(b, s["g"][c], s["H"][c], P)
+            b = self._flat(beta[c])
+            H = s["H"][c]
+            if self.stat == "firth":
+                H = self._firth_hessian(s, c)
+            st = newton.step(b, score[c], H, self._penalty_matrix(penalty, c))
+            if self.stat == "firth":
+                st.cov = self._firth["inv"][c]  # draws and hat values use the Fisher information
+            if self.method == "polr":
+                st.beta = _ordered_cuts(b, st.beta, self.var.n_levels - 1)
             fits.append(st)
+            deltas.append(st.beta - b)
             worst = max(worst, st.step_se)
-        new = np.stack([f.beta for f in fits])
-        if self.method == "polyreg":
-            new = new.reshape(self.m, km1, q).transpose(0, 2, 1)
-        self.beta = new
+        self.beta = self._unflat(np.stack([f.beta for f in fits]))
+        if self.stat == "firth":
+            self.inv_info = None  # the next round computes the information at the new estimate
         self._fits = fits
         self._rounds += 1
+        delta = np.stack(deltas)
+        prev_delta, self._prev_delta = self._prev_delta, delta
+        prior_moved = self._update_prior()
         # Newton converges quadratically: e_next ~ M e^2 (in standard errors).  M is measured on
         # consecutive steps of the same fit; once known, a step d leaves an error of about M d^2.
         prev, self._last_step = self._last_step, worst
@@ -209,16 +362,142 @@ class TargetModel:
             self._curvature = max(self._curvature, worst / prev**2)
         predicted = self._curvature * worst**2 if self._curvature > 0 else np.inf
         done = worst <= self.newton_tol or (worst <= 3.0 and predicted <= self.newton_accuracy)
+        done = done and not prior_moved
+        if (done or worst <= 1.0 or self._rounds >= self.max_newton) \
+                and self._check_separation(done, delta, prev_delta, iteration, events):
+            return False
         if done or self._rounds >= self.max_newton:
+            if not done and self.method == "polr":
+                self._to_polyreg(f"no convergence in {self._rounds} Newton steps, e.g. a predictor "
+                                 "orders the levels perfectly", iteration, events)
+                return False
             if not done:
                 events.append({"iteration": iteration, "variable": self.var.name,
-                               "event": f"Newton fit did not converge in {self._rounds} steps "
-                                        "(possible separation)"})
-            self.last_rounds = self._rounds
-            self._rounds = 0
-            self._last_step = np.inf
+                               "event": f"Newton fit did not converge in {self._rounds} steps"})
+            self._finish()
             return True
         return False
+
+    def _firth_information(self, s: dict[str, np.ndarray], penalty: float) -> bool:
+        """Firth, first round of a step: information and penalised likelihood at the current estimate.
+
+        Like logistf, a step that lowers the penalised log-likelihood ``l + log|I| / 2`` is halved
+        back towards the previous estimate (per chain).  Otherwise the inverse information is
+        kept and broadcast, and the next round computes the modified score with exact hat values.
+        """
+        beta = self.beta
+        prev = self._firth.get("beta")
+        pll = np.array([float(s["ll"][c]) + 0.5 * np.linalg.slogdet(s["H"][c])[1] for c in range(self.m)])
+        if prev is not None:
+            worse = pll < self._firth["pll"] - 1e-9
+            halvings = self._firth.get("halvings", 0)
+            if worse.any() and halvings < 20:
+                self.beta = np.where(worse[:, None], (prev + beta) / 2, beta)
+                self._firth["halvings"] = halvings + 1
+                return False
+        self._firth = {"beta": beta.copy(), "pll": pll, "halvings": 0}
+        inv = []
+        for c in range(self.m):
+            P = self._penalty_matrix(penalty, c)
+            H = s["H"][c] + (P if P is not None else 0.0)
+            Li = np.linalg.inv(np.linalg.cholesky(H))
+            inv.append(Li.T @ Li)
+        self.inv_info = np.stack(inv)
+        self._firth["H"] = s["H"]
+        self._firth["inv"] = self.inv_info
+        return False
+
+    def _firth_hessian(self, s: dict[str, np.ndarray], c: int) -> np.ndarray:
+        """Negative Hessian of ``l + log|I| / 2``: ``I - A / 2 + B / 2`` with
+        ``B_jk = tr(V T_j V T_k)``; the Fisher information ``I`` where it is not positive definite."""
+        info = self._firth["H"][c]
+        if "T" not in s:
+            return info
+        V = self._firth["inv"][c]
+        q = info.shape[0]
+        T = s["T"][c].reshape(q, q, q)
+        VT = np.einsum("ab,jbc->jac", V, T)  # V T_j
+        Bm = np.einsum("jac,kca->jk", VT, VT)  # tr(V T_j V T_k)
+        Hp = info - 0.5 * s["A"][c] + 0.5 * Bm
+        Hp = (Hp + Hp.T) / 2
+        try:
+            np.linalg.cholesky(Hp)
+        except np.linalg.LinAlgError:
+            return info
+        return Hp
+
+    def _finish(self) -> None:
+        self._firth = {}
+        self.last_rounds = self._rounds
+        self._rounds = 0
+        self._last_step = np.inf
+        self._prev_delta = None
+
+    def _update_prior(self) -> bool:
+        """Empirical-Bayes prior variance (MacKay's fixed point); True while it still moves."""
+        if self.prior_var is None or self._fixed_prior is not None:
+            return False
+        pen = np.ones(self.n_params, dtype=bool)
+        pen[self._intercepts()] = False
+        k = int(pen.sum())
+        moved = False
+        for c, f in enumerate(self._fits):
+            b = f.beta[pen]
+            tr = float(np.trace(f.cov[np.ix_(pen, pen)]))
+            old = self.prior_var[c]
+            gamma = max(k - tr / old, 1e-3)  # effective number of well-determined coefficients
+            new = float(np.clip(b @ b / gamma, 1e-4, 1e4))
+            self.prior_var[c] = new
+            moved |= abs(np.log(new / old)) > 0.01
+        return moved
+
+    def _check_separation(self, done: bool, delta: np.ndarray, prev_delta: np.ndarray | None,
+                          iteration: int, events: list[dict[str, Any]]) -> bool:
+        """Apply the separation rule at the end of a fit; True when the model is refitted."""
+        if self.method not in ("logreg", "polyreg", "polr") or self._separated:
+            return False
+        separated = not done and self._rounds >= self.max_newton
+        if prev_delta is not None:
+            for d, dp in zip(delta, prev_delta):
+                i = int(np.argmax(np.abs(d)))
+                if abs(d[i]) >= SEPARATION_STEP and d[i] * dp[i] > 0 \
+                        and abs(d[i]) >= SEPARATION_RATIO * abs(dp[i]):
+                    separated = True
+        if not separated:
+            return False
+        name = self.var.name
+        if self.separation == "error":
+            raise InputError(f"column {name!r}: the {self.method} model is separated (a predictor "
+                             "predicts some of its values perfectly); use separation='firth' or "
+                             "'ridge', collapse rare levels, or choose another method")
+        fit = NEWTON_STATS[self.method]
+        if self.separation == "none":  # plain maximum likelihood, as mice without augmentation
+            self._separated = True
+            events.append({"iteration": iteration, "variable": name,
+                           "event": f"separation detected in the {fit} fit after {self._rounds} "
+                                    "Newton steps; maximum-likelihood fit kept (separation='none')"})
+            return False
+        if self.method == "polr":  # the multinomial model then gets its own separation handling
+            self._to_polyreg(f"separation detected after {self._rounds} Newton steps", iteration, events)
+            return True
+        self._separated = True
+        if self.method == "logreg" and self.separation == "firth":
+            self.method = "logreg.firth"
+            self.var.method = "logreg.firth"
+            what = "refitted by Firth's penalised likelihood (logreg.firth)"
+        else:
+            self._sep_penalty = FALLBACK_PENALTY
+            what = f"refitted with a ridge penalty of {FALLBACK_PENALTY}"
+        events.append({"iteration": iteration, "variable": name,
+                       "event": f"separation detected in the {fit} fit after {self._rounds} Newton steps; {what}"})
+        self.beta = None
+        self.inv_info = None
+        self._firth = {}
+        self._rounds = 0
+        self._last_step = np.inf
+        self._curvature = 0.0
+        self._prev_delta = None
+        return True
 
     # -- drawing -----------------------------------------------------------------------
     def order(self, iteration: int) -> dict[str, Any]:
@@ -245,9 +524,21 @@ class TargetModel:
                 o["donor_yhat"], o["donor_y"], o["donors"] = dyh, dy, self.donors
             return o
         draws = [newton.draw(f.beta, f.cov, g) for f, g in zip(self._fits, gens)]
-        beta = np.stack(draws)
-        if self.method == "polyreg":
-            q = len(self.xcols)
-            beta = beta.reshape(self.m, -1, q).transpose(0, 2, 1)
-        o["beta"] = beta
+        if self.method == "polr":
+            km1 = self.var.n_levels - 1
+            draws = [_ordered_cuts(f.beta, d, km1) for f, d in zip(self._fits, draws)]
+            slopes = np.zeros((self.m, len(self.xcols)))
+            slopes[:, self.xcols != 0] = np.stack([d[km1:] for d in draws])
+            o["beta"] = slopes
+            o["cuts"] = np.stack([d[:km1] for d in draws])
+            return o
+        o["beta"] = self._unflat(np.stack(draws))
         return o
+
+
+def _ordered_cuts(b: np.ndarray, new: np.ndarray, km1: int) -> np.ndarray:
+    """Move from ``b`` towards ``new`` by halving the move until the cutpoints stay increasing."""
+    t = 1.0
+    while km1 > 1 and np.any(np.diff(b[:km1] + t * (new[:km1] - b[:km1])) <= 0) and t > 1e-12:
+        t /= 2
+    return b + t * (new - b)
