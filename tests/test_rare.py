@@ -246,8 +246,10 @@ def _rare_level(n=100_000, seed=5, separated=False):
 @pytest.mark.parametrize("min_level_count", [0, 10])
 def test_rare_predictor_level_with_and_without_collapsing(min_level_count):
     df = _rare_level()
+    # screen=False: the Newton fit on the full design (the default screening would drop the
+    # 5-row dummy as near-constant, see the next test)
     model, X, events = _fit(df, "b", setup={"min_level_count": min_level_count}, newton_tol=1e-10,
-                            newton_accuracy=0.0)
+                            newton_accuracy=0.0, screen=False)
     obs = df.dropna()
     icd = obs["icd"].astype(str)
     if min_level_count:
@@ -266,14 +268,33 @@ def test_rare_predictor_level_with_and_without_collapsing(min_level_count):
 
 def test_rare_level_separating_the_target_stays_finite():
     df = _rare_level(separated=True)
-    # without collapsing, the 5 rows (all b = 0) separate: detected, refitted by Firth
-    model, X, events = _fit(df, "b", setup={"min_level_count": 0})
+    # without collapsing or screening, the 5 rows (all b = 0) separate: detected, refitted by Firth
+    model, X, events = _fit(df, "b", setup={"min_level_count": 0}, screen=False)
     assert any("separation detected" in e["event"] for e in events)
     se = np.sqrt(np.diag(model._fits[0].cov))
     assert np.all(np.abs(model.beta[0]) < 10) and se.max() < 5
     # with collapsing there is nothing to separate
     model, X, events = _fit(df, "b", setup={"min_level_count": 10})
     assert model.method == "logreg" and not any("separation" in e["event"] for e in events)
+
+
+def test_screening_drops_a_near_constant_rare_dummy_as_mice_does():
+    # without collapsing, the default screening (mice's remove.lindep: variance below 1e-4)
+    # drops the 5-row dummy before any fit, with a logged event; the fit then equals the
+    # logistic regression without that column
+    df = _rare_level(separated=True)
+    model, X, events = _fit(df, "b", setup={"min_level_count": 0}, newton_tol=1e-10, newton_accuracy=0.0)
+    assert len(model.xcols) == 4 and len(model.dropped) == 1
+    assert any("dropped" in e["event"] for e in events)
+    assert not any("separation" in e["event"] for e in events)
+    obs = df.dropna()
+    icd = obs["icd"].astype(str)
+    keep = icd != "R"
+    ref_X = sm.add_constant(np.column_stack([(icd == "B").astype(float), (icd == "C").astype(float),
+                                             obs["x"].to_numpy()]))
+    ref = sm.Logit(obs["b"].to_numpy(), ref_X).fit(disp=0, tol=1e-12)
+    np.testing.assert_allclose(expit(X[:, model.xcols] @ model.beta[0])[keep.to_numpy()],
+                               ref.predict()[keep.to_numpy()], rtol=1e-6, atol=1e-10)
 
 
 def test_user_collapse_mapping_recorded_without_level_names_in_events():

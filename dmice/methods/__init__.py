@@ -110,6 +110,7 @@ class TargetModel:
         self.screen = screen  # drop constant and collinear predictors before each fit
         self.stream = tuple(stream)  # extra key of the client-side random streams (by= groups)
         self.dropped: list[str] = []  # labels of the predictors dropped so far
+        self._prev_delta: np.ndarray | None = None
 
     # -- state kept across visits -------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
@@ -134,7 +135,6 @@ class TargetModel:
         for key in ("prior_var", "inv_info"):
             if state.get(key) is not None:
                 setattr(self, key, np.asarray(state[key], dtype=float).copy())
-        self._prev_delta: np.ndarray | None = None
 
     @property
     def n_params(self) -> int:
