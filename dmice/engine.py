@@ -27,7 +27,7 @@ from dask.sizeof import sizeof
 from distributed import Client, Future, wait
 
 from dmice import block as _block
-from dmice.methods import TargetModel
+from dmice.methods import NEWTON_STATS, TargetModel
 from dmice.schema import Schema
 
 log = logging.getLogger("dmice")
@@ -155,13 +155,15 @@ class Engine:
         self.iteration = iteration
 
     def prefit(self, events: list[dict[str, Any]]) -> None:
-        """Cold-start Newton fits of all logistic and multinomial models together, on the initial fill.
+        """Cold-start Newton fits of all Newton models (logistic, Firth, multinomial, polr, Poisson)
+        together, on the initial fill.
 
         Each round computes the statistics of every model still iterating, so the cold start
         costs as many rounds as the slowest model needs rather than their sum; the first visit
         of each model then starts warm.
         """
-        pending = [m for m in self.models.values() if m.stat in ("logistic", "multinomial")]
+        newton = set(NEWTON_STATS.values())
+        pending = [m for m in self.models.values() if m.stat in newton]
         while pending:
             res = self._round(None, [m.request() for m in pending])
             pending = [m for i, m in enumerate(pending)
