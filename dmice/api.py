@@ -161,7 +161,8 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         Stop before ``max_iter`` once every chain statistic's R-hat over the second half
         of the iterations is below this value (e.g. 1.05; needs m >= 2 and is first
         checked after 8 iterations).  The result equals a run with ``max_iter`` set to
-        the iteration where it stopped.
+        the iteration where it stopped.  R-hat from few iterations is noisy (5 well-mixed
+        chains of 5 iterations often reach 1.2), so a strict value rarely stops early.
     checkpoint : str, optional
         fsspec URL where the state of the chains is saved every ``checkpoint_every``
         iterations.  When it already holds a checkpoint of the same configuration (same

@@ -143,8 +143,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
+    from dmice import store
     from dmice.report import build_report
 
+    store.read_manifest(args.output_dir)  # a missing or incomplete output is named before anything else
     try:
         written = build_report(args.output_dir, bins=args.bins, variables=args.variable or None)
     except ImportError as e:

@@ -236,7 +236,7 @@ class MultipleImputation:
 
         w = trailing_window(self.iterations)
         return verdict(self.convergence(window=max(w, 1)), (self.iterations - w + 1, self.iterations)
-                       if w else None)
+                       if w else None, chains=self.m)
 
     def _convergence_summary(self) -> dict[str, Any]:
         conv = self.convergence()

@@ -12,7 +12,7 @@ from conftest import mixed_frame
 
 import dmice
 from dmice import store
-from dmice.diagnostics import RHAT_OK
+from dmice.diagnostics import RHAT_OK, threshold
 from dmice.errors import InputError, OutputError
 
 
@@ -117,10 +117,11 @@ def test_until_rhat_stops_early_and_equals_a_run_of_that_length(cluster_client):
 
 
 def _sticky(n=3000, seed=0):
-    """Two nearly collinear variables missing together: mice's classic slowly mixing case."""
+    """Two strongly correlated variables missing together: mice's classic slowly mixing case
+    (correlation 0.989, just below the 0.99 at which the screening drops a predictor)."""
     g = np.random.default_rng(seed)
     a = g.normal(size=n)
-    b = a + 0.05 * g.normal(size=n)
+    b = a + 0.15 * g.normal(size=n)
     c = g.normal(size=n)
     miss = g.random(n) < 0.8
     df = pd.DataFrame({"a": a, "b": b, "c": c})
@@ -135,9 +136,9 @@ def test_non_converged_runs_are_flagged(cluster_client):
     assert "NOT converged" in one.verdict() and "NOT converged" in repr(one)
     # a bad start: chains filled from random observed values, and a and b, missing together
     # and almost collinear, can only drift slowly away from it (mice's pathological case)
-    few = dmice.impute(ddf, m=4, max_iter=10, seed=1, progress=False)
-    conv = few.convergence(window=5)
-    assert conv["rhat"].max() > RHAT_OK
+    few = dmice.impute(ddf, m=4, max_iter=20, seed=1, progress=False)
+    conv = few.convergence(window=10)
+    assert conv["rhat"].max() > threshold(4, 10, len(conv)) > RHAT_OK
     assert "NOT converged" in few.verdict()
 
 
