@@ -622,10 +622,11 @@ def latest_checkpoint(url: str, storage_options: dict[str, Any] | None) -> dict[
 
 
 def publish_checkpoint(url: str, storage_options: dict[str, Any] | None, pointer: dict[str, Any]) -> None:
-    """Point ``LATEST.json`` at a complete checkpoint directory, then drop older ones."""
+    """Point ``LATEST.json`` at a complete checkpoint directory (replacing it atomically), then
+    drop older ones."""
     fs, root = filesystem(url, storage_options)
-    with fs.open(posixpath.join(root, LATEST), "w") as f:
-        json.dump(pointer, f)
+    # atomic: a run killed here, or a reader polling, sees the old pointer or the new one
+    _replace_atomically(fs, posixpath.join(root, LATEST), json.dumps(pointer).encode())
     keep = posixpath.basename(pointer["dir"].rstrip("/"))
     for e in fs.ls(root, detail=False):
         name = posixpath.basename(e.rstrip("/"))
