@@ -71,3 +71,22 @@ def s3(cluster_client):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def encoded_blocks(df: pd.DataFrame, method=None, m: int = 1, seed: int = 3, parts: int = 1,
+                   min_level_count: int = 0, collapse=None):
+    """Schema, plan and initially filled blocks of ``df`` in ``parts`` partitions, without a cluster
+    (the engine's set-up, in process): ``(variables, plan, blocks, pools)``."""
+    from dmice import block as B
+    from dmice import schema as S
+
+    variables = S.combine_summaries([S.summarize_partition(df)], df.dtypes)
+    S.assign_methods(variables, method)
+    S.collapse_levels(variables, min_level_count, collapse)
+    Q = S.layout(variables)
+    plan = B.Plan(tuple(variables), Q, m, seed, {j: 1.0 for j, v in enumerate(variables) if v.imputed})
+    bounds = np.linspace(0, len(df), parts + 1).astype(int)
+    blocks = [B.encode_partition(df.iloc[a:b], plan, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    pools = {j: np.concatenate([B.sample_values(b)[j] for b in blocks]) for j in blocks[0].mis}
+    blocks = [B.init_fill(b, plan, pools) for b in blocks]
+    return variables, plan, blocks, pools

@@ -11,28 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
+from conftest import encoded_blocks
 from scipy import stats as sps
 
 from dmice import block as B
-from dmice import schema as S
 from dmice.methods import TargetModel, linear, newton
-
-
-def _setup(df, method=None, m=1, seed=3, parts=1):
-    variables = S.combine_summaries([S.summarize_partition(df)], df.dtypes)
-    S.assign_methods(variables, method)
-    Q = S.layout(variables)
-    plan = B.Plan(tuple(variables), Q, m, seed, {j: 1.0 for j, v in enumerate(variables) if v.imputed})
-    bounds = np.linspace(0, len(df), parts + 1).astype(int)
-    blocks = [B.encode_partition(df.iloc[a:b], plan, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-    pools = {j: np.concatenate([B.sample_values(b)[j] for b in blocks]) for j in blocks[0].mis}
-    blocks = [B.init_fill(b, plan, pools) for b in blocks]
-    return variables, plan, blocks, pools
 
 
 def _fit(df, target, method=None, m=1, parts=1, **kw):
     """Fit the target's model to convergence on in-memory blocks."""
-    variables, plan, blocks, pools = _setup(df, method, m=m, parts=parts)
+    variables, plan, blocks, pools = encoded_blocks(df, method, m=m, parts=parts)
     j = [v.name for v in variables].index(target)
     v = variables[j]
     own = set(range(*v.cols))

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
+from conftest import encoded_blocks
 from scipy.special import expit
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 
@@ -22,22 +23,9 @@ from dmice import schema as S
 from dmice.methods import TargetModel
 
 
-def _setup(df, method=None, m=1, seed=3, parts=1, min_level_count=0, collapse=None):
-    variables = S.combine_summaries([S.summarize_partition(df)], df.dtypes)
-    S.assign_methods(variables, method)
-    S.collapse_levels(variables, min_level_count, collapse)
-    Q = S.layout(variables)
-    plan = B.Plan(tuple(variables), Q, m, seed, {j: 1.0 for j, v in enumerate(variables) if v.imputed})
-    bounds = np.linspace(0, len(df), parts + 1).astype(int)
-    blocks = [B.encode_partition(df.iloc[a:b], plan, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-    pools = {j: np.concatenate([B.sample_values(b)[j] for b in blocks]) for j in blocks[0].mis}
-    blocks = [B.init_fill(b, plan, pools) for b in blocks]
-    return variables, plan, blocks, pools
-
-
 def _fit(df, target, method=None, m=1, parts=1, setup=None, **kw):
     """Fit the target's model to convergence on in-memory blocks, as the engine does."""
-    variables, plan, blocks, pools = _setup(df, method, m=m, parts=parts, **(setup or {}))
+    variables, plan, blocks, pools = encoded_blocks(df, method, m=m, parts=parts, **(setup or {}))
     j = [v.name for v in variables].index(target)
     v = variables[j]
     own = set(range(*v.cols))
@@ -122,7 +110,7 @@ def test_poisson_needs_non_negative_integers():
     df["cnt"] = df["cnt"] - 3.0
     df.loc[:20, "cnt"] = np.nan
     with pytest.raises(dmice.errors.InputError, match="non-negative integer"):
-        _setup(df, {"cnt": "poisson"})
+        encoded_blocks(df, {"cnt": "poisson"})
 
 
 # ---------------------------------------------------------------------------
