@@ -127,17 +127,17 @@ class Engine:
                 m.set_state(state[str(j)])
 
     def save_state(self, url: str, storage_options: dict[str, Any] | None, meta: dict[str, Any],
-                   chain_stats: Any) -> int:
+                   chain_stats: Any) -> list[dict[str, Any]]:
         """Write the chains' state under ``url``: one file per partition from the workers, then the
-        client's part (``state.json`` last).  Returns the bytes the workers wrote."""
+        client's part (``state.json`` last).  Returns the manifest entries of the files written
+        (paths relative to ``url``, bytes, SHA-256)."""
         from dmice import store
 
         futs = [self.client.submit(store.write_state_partition, b, url, i, storage_options, pure=False)
                 for i, b in enumerate(self.blocks)]
-        written = sum(self.client.gather(futs))
-        store.write_state_meta(url, storage_options, {**meta, "iteration": self.iteration},
-                               self.model_state(), chain_stats)
-        return written
+        files = self.client.gather(futs)
+        return files + store.write_state_meta(url, storage_options, {**meta, "iteration": self.iteration},
+                                              self.model_state(), chain_stats)
 
     def load_state(self, url: str, storage_options: dict[str, Any] | None, models: dict[str, Any],
                    iteration: int) -> None:

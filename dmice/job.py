@@ -598,7 +598,7 @@ def _compute_and_write(job: JobSpec, info: InputInfo, run_id: str, prefix: str) 
                 f["rows"], f["offset"] = n, o
             files, diag = imp.write_data(url, storage_options=so, prefix=prefix,
                                          layout=job.output.layout, row_offsets=offsets)
-            aux = [diag] + store.describe_files(url, imp._state_rel, so)
+            aux = [diag] + imp.state_files
             analyses = []
             for i, a in enumerate(job.analysis):
                 entry, written = _analysis(imp, a, i, url, so, prefix, client)

@@ -314,9 +314,11 @@ class MultipleImputation:
         diag = store.write_diagnostics(url, storage_options, self.chain_stats, prefix=prefix)
         # the state of the chains, so that the output can be continued (iterate on dmice.open)
         state_rel = posixpath.join(prefix, store.STATE_DIR) if prefix else store.STATE_DIR
-        self._engine.save_state(posixpath.join(url.rstrip("/"), state_rel), storage_options,
-                                {"config": self._config, "events": self._events}, self.chain_stats)
+        written = self._engine.save_state(posixpath.join(url.rstrip("/"), state_rel), storage_options,
+                                          {"config": self._config, "events": self._events},
+                                          self.chain_stats)
         self._state_rel = state_rel
+        self.state_files = [{**f, "path": posixpath.join(state_rel, f["path"])} for f in written]
         return files, diag
 
     def _write_cells(self, url: str, storage_options: dict[str, Any] | None, prefix: str,
@@ -353,7 +355,7 @@ class MultipleImputation:
         store.prepare(url, storage_options, overwrite)
         files, diag = self.write_data(url, storage_options=storage_options)
         manifest = self.manifest_dict(files, self._ddf.npartitions)
-        manifest["aux_files"] = [diag] + store.describe_files(url, self._state_rel, storage_options)
+        manifest["aux_files"] = [diag] + self.state_files
         if distributions:
             from dmice.plots import stored_summaries
 

@@ -95,16 +95,6 @@ def put_bytes(fs: Any, path: str, data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def describe_files(url: str, rel_dir: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Every file below ``url/rel_dir`` as manifest entries: path relative to ``url``, bytes, SHA-256."""
-    fs, root = filesystem(url, storage_options)
-    out = []
-    for p in sorted(fs.find(posixpath.join(root, rel_dir))):
-        out.append({"path": posixpath.relpath(p, root), "bytes": int(fs.size(p)),
-                    "sha256": sha256_file(fs, p)})
-    return out
-
-
 def _replace_atomically(fs: Any, path: str, data: bytes) -> None:
     """Replace one small object so that readers see the old or the new content, never a mix.
 
@@ -509,8 +499,10 @@ STATE_DIR = "_state"
 LATEST = "LATEST.json"
 
 
-def write_state_partition(block: Any, url: str, i: int, storage_options: dict[str, Any] | None) -> int:
-    """Write the imputed cells of one block (runs on a worker); returns the bytes written."""
+def write_state_partition(block: Any, url: str, i: int, storage_options: dict[str, Any] | None
+                          ) -> dict[str, Any]:
+    """Write the imputed cells of one block (runs on a worker); returns the file's manifest entry
+    (path relative to ``url``, bytes, SHA-256)."""
     import io
 
     import numpy as np
@@ -520,10 +512,8 @@ def write_state_partition(block: Any, url: str, i: int, storage_options: dict[st
     fs, root = filesystem(url, storage_options)
     buf = io.BytesIO()
     np.savez(buf, **{k.replace("/", "_"): v for k, v in cells(block).items()})
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(posixpath.join(root, f"part.{i}.npz"), "wb") as f:
-        f.write(buf.getvalue())
-    return len(buf.getvalue())
+    name = f"part.{i}.npz"
+    return {"path": name, **put_bytes(fs, posixpath.join(root, name), buf.getvalue())}
 
 
 def read_state_partition(url: str, i: int, storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -564,25 +554,24 @@ def _join_state(obj: Any, arrays: Any) -> Any:
 
 
 def write_state_meta(url: str, storage_options: dict[str, Any] | None, meta: dict[str, Any],
-                     models: dict[str, Any], chain_stats: pd.DataFrame) -> None:
+                     models: dict[str, Any], chain_stats: pd.DataFrame) -> list[dict[str, Any]]:
     """Client side of the state: model states (arrays in ``models.npz``), chain statistics, then
-    ``state.json`` last."""
+    ``state.json`` last.  Returns the files' manifest entries (paths relative to ``url``)."""
     import io
 
     import numpy as np
 
     fs, root = filesystem(url, storage_options)
-    fs.makedirs(root, exist_ok=True)
     arrays: dict[str, Any] = {}
     skeleton = _split_state(models, "m", arrays)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    with fs.open(posixpath.join(root, "models.npz"), "wb") as f:
-        f.write(buf.getvalue())
-    with fs.open(posixpath.join(root, "chains.arrow"), "wb") as f:
-        feather.write_feather(pa.Table.from_pandas(chain_stats, preserve_index=False), f)
-    with fs.open(posixpath.join(root, "state.json"), "w") as f:
-        json.dump({**meta, "models": skeleton}, f, indent=1, default=str)
+    npz = io.BytesIO()
+    np.savez(npz, **arrays)
+    arrow = io.BytesIO()
+    feather.write_feather(pa.Table.from_pandas(chain_stats, preserve_index=False), arrow)
+    state = json.dumps({**meta, "models": skeleton}, indent=1, default=str).encode()
+    return [{"path": name, **put_bytes(fs, posixpath.join(root, name), data)}
+            for name, data in (("models.npz", npz.getvalue()), ("chains.arrow", arrow.getvalue()),
+                               ("state.json", state))]
 
 
 def read_state_meta(url: str, storage_options: dict[str, Any] | None
