@@ -554,8 +554,14 @@ def _run(eng: _engine.Engine, iterations: int, seq: list[int], events: list[dict
     if iterations <= 0:
         return
 
+    memo: dict[int, float] = {}  # one R-hat per iteration, shared by the progress line and the stop rule
+
     def rhat_now() -> float:
-        return max_rhat(pd.DataFrame(eng.chain_stats), eng.iteration) if eng.plan.m > 1 else float("nan")
+        if eng.iteration not in memo:
+            memo.clear()
+            memo[eng.iteration] = (max_rhat(pd.DataFrame(eng.chain_stats), eng.iteration)
+                                   if eng.plan.m > 1 else float("nan"))
+        return memo[eng.iteration]
 
     dash = None
     try:
