@@ -139,6 +139,22 @@ def init_fill(block: Block, plan: Plan, pools: dict[int, np.ndarray]) -> Block:
     return new
 
 
+def current_values(block: Block, plan: Plan, k: int, rows: np.ndarray, chain: int | None = None
+                   ) -> np.ndarray:
+    """Internal values of variable ``k`` in ``rows``: observed ones, and in imputed cells the
+    current imputation of every chain (``(m, len(rows))``) or of ``chain`` (``(len(rows),)``)."""
+    base = block.values[k][rows]
+    x = base.copy() if chain is not None else np.repeat(base[None], plan.m, axis=0)
+    if k in block.imp:
+        pos = block.mis_pos[k][rows]
+        sel = pos >= 0
+        if chain is not None:
+            x[sel] = block.imp[k][chain, pos[sel]]
+        else:
+            x[:, sel] = block.imp[k][:, pos[sel]]
+    return x
+
+
 def _raw(v: Variable, x: np.ndarray) -> np.ndarray:
     """Values of a numeric column from its internal values (two-level columns: codes -> levels)."""
     if v.kind == CONTINUOUS:
@@ -156,14 +172,8 @@ def refresh_passive(block: Block, plan: Plan, changed: int | None) -> None:
         rows = block.mis.get(p)
         if rows is None or not len(rows):
             continue
-        vals = {}
-        for name, k in zip(spec.inputs, idx):
-            x = np.repeat(block.values[k][rows][None], plan.m, axis=0)
-            if k in block.imp:
-                pos = block.mis_pos[k][rows]
-                sel = pos >= 0
-                x[:, sel] = block.imp[k][:, pos[sel]]
-            vals[name] = _raw(plan.variables[k], x)
+        vals = {name: _raw(plan.variables[k], current_values(block, plan, k, rows))
+                for name, k in zip(spec.inputs, idx)}
         with np.errstate(all="ignore"):
             out = np.broadcast_to(np.asarray(spec.evaluate(vals), dtype=np.float64), (plan.m, len(rows)))
         bad = int((~np.isfinite(out)).sum())
@@ -306,15 +316,9 @@ def _formula_frame(block: Block, plan: Plan, fm: Any, rows: np.ndarray, c: int) 
     """The formula variables of ``rows`` with chain ``c``'s imputed values."""
     from dmice.formulas import as_column
 
-    cols = {}
-    for k in fm.inputs:
-        x = block.values[k][rows].copy()
-        if k in block.imp:
-            pos = block.mis_pos[k][rows]
-            sel = pos >= 0
-            x[sel] = block.imp[k][c, pos[sel]]
-        cols[plan.variables[k].name] = as_column(plan.variables[k], x)
-    return pd.DataFrame(cols)
+    return pd.DataFrame({plan.variables[k].name: as_column(plan.variables[k],
+                                                           current_values(block, plan, k, rows, chain=c))
+                         for k in fm.inputs})
 
 
 def formula_designs(block: Block, plan: Plan, j: Any, rows: np.ndarray, key: str, fm: Any = None):
