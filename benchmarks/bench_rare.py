@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=5)
     ap.add_argument("--max-iter", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rows-csv", default=None, help="also write every replication's results here")
     a = ap.parse_args()
 
     import dask.dataframe as dd
@@ -115,6 +116,8 @@ def main() -> None:
                                  "width": row["conf_high"] - row["conf_low"]})
             print(f"rep {r + 1}/{a.reps} {time.time() - t0:.0f} s", flush=True)
     df = pd.DataFrame(rows)
+    if a.rows_csv:
+        df.to_csv(a.rows_csv, index=False)
     tab = df.groupby(["estimand", "method"], sort=False).agg(
         bias=("err", "mean"), bias_se=("err", lambda e: e.std(ddof=1) / np.sqrt(len(e))),
         coverage=("cover", "mean"), width=("width", "mean")).reset_index()
