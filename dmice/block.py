@@ -199,22 +199,27 @@ def imputed_parts(block: Block, plan: Plan, skip: int | None = None) -> list[tup
     """The imputed cells of every chain as ``(variable, values (m, rows, width))``, in encoded form.
 
     The design of chain c is ``D0 + E_c`` where ``E_c`` holds these values in the
-    missing cells (``D0`` is zero there).
+    missing cells (``D0`` is zero there).  Encodings are memoised per imputed array (arrays
+    in ``block.imp`` are never modified in place, only replaced).
     """
     out = []
     for k, vals in block.imp.items():
         v = plan.variables[k]
         if k == skip or v.width == 0 or not len(block.mis[k]):
             continue
-        out.append((k, encoded(v, vals)))
+        memo = block.cache.get(("enc", k))
+        if memo is None or memo[0] is not vals:
+            memo = (vals, encoded(v, vals))
+            block.cache[("enc", k)] = memo
+        out.append((k, memo[1]))
     return out
 
 
 def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
     """Yield the encoded design of ``rows`` x ``cols`` for chain 0, 1, ..., m-1 in turn."""
-    base = block.D0[np.ix_(rows, cols)]
+    base = block.D0[rows][:, cols]
     col_pos = {int(c): i for i, c in enumerate(cols)}
-    fills = []
+    fills = []  # (rows of the design, design column, values (m, rows)) per imputed column
     for k, V in imputed_parts(block, plan):
         a, b = plan.variables[k].cols
         local = [col_pos.get(c) for c in range(a, b)]
@@ -223,11 +228,12 @@ def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
         pos = block.mis_pos[k][rows]
         sel = np.nonzero(pos >= 0)[0]
         if len(sel):
-            fills.append((sel, np.asarray(local), V[:, pos[sel]]))
+            Vs = V[:, pos[sel]]
+            fills.extend((sel, col, Vs[:, :, i]) for i, col in enumerate(local))
     for c in range(plan.m):
         X = base.copy()
-        for sel, local, V in fills:
-            X[np.ix_(sel, local)] = V[c]
+        for sel, col, V in fills:
+            X[sel, col] = V[c]
         yield X
 
 
@@ -292,7 +298,10 @@ def weighted_gram(block: Block, plan: Plan, w: np.ndarray, parts: list[tuple[int
         a, b = cols[k]
         rows = block.mis[k]
         WV[k] = V * Wc[:, rows, None]
-        C = _left_matmul(D0[rows].T, WV[k])
+        key = ("D0T-mis", k)
+        if key not in block.cache:  # D0 never changes
+            block.cache[key] = np.ascontiguousarray(D0[rows].T)
+        C = _left_matmul(block.cache[key], WV[k])
         G[:, :, a:b] += C
         G[:, a:b, :] += C.transpose(0, 2, 1)
         G[:, a:b, a:b] += _chain_crossprod(V, WV[k])

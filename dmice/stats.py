@@ -44,24 +44,31 @@ def multinomial(X: np.ndarray, codes: np.ndarray, B: np.ndarray) -> dict[str, np
     ``B`` is ``(q, K-1)``: the coefficients of levels 1..K-1 against level 0.
     Parameters are stacked level by level (``vec`` of ``B`` in column order):
     ``g`` is ``(K-1)q`` and ``H`` is ``((K-1)q, (K-1)q)`` with blocks
-    ``H_ab = X' diag(p_a (delta_ab - p_b)) X``, computed as ``blockdiag(X' A_a) - A'A``
-    with ``A_a = diag(p_a) X`` (one rank-k update for all blocks).
+    ``H_ab = X' diag(p_a (delta_ab - p_b)) X``.  Probabilities are kept level-major
+    (``(K-1, n)``, contiguous rows), so every elementwise step runs on long vectors.
     """
     n, q = X.shape
     km1 = B.shape[1]
-    P = softmax0(X @ B)
+    eta = np.dot(B.T, X.T)  # (K-1, n)
+    top = np.maximum(eta.max(axis=0), 0.0)  # level 0 has eta = 0
+    E = np.exp(eta - top)
+    den = E.sum(axis=0) + np.exp(-top)
+    P = E / den  # P(level a + 1), rows a = 0..K-2
     c = codes.astype(np.int64)
-    ll = np.log(np.clip(P[np.arange(n), c], 1e-300, None)).sum()
-    P = P[:, 1:]
-    Y = np.zeros((n, km1))
-    has = c > 0
-    Y[np.nonzero(has)[0], c[has] - 1] = 1.0
-    g = ((Y - P).T @ X).reshape(-1)  # level-major
-    A = (P[:, :, None] * X[:, None, :]).reshape(n, km1 * q)
-    H = -(A.T @ A)
-    XA = X.T @ A
+    rows = np.nonzero(c > 0)[0]
+    lev = c[rows] - 1
+    ll = eta[lev, rows].sum() - top.sum() - np.log(den).sum()
+    R = -P
+    R[lev, rows] += 1.0  # indicator of the observed level minus its probability
+    g = (R @ X).reshape(-1)  # level-major
+    H = np.empty((km1 * q, km1 * q))
     for a in range(km1):
-        H[a * q:(a + 1) * q, a * q:(a + 1) * q] += XA[:, a * q:(a + 1) * q]
+        for b in range(a, km1):
+            w = P[a] * ((a == b) - P[b])
+            Hab = X.T @ (X * w[:, None])
+            H[a * q:(a + 1) * q, b * q:(b + 1) * q] = Hab
+            if b != a:
+                H[b * q:(b + 1) * q, a * q:(a + 1) * q] = Hab.T
     return {"g": g, "H": H, "ll": np.array(ll)}
 
 
