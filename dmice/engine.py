@@ -5,19 +5,31 @@ Data flow of a run:
 1. one pass of per-partition summaries infers the schema (kinds, levels, moments);
 2. each partition is encoded once into a :class:`dmice.block.Block`, held on the workers;
 3. the missing cells of every chain get random observed values;
-4. the loop visits each incomplete variable in turn.  One visit is one round of
-   tasks, one per partition, covering all m chains: impute the current variable
-   with the parameters drawn on the client, then compute the sufficient statistics
-   of the next variable's model; the statistics are tree-reduced in partition order
-   (so sums never depend on which worker finished first) and gathered.  Newton fits
-   that have not converged from their warm start take extra statistics-only rounds;
-   before the first iteration all Newton models are cold-fitted together.
+4. the loop visits each incomplete variable in turn.  One visit is one round,
+   one call per worker that works on every partition it holds (in its own thread
+   pool) and covers all m chains: impute the current variable with the parameters
+   drawn on the client, then compute the sufficient statistics of the next
+   variable's model; the client sums the statistics in partition order (so sums
+   never depend on which worker finished first).  Newton fits that have not
+   converged from their warm start take extra statistics-only rounds; before the
+   first iteration all Newton models are cold-fitted together.
+
+While the loop runs, each partition's block stays in the memory of the worker that
+encoded it (a registry on the worker, :data:`_RESIDENT`), and a round is one direct
+call per worker instead of two scheduled tasks per partition.  This keeps a round's
+latency at one message exchange, and keeps the scheduler from accumulating the
+lineage of every visit (each with its drawn parameters).  Between runs the blocks
+are ordinary futures again (:attr:`Engine.blocks`).  A worker lost while the loop
+runs takes its partitions' chains with it: the run stops with an error naming the
+partitions, and a run with ``checkpoint=`` resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -32,8 +44,6 @@ from dmice.schema import Schema
 
 log = logging.getLogger("dmice")
 
-#: partitions combined by one reduction task
-FANIN = 8
 
 
 class Engine:
@@ -43,7 +53,10 @@ class Engine:
                  models: dict[int, TargetModel], schema: Schema):
         self.client = client
         self.plan = plan
-        self.blocks = blocks
+        self._blocks = list(blocks)
+        self._key: str | None = None  # registry key while the blocks live on the workers
+        self._where: dict[int, str] = {}  # partition -> address of the worker holding it
+        self._fresh = True  # self._blocks are the blocks of the registry
         self.models = models
         self.schema = schema
         self.iteration = 0
@@ -51,26 +64,81 @@ class Engine:
         self.rounds = 0
         self.bytes_gathered = 0  # what crossed to the client: statistics and donor samples only
 
-    # -- rounds of tasks ---------------------------------------------------------------
-    def _reduce(self, outs: list[Future]) -> dict[str, Any]:
-        level = outs
-        while len(level) > FANIN:
-            level = [self.client.submit(_block.combine, level[i:i + FANIN], pure=False)
-                     for i in range(0, len(level), FANIN)]
-        got = self.client.gather(level)
-        self.bytes_gathered += sum(sizeof(g) for g in got)
-        return _block.combine(got)
+    # -- the blocks: futures at rest, worker-resident while the loop runs ---------------
+    @property
+    def blocks(self) -> list[Future]:
+        """One future per partition holding its current :class:`dmice.block.Block`."""
+        if self._key is not None and not self._fresh:
+            alive = set(self.client.scheduler_info().get("workers", {}))
+            if not set(self._where.values()) <= alive:
+                raise self._lost(KeyError("worker"))
+            self._blocks = [self.client.submit(_snapshot, self._key, i, self.rounds,
+                                               workers=[self._where[i]], pure=False)
+                            for i in range(len(self._blocks))]
+            self._fresh = True
+        return self._blocks
 
+    @blocks.setter
+    def blocks(self, value: list[Future]) -> None:
+        self._release(keep=False)
+        self._blocks = list(value)
+
+    def _reside(self) -> None:
+        """Move every block into the registry of the worker holding it."""
+        if self._key is not None:
+            return
+        key = f"dmice-{uuid.uuid4().hex}"
+        who = self.client.who_has(self._blocks)
+        futs = [self.client.submit(_adopt, b, key, i, self.plan, workers=list(who.get(b.key, ()))[:1] or None,
+                                   pure=False)
+                for i, b in enumerate(self._blocks)]
+        addresses = self.client.gather(futs)
+        self._where = dict(enumerate(addresses))
+        self._key = key
+        self._fresh = True
+
+    def _release(self, keep: bool = True) -> None:
+        """End residency: the blocks become futures again (``keep``) and the registry is emptied."""
+        if self._key is None:
+            return
+        try:
+            if keep:
+                blocks = self.blocks
+                wait(blocks)
+        finally:
+            key, self._key = self._key, None
+            try:
+                self.client.run(_drop, key, workers=sorted(set(self._where.values())))
+            except Exception as e:  # noqa: BLE001 - a lost worker has nothing left to drop
+                log.debug("could not empty the block registry: %s", type(e).__name__)
+
+    def _lost(self, err: BaseException) -> RuntimeError:
+        alive = set(self.client.scheduler_info().get("workers", {}))
+        gone = sorted(i for i, a in self._where.items() if a not in alive)
+        what = f"partitions {gone}" if gone else "some partitions"
+        return RuntimeError(f"the worker holding {what} of the imputation chains was lost at iteration "
+                            f"{self.iteration + 1} ({type(err).__name__}); the chains cannot continue. "
+                            "Run again; with checkpoint= a run resumes from its last checkpoint")
+
+    # -- rounds ----------------------------------------------------------------------------
     def _round(self, order: dict[str, Any] | None,
                request: dict[str, Any] | list[dict[str, Any]] | None) -> dict[str, Any]:
-        plan = self.plan
-        new = [self.client.submit(_block.visit, b, plan, order, request, pure=False)
-               for b in self.blocks]
-        outs = [self.client.submit(_block.get_out, b, pure=False) for b in new]
-        res = self._reduce(outs)
-        self.blocks = new
+        self._reside()
+        workers = sorted(set(self._where.values()))
+        try:
+            got = self.client.run(_visit_resident, self._key, order, request, workers=workers)
+        except OSError as e:  # distributed's CommClosedError is an OSError too
+            raise self._lost(e) from e
+        outs: dict[int, Any] = {}
+        for per_worker in got.values():
+            outs.update(per_worker)
+        if len(outs) != len(self._where):
+            raise self._lost(KeyError("partition"))
+        self._fresh = False
         self.rounds += 1
-        return res
+        ordered = [outs[i] for i in range(len(self._where))]
+        self.bytes_gathered += sum(sizeof(o) for o in ordered)
+        return _block.combine(ordered)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, iterations: int, visit_sequence: list[int], events: list[dict[str, Any]],
@@ -83,6 +151,15 @@ class Engine:
         run of that many iterations: every draw is keyed by its iteration, and the statistics a
         fused visit computes for the next iteration are recomputed identically by a new round.
         """
+        try:
+            self._loop(iterations, visit_sequence, events, progress, after_iteration)
+        except BaseException:
+            self._release(keep=False)  # the chains may be incomplete or gone: no snapshot
+            raise
+        self._release()
+
+    def _loop(self, iterations: int, visit_sequence: list[int], events: list[dict[str, Any]],
+              progress: Any, after_iteration: Callable[[int], bool] | None) -> None:
         if self.iteration == 0:
             self.prefit(events)
         flat = [(self.iteration + i + 1, j) for i in range(iterations) for j in visit_sequence]
@@ -184,6 +261,50 @@ class Engine:
                 for lev, cnt in zip(v.levels or [], ch[c]):
                     self.chain_stats.append({"iteration": it, "variable": v.name, "chain": c + 1,
                                              "level": str(lev), "proportion": cnt / tot if tot else np.nan})
+
+
+# -- worker side of the resident blocks --------------------------------------------------------
+#: registry key -> {"plan": Plan, "blocks": {partition: Block}}, in each worker process
+_RESIDENT: dict[str, dict[str, Any]] = {}
+
+
+def _adopt(block: _block.Block, key: str, part: int, plan: _block.Plan) -> str:
+    """Task: keep ``block`` in this worker's registry; returns the worker's address."""
+    from distributed import get_worker
+
+    entry = _RESIDENT.setdefault(key, {"plan": plan, "blocks": {}})
+    entry["blocks"][part] = block
+    return get_worker().address
+
+
+def _snapshot(key: str, part: int, _round: int) -> _block.Block:
+    """Task: the current block of partition ``part`` (``_round`` only makes the task unique)."""
+    try:
+        return _RESIDENT[key]["blocks"][part]
+    except KeyError:
+        raise RuntimeError(f"the imputation chains of partition {part} are not on this worker: the "
+                           "worker that held them was lost; run the imputation again") from None
+
+
+def _drop(key: str, dask_worker: Any = None) -> None:
+    _RESIDENT.pop(key, None)
+
+
+async def _visit_resident(key: str, order: dict[str, Any] | None,
+                          request: dict[str, Any] | list[dict[str, Any]] | None,
+                          dask_worker: Any = None) -> dict[int, dict[str, Any]]:
+    """One round on this worker: :func:`dmice.block.visit` on each of its partitions, in its
+    task thread pool; returns each partition's statistics.  The registry is updated only when
+    every partition succeeded, so a failed round leaves the previous state in place."""
+    entry = _RESIDENT[key]
+    plan, blocks = entry["plan"], entry["blocks"]
+    loop = asyncio.get_running_loop()
+    pool = dask_worker.executors["default"]
+    parts = sorted(blocks)
+    new = await asyncio.gather(*[loop.run_in_executor(pool, _block.visit, blocks[p], plan, order, request)
+                                 for p in parts])
+    blocks.update(zip(parts, new))
+    return {p: _block.get_out(b) for p, b in zip(parts, new)}
 
 
 def tune_workers(client: Client) -> None:
