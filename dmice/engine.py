@@ -264,30 +264,34 @@ class Engine:
 
 
 # -- worker side of the resident blocks --------------------------------------------------------
-#: registry key -> {"plan": Plan, "blocks": {partition: Block}}, in each worker process
-_RESIDENT: dict[str, dict[str, Any]] = {}
+#: (registry key, worker address) -> {"plan": Plan, "blocks": {partition: Block}}; keyed by the
+#: worker too, since the workers of an in-process cluster share this module
+_RESIDENT: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 def _adopt(block: _block.Block, key: str, part: int, plan: _block.Plan) -> str:
     """Task: keep ``block`` in this worker's registry; returns the worker's address."""
     from distributed import get_worker
 
-    entry = _RESIDENT.setdefault(key, {"plan": plan, "blocks": {}})
+    address = get_worker().address
+    entry = _RESIDENT.setdefault((key, address), {"plan": plan, "blocks": {}})
     entry["blocks"][part] = block
-    return get_worker().address
+    return address
 
 
 def _snapshot(key: str, part: int, _round: int) -> _block.Block:
     """Task: the current block of partition ``part`` (``_round`` only makes the task unique)."""
+    from distributed import get_worker
+
     try:
-        return _RESIDENT[key]["blocks"][part]
+        return _RESIDENT[(key, get_worker().address)]["blocks"][part]
     except KeyError:
         raise RuntimeError(f"the imputation chains of partition {part} are not on this worker: the "
                            "worker that held them was lost; run the imputation again") from None
 
 
 def _drop(key: str, dask_worker: Any = None) -> None:
-    _RESIDENT.pop(key, None)
+    _RESIDENT.pop((key, dask_worker.address), None)
 
 
 async def _visit_resident(key: str, order: dict[str, Any] | None,
@@ -296,7 +300,7 @@ async def _visit_resident(key: str, order: dict[str, Any] | None,
     """One round on this worker: :func:`dmice.block.visit` on each of its partitions, in its
     task thread pool; returns each partition's statistics.  The registry is updated only when
     every partition succeeded, so a failed round leaves the previous state in place."""
-    entry = _RESIDENT[key]
+    entry = _RESIDENT[(key, dask_worker.address)]
     plan, blocks = entry["plan"], entry["blocks"]
     loop = asyncio.get_running_loop()
     pool = dask_worker.executors["default"]

@@ -95,6 +95,16 @@ def test_identical_results_with_one_and_two_workers(cluster_client, tmp_path):
     assert not other.equals(got2[0])
 
 
+def test_in_process_cluster_gives_the_same_chains(cluster_client):
+    """Workers that share one process (``processes=False``) keep their partitions apart."""
+    ddf = dd.from_pandas(mixed_frame(2000, seed=5), npartitions=4)
+    ref = dmice.impute(ddf, m=2, max_iter=3, seed=7).complete(2).compute()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cl, \
+            Client(cl) as c:
+        got = dmice.impute(ddf, m=2, max_iter=3, seed=7, client=c).complete(2).compute(scheduler=c.get)
+    pd.testing.assert_frame_equal(got, ref)
+
+
 def test_dtypes_and_categories_kept(cluster_client):
     g = np.random.default_rng(1)
     n = 1500
