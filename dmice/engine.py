@@ -45,7 +45,6 @@ from dmice.schema import Schema
 log = logging.getLogger("dmice")
 
 
-
 class Engine:
     """Runs the chained loop for one imputation object on a distributed client."""
 
@@ -128,6 +127,9 @@ class Engine:
         try:
             got = self.client.run(_visit_resident, self._key, order, request, workers=workers)
         except OSError as e:  # distributed's CommClosedError is an OSError too
+            alive = set(self.client.scheduler_info().get("workers", {}))
+            if set(workers) <= alive:
+                raise  # an error of the visit itself
             raise self._lost(e) from e
         outs: dict[int, Any] = {}
         for per_worker in got.values():
