@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dmice import store
 from dmice.errors import InputError, OutputError
-from dmice.schema import ALL_METHODS
+from dmice.schema import ALL_METHODS, MIN_LEVEL_COUNT
 
 log = logging.getLogger("dmice")
 
@@ -106,6 +106,25 @@ class OutputSpec(_Strict):
                        "from the last save")
 
 
+class PostSpec(_Strict):
+    """Post-processing of a continuous column's imputed values (``impute(post=)``)."""
+
+    squeeze: Annotated[list[float], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="[low, high]: imputed values clipped to this range")
+    round_to: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="imputed values rounded to a multiple of this step (after squeeze)")
+
+    def functions(self) -> list[Any]:
+        from dmice.post import round_to, squeeze
+
+        out = []
+        if self.squeeze is not None:
+            out.append(squeeze(*self.squeeze))
+        if self.round_to is not None:
+            out.append(round_to(self.round_to))
+        return out
+
+
 class ImputationSpec(_Strict):
     """Arguments of :func:`dmice.impute`."""
 
@@ -122,6 +141,48 @@ class ImputationSpec(_Strict):
     ridge: Annotated[float, Field(ge=0)] = 1e-5
     until_rhat: Annotated[float, Field(gt=1)] | None = Field(
         None, description="stop before max_iter once every R-hat is below this value")
+    formulas: dict[str, str] = Field(
+        default_factory=dict, description="imputation model of a column as a formula, e.g. "
+                                          "{chol: 'chol ~ age * smoker + bs(sbp, df=3)'}")
+    passive: dict[str, str] = Field(
+        default_factory=dict, description="derived columns kept in sync with the imputations, e.g. "
+                                          "{bmi: 'weight / (height / 100) ** 2'}")
+    substantive: str | None = Field(
+        None, description="analysis model whose continuous covariates are imputed compatibly (SMC-FCS)")
+    substantive_family: Literal["gaussian", "binomial"] = "gaussian"
+    by: str | None = Field(None, description="complete categorical column: models fitted within each level")
+    delta: dict[str, float] = Field(
+        default_factory=dict, description="shift added to a column's imputed values (MNAR sensitivity)")
+    post: dict[str, PostSpec] = Field(default_factory=dict,
+                                      description="post-processing of a continuous column's imputed values")
+    min_level_count: NonNegativeInt = Field(
+        MIN_LEVEL_COUNT, description="predictor levels observed fewer times share one design column")
+    collapse: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="{column: {level: group}} merges of predictor levels "
+                                          "(levels of string or categorical columns)")
+    separation: Literal["firth", "ridge", "error", "none"] = "firth"
+    shrinkage: Literal["auto"] | Annotated[float, Field(gt=0)] | None = Field(
+        "auto", description="prior on polyreg coefficients: auto (empirical Bayes for rare levels), "
+                            "a prior standard deviation, or null")
+
+    def arguments(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`dmice.impute` (``checkpoint`` and the rest excepted)."""
+        return dict(m=self.m, max_iter=self.max_iter, seed=self.seed, method=dict(self.method) or None,
+                    predictors=self.predictors, visit_sequence=self.visit_sequence, donors=self.donors,
+                    donor_pool=self.donor_pool, ridge=self.ridge, until_rhat=self.until_rhat,
+                    formulas=dict(self.formulas) or None, passive=dict(self.passive) or None,
+                    substantive=self.substantive, substantive_family=self.substantive_family,
+                    by=self.by, delta=dict(self.delta) or None,
+                    post={c: p.functions() for c, p in self.post.items()} or None,
+                    min_level_count=self.min_level_count,
+                    collapse={c: dict(m) for c, m in self.collapse.items()} or None,
+                    separation=self.separation, shrinkage=self.shrinkage)
+
+
+#: imputation settings added after the first job files were written: left out of the
+#: configuration hash while at their defaults, so existing jobs keep their hash (and outputs)
+_LATER_SETTINGS = ("formulas", "passive", "substantive", "substantive_family", "by", "delta", "post",
+                   "min_level_count", "collapse", "separation", "shrinkage")
 
 
 class AnalysisSpec(_Strict):
@@ -162,7 +223,7 @@ class JobSpec(_Strict):
         return {"version": self.version,
                 "input": {"url": self.input.url, "format": self.input.format},
                 "output": {"layout": self.output.layout},
-                "imputation": self.imputation.model_dump(mode="json"),
+                "imputation": _without_defaults(self.imputation, _LATER_SETTINGS),
                 "analysis": [a.model_dump(mode="json") for a in self.analysis]}
 
     def config_hash(self) -> str:
@@ -170,6 +231,15 @@ class JobSpec(_Strict):
 
     def section_hashes(self) -> dict[str, str]:
         return {k: _hash(v) for k, v in self.config().items()}
+
+
+def _without_defaults(spec: BaseModel, names: tuple[str, ...]) -> dict[str, Any]:
+    """``spec`` as JSON data without the settings ``names`` that are at their default."""
+    data = spec.model_dump(mode="json")
+    for name in names:
+        if data.get(name) == type(spec).model_fields[name].get_default(call_default_factory=True):
+            data.pop(name, None)
+    return data
 
 
 def _hash(obj: Any) -> str:
@@ -570,13 +640,9 @@ def impute_step(job: JobSpec, ddf: Any, client: Any, checkpoint: str) -> Any:
     chains resume from it and the result equals an uninterrupted run."""
     from dmice.api import impute
 
-    imp = job.imputation
-    return impute(ddf, m=imp.m, max_iter=imp.max_iter, seed=imp.seed, method=dict(imp.method) or None,
-                  visit_sequence=imp.visit_sequence, donors=imp.donors, donor_pool=imp.donor_pool,
-                  ridge=imp.ridge, until_rhat=imp.until_rhat, checkpoint=checkpoint,
+    return impute(ddf, **job.imputation.arguments(), checkpoint=checkpoint,
                   checkpoint_every=job.output.checkpoint_every,
-                  storage_options=job.output.storage_options, client=client, progress="log",
-                  predictors=imp.predictors)
+                  storage_options=job.output.storage_options, client=client, progress="log")
 
 
 def _compute_and_write(job: JobSpec, info: InputInfo, run_id: str, prefix: str) -> dict[str, Any]:

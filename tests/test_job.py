@@ -411,3 +411,52 @@ def test_the_commit_record_is_the_only_commit_point(lake, tmp_path, monkeypatch)
     store.commit(str(out), None, second, run_id="r9")
     assert store.read_manifest(str(out)) == second
     assert not list(out.glob("_SUCCESS.tmp-*"))  # the local replacement left no temporary file
+
+
+def test_existing_job_files_keep_their_configuration_hash():
+    """Settings added to the job schema later are left out of the hash at their defaults: the hash
+    below is the one the schema without them computed for this job, so outputs written before
+    stay the same configuration (a re-run stays a no-op instead of a conflict)."""
+    spec = jobmod.JobSpec.model_validate({"version": 1, "input": {"url": "in/"}, "output": {"url": "out/"},
+                                          "imputation": {"seed": 1, "m": 3, "method": {"bmi": "norm"}}})
+    assert spec.config_hash() == "5e059caffa0846e30a35a043fe0e23c1e655ccea1c303616b59f635241a3c7fa"
+    changed = spec.model_copy(update={"imputation": spec.imputation.model_copy(update={"separation": "ridge"})})
+    assert changed.config_hash() != spec.config_hash()
+
+
+MODEL_JOB = """\
+version: 1
+input: {url: "INPUT", format: parquet}
+output: {url: "OUTPUT", layout: full}
+imputation:
+  m: 2
+  max_iter: 2
+  seed: 11
+  method: {x: norm}
+  formulas: {x: "x ~ y * z"}
+  passive: {x2: "2 * x"}
+  post: {x: {squeeze: [-1.0, 1.0]}}
+  collapse: {c: {a: ab, b: ab}}
+  separation: ridge
+  shrinkage: null
+"""
+
+
+def test_job_file_takes_the_model_settings_of_impute(cluster_client, tmp_path):
+    """formulas, passive, post, collapse, separation and shrinkage reach dmice.impute from a job."""
+    inp = write_input(tmp_path / "in", n_files=2, rows=400)
+    path = tmp_path / "job.yaml"
+    path.write_text(MODEL_JOB.replace("INPUT", str(inp)).replace("OUTPUT", str(tmp_path / "out")))
+    spec = jobmod.load_job(str(path), environ={})
+    assert spec.imputation.formulas == {"x": "x ~ y * z"} and spec.imputation.shrinkage is None
+    assert main(["run", str(path)]) == 0
+    imp = dmice.open(str(tmp_path / "out"))
+    src = pd.concat([pd.read_parquet(inp / f"part-{i}.parquet") for i in range(2)], ignore_index=True)
+    miss = src["x"].isna().to_numpy()
+    for k in (1, 2):
+        done = imp.complete(k).compute().reset_index(drop=True)
+        assert done["x"][miss].between(-1.0, 1.0).all() and (done["x"][miss].abs() == 1.0).any()
+        np.testing.assert_array_equal(done["x2"].to_numpy(), 2 * done["x"].to_numpy())
+    params = imp.manifest["parameters"]
+    assert params["formulas"] == {"x": "x ~ y * z"} and params["separation"] == "ridge"
+    assert imp.manifest["collapse"]["c"]
