@@ -278,7 +278,8 @@ class _Group:
 
     The first imputation's arrays are complete; every other imputation keeps only the
     rows where its analysis columns differ from the first (``rows``), or all its rows
-    (``rows is None``) when the partitions are not the same length.
+    (``rows is None``) when the partitions are not the same length or when more than
+    half of its rows differ.
     """
 
     ks: list[int]
@@ -328,14 +329,21 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: pd.DataFrame) -
         arr = _arrays(design(df.iloc[rows]))
         _check_outcome(family, arr[1])
         diffs.append((rows, arr))
+        if 2 * len(rows) > len(df):
+            # most rows differ: keep the completed arrays, so that a pass does not rebuild
+            # them (at most twice the memory of the differing rows alone)
+            diffs[-1] = (None, _Group(list(ks), base, diffs).arrays(len(diffs) - 1))
     return _Group(list(ks), base, diffs)
 
 
 def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str, link: str,
                  robust: bool) -> dict[int, dict[str, Any]]:
-    """Statistics of every imputation of a group at its own ``betas[k]``."""
+    """Statistics of the imputations ``k`` of a group that ``betas`` names, each at its own
+    ``betas[k]`` (``None``: at the starting means)."""
     out = {}
     for j, k in enumerate(group.ks):
+        if k not in betas:  # not iterated in this pass (converged, or not started yet)
+            continue
         X, y, w, off = group.arrays(j)
         if j not in group.consts:  # kept with the group on the worker for the next passes
             group.consts[j] = _outcome_constants(family, y, np.ones(len(y)) if w is None else w)
@@ -357,6 +365,10 @@ def _groups(frames: list[Any]) -> list[tuple[list[int], list[Any]]]:
 
 def _reduce_groups(outs: list[dict[int, dict[str, Any]]], m: int) -> list[dict[str, Any]]:
     return [_sum([o[k] for o in outs if k in o]) for k in range(m)]
+
+
+def _reduce_active(outs: list[dict[int, dict[str, Any]]], ks: Any) -> dict[int, dict[str, Any]]:
+    return {k: _sum([o[k] for o in outs if k in o]) for k in ks}
 
 
 def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: np.ndarray,
@@ -397,7 +409,8 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
 
     The design of every partition group (the m versions of a partition) is built once,
     kept in the workers' memory (with a distributed client) and reused by every pass;
-    each pass is one task per group computing the statistics of all m imputations.
+    each pass is one task per group computing the statistics of the imputations still
+    iterating (see :func:`_iterate` for the warm start of imputations 2..m).
     """
     import dask
 
@@ -410,18 +423,18 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     if client is not None:
         held = client.compute(loads)
 
-        def one_pass(beta: np.ndarray | None) -> list[dict[str, Any]]:
-            futs = [client.submit(_group_stats, g, {k: None if beta is None else beta[k] for k in ks},
+        def one_pass(betas: dict[int, np.ndarray | None]) -> dict[int, dict[str, Any]]:
+            futs = [client.submit(_group_stats, g, {k: betas[k] for k in ks if k in betas},
                                   family, link, robust, pure=False)
-                    for g, (ks, _) in zip(held, groups)]
-            return _reduce_groups(client.gather(futs), m)
+                    for g, (ks, _) in zip(held, groups) if any(k in betas for k in ks)]
+            return _reduce_active(client.gather(futs), betas)
     else:
         held = list(dask.compute(*loads))
 
-        def one_pass(beta: np.ndarray | None) -> list[dict[str, Any]]:
-            outs = [_group_stats(g, {k: None if beta is None else beta[k] for k in ks}, family, link,
-                                 robust) for g, (ks, _) in zip(held, groups)]
-            return _reduce_groups(outs, m)
+        def one_pass(betas: dict[int, np.ndarray | None]) -> dict[int, dict[str, Any]]:
+            outs = [_group_stats(g, {k: betas[k] for k in ks if k in betas}, family, link, robust)
+                    for g, (ks, _) in zip(held, groups) if any(k in betas for k in ks)]
+            return _reduce_active(outs, betas)
 
     try:
         beta, res, it = _iterate(one_pass, m, p, link, tol, max_iter)
@@ -446,20 +459,49 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     return _Fits(beta, covs, scales, np.array([float(r["deviance"]) for r in res]), n, it, res)
 
 
+#: warm start of imputations 2..m: they start from imputation 1's estimate once its relative
+#: step is at most this (or it has converged, or after WARM_MAX_LEAD passes)
+WARM_START_STEP = 1e-2
+WARM_MAX_LEAD = 6
+
+
 def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
              max_iter: int) -> tuple[np.ndarray, list[dict[str, Any]], int]:
-    beta: np.ndarray | None = None
+    """Fisher scoring (IRLS) of the m fits; returns the estimates, the statistics of each
+    fit's last pass and the number of passes over the data.
+
+    Every fit stops at its own convergence: its step is at most ``tol * (1 + |beta|)`` in
+    every coordinate (the estimate is then ``beta + step`` and its statistics those of
+    that last pass, as for a single fit).  Imputation 1 iterates from the starting means,
+    exactly as a fit on its data alone.  With a non-identity link and m > 1, imputations
+    2..m wait until imputation 1's relative step is at most :data:`WARM_START_STEP` (or
+    it has converged, or has run :data:`WARM_MAX_LEAD` passes, or one pass is left before
+    ``max_iter``) and then start from its
+    current estimate: completed data sets differ only in their imputed values, so their
+    estimates are close and a warm start needs fewer passes than the starting means.  An
+    identity link converges in one step from the starting means, so there every fit
+    starts there.
+    """
+    beta: list[np.ndarray | None] = [None] * m
+    res: list[dict[str, Any] | None] = [None] * m
+    done = [False] * m
+    lead = m > 1 and link != "identity" and max_iter >= 2
+    active = [0] if lead else list(range(m))
+    nrows = None
     it = 0
     while True:
-        res = one_pass(beta)
+        out = one_pass({k: beta[k] for k in active})
         it += 1
-        n = int(res[0]["n"])
-        if n == 0:
-            raise InputError("the analysis data have no rows")
-        if any(int(r["n"]) != n for r in res):
-            raise InputError("the completed data sets have different numbers of rows")
-        step = np.empty((m, p))
-        for k, r in enumerate(res):
+        for k in active:
+            n = int(out[k]["n"])
+            nrows = n if nrows is None else nrows
+            if n == 0:
+                raise InputError("the analysis data have no rows")
+            if n != nrows:
+                raise InputError("the completed data sets have different numbers of rows")
+        rel0 = np.inf
+        for k in active:
+            r = out[k]
             if not np.all(np.isfinite(r["XtWX"])) or not np.all(np.isfinite(r["g"])):
                 raise InputError("the model's statistics are not finite: check the outcome's range "
                                  "for the family and the transformations in the formula")
@@ -467,29 +509,39 @@ def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
             # information) from the third pass on, while that information is positive
             # definite: quadratic instead of linear convergence.
             info = r["XtWX"]
-            if beta is not None and it >= 3 and link not in ("logit", "log", "identity"):
+            if beta[k] is not None and it >= 3 and link not in ("logit", "log", "identity"):
                 try:
                     np.linalg.cholesky(r["Hobs"])
                     info = r["Hobs"]
                 except np.linalg.LinAlgError:
                     pass
             try:
-                step[k] = np.linalg.solve(info, r["g"])
+                step = np.linalg.solve(info, r["g"])
             except np.linalg.LinAlgError:
                 raise InputError("the model matrix is singular (collinear terms or an empty "
                                  "category level)") from None
-        if beta is None:  # first pass: the solution is the first estimate, not a step
-            beta, converged = step, False
-        else:
-            converged = bool(np.all(np.abs(step) <= tol * (1.0 + np.abs(beta))))
-            beta = beta + step
-        if converged:
+            res[k] = r
+            if beta[k] is None:  # first pass: the solution is the first estimate, not a step
+                beta[k] = step
+            else:
+                rel = np.abs(step) / (1.0 + np.abs(beta[k]))
+                done[k] = bool(np.all(rel <= tol))
+                beta[k] = beta[k] + step
+                if k == 0:
+                    rel0 = float(np.max(rel))
+        if lead and active == [0] and (done[0] or rel0 <= WARM_START_STEP
+                                         or it >= min(WARM_MAX_LEAD, max_iter - 1)):
+            for k in range(1, m):
+                beta[k] = beta[0].copy()
+            active = list(range(m))
+        active = [k for k in active if not done[k]]
+        if not active:
             break
         if it >= max_iter:
             warnings.warn(f"the model did not converge in max_iter={max_iter} passes",
                           RuntimeWarning, stacklevel=4)
             break
-    return beta, res, it
+    return np.array(beta), res, it
 
 
 # ------------------------------------------------------------------------------------------
