@@ -41,23 +41,26 @@ Design = Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]]
 
 FAMILIES = {"gaussian": ("identity",), "binomial": ("logit", "probit", "cloglog"), "poisson": ("log",)}
 COV_TYPES = ("nonrobust", "HC0", "HC1")
+_CANONICAL = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
 _SQRT_2PI = math.sqrt(2 * math.pi)
 
 
 # ------------------------------------------------------------------------------------------
 # families and links
 # ------------------------------------------------------------------------------------------
-def _inverse_link(link: str, eta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``mu``, ``dmu/deta`` and ``d2mu/deta2`` of a link at ``eta``."""
+def _inverse_link(link: str, eta: np.ndarray,
+                  second: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``mu``, ``dmu/deta`` and ``d2mu/deta2`` of a link at ``eta`` (the last ``None``
+    for the canonical links unless ``second``)."""
     if link == "identity":
-        return eta, np.ones_like(eta), np.zeros_like(eta)
+        return eta, np.ones_like(eta), np.zeros_like(eta) if second else None
     if link == "log":
         mu = np.exp(eta)
         return mu, mu, mu
     if link == "logit":
         mu = expit(eta)
         d1 = mu * (1.0 - mu)
-        return mu, d1, d1 * (1.0 - 2.0 * mu)
+        return mu, d1, d1 * (1.0 - 2.0 * mu) if second else None
     if link == "probit":
         mu = ndtr(eta)
         d1 = np.exp(-0.5 * eta**2) / _SQRT_2PI
@@ -144,18 +147,24 @@ def _outcome_constants(family: str, y: np.ndarray, w: np.ndarray) -> dict[str, f
     return {"sumlogw": sumlogw, "cdev": 0.0, "cll": 0.0}
 
 
-def _deviance_loglik(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray,
+def _deviance_loglik(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray | None,
                      c: dict[str, float]) -> tuple[float, float]:
     """Deviance and log-likelihood (binomial without the binomial coefficient; 0 for
-    gaussian, whose log-likelihood depends on the dispersion) at the means ``mu``."""
+    gaussian, whose log-likelihood depends on the dispersion) at the means ``mu``
+    (``w=None``: unit weights)."""
     if family == "gaussian":
-        return float(np.sum(w * (y - mu) ** 2)), 0.0
+        r2 = (y - mu) ** 2
+        return float(np.sum(r2 if w is None else w * r2)), 0.0
+    # xlogy(y, mu) = y log(mu), 0 where y = 0; xlog1py(1 - y, -mu) = (1 - y) log(1 - mu),
+    # 0 where y = 1
     with np.errstate(divide="ignore", invalid="ignore"):
         if family == "poisson":
-            kern = float(np.sum(w * (np.where(y > 0, y * np.log(mu), 0.0) - mu)))
+            t = special.xlogy(y, mu) - mu
+            kern = float(np.sum(t if w is None else w * t))
             return 2.0 * c["cdev"] - 2.0 * kern, kern - c["cll"]
-        ll = float(np.sum(w * (np.where(y > 0, y * np.log(mu), 0.0)
-                               + np.where(y < 1, (1 - y) * np.log1p(-mu), 0.0))))
+        t = special.xlogy(y, mu)
+        t += special.xlog1py(1.0 - y, -mu)
+        ll = float(np.sum(t if w is None else w * t))
     return 2.0 * c["cdev"] - 2.0 * ll, ll
 
 
@@ -176,21 +185,26 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
     the first estimate.
     """
     n = len(y)
-    w = np.ones(n) if w is None else w
-    off = np.zeros(n) if off is None else off
+    canonical = _CANONICAL.get(family) == link
     if beta is None:
         with np.errstate(divide="ignore", invalid="ignore"):
             eta = _link(link, _starting_mu(family, y))
-        eta0 = eta - off
+        eta0 = eta if off is None else eta - off
     else:
         eta0 = X @ beta
-        eta = eta0 + off
-    mu, d1, d2 = _inverse_link(link, eta)
-    V, dV = _variance(family, mu)
+        eta = eta0 if off is None else eta0 + off
+    mu, d1, d2 = _inverse_link(link, eta, second=not canonical)
+    resid = y - mu
     with np.errstate(divide="ignore", invalid="ignore"):
-        wexp = w * d1**2 / V  # IRLS weights (expected information)
-        u = w * (y - mu) * d1 / V  # per-row score factor: score_i = u_i x_i
-        pearson = float(np.sum(w * (y - mu) ** 2 / V))
+        V, dV = _variance(family, mu)
+        if canonical:  # d1 == V: the IRLS weights are d1, the score factor y - mu
+            wexp = d1 if w is None else w * d1
+            u = resid if w is None else w * resid
+        else:
+            wexp = d1**2 / V if w is None else w * d1**2 / V  # IRLS weights (expected information)
+            u = resid * d1 / V if w is None else w * resid * d1 / V  # score_i = u_i x_i
+        r2v = resid**2 / V
+        pearson = float(np.sum(r2v if w is None else w * r2v))
     Xe = X * wexp[:, None]
     XtWX = X.T @ Xe
     if link in ("logit", "log", "identity"):  # canonical links: observed == expected, exactly
@@ -199,7 +213,7 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
         with np.errstate(divide="ignore", invalid="ignore"):
             # observed information: -d(score)/d(eta) = wexp - w (y - mu) d/deta(d1 / V)
             ddeta = (d2 * V - d1**2 * dV) / V**2
-            wobs = wexp - w * (y - mu) * ddeta
+            wobs = wexp - (resid * ddeta if w is None else w * resid * ddeta)
         Hobs = X.T @ (X * wobs[:, None])
     if robust:
         Xu = X * u[:, None]
@@ -208,10 +222,10 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
         meat = np.zeros_like(XtWX)
     if beta is None:
         with np.errstate(divide="ignore", invalid="ignore"):
-            g = Xe.T @ (eta - off + (y - mu) / d1)
+            g = Xe.T @ (eta0 + resid / d1)
     else:
         g = X.T @ u
-    c = _outcome_constants(family, y, w) if consts is None else consts
+    c = _outcome_constants(family, y, np.ones(n) if w is None else w) if consts is None else consts
     deviance, loglik = _deviance_loglik(family, y, mu, w, c)
     return {
         "XtWX": XtWX,
@@ -222,10 +236,10 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
         "deviance": np.array(deviance),
         "loglik": np.array(loglik),
         "sumlogw": np.array(c["sumlogw"]),
-        "sw": np.array(float(np.sum(w))),
-        "swy": np.array(float(np.sum(w * y))),
-        "swe": np.array(float(np.sum(w * eta0))),
-        "swe2": np.array(float(np.sum(w * eta0**2))),
+        "sw": np.array(float(n if w is None else np.sum(w))),
+        "swy": np.array(float(np.sum(y if w is None else w * y))),
+        "swe": np.array(float(np.sum(eta0 if w is None else w * eta0))),
+        "swe2": np.array(float(np.dot(eta0, eta0) if w is None else np.sum(w * eta0**2))),
         "n": np.array(float(n)),
     }
 
@@ -502,7 +516,8 @@ def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
         rel0 = np.inf
         for k in active:
             r = out[k]
-            if not np.all(np.isfinite(r["XtWX"])) or not np.all(np.isfinite(r["g"])):
+            if not (np.all(np.isfinite(r["XtWX"])) and np.all(np.isfinite(r["g"]))
+                    and np.isfinite(r["pearson"])):
                 raise InputError("the model's statistics are not finite: check the outcome's range "
                                  "for the family and the transformations in the formula")
             # Fisher scoring (IRLS); for non-canonical links, Newton's method (observed
