@@ -170,7 +170,8 @@ def _deviance_loglik(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray |
 
 def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray | None,
                  family: str, link: str, beta: np.ndarray | None, robust: bool = True,
-                 consts: dict[str, float] | None = None) -> dict[str, Any]:
+                 consts: dict[str, float] | None = None,
+                 work: np.ndarray | None = None) -> dict[str, Any]:
     """Statistics of one block of rows at ``beta``, summed over its rows.
 
     Returns the expected information ``XtWX``, the score ``g`` (both without the
@@ -182,7 +183,8 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
     R-squared) and the row count.  With ``beta=None`` (the first IRLS pass) the
     statistics are taken at the starting means instead, and ``g`` is
     ``X'W(z - offset)`` with the working response ``z``, so that ``solve(XtWX, g)`` is
-    the first estimate.
+    the first estimate.  ``work``, an array of X's shape, is used as scratch space for the
+    weighted design (reused from pass to pass, instead of a new array of X's size).
     """
     n = len(y)
     canonical = _CANONICAL.get(family) == link
@@ -205,7 +207,7 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
             u = resid * d1 / V if w is None else w * resid * d1 / V  # score_i = u_i x_i
         r2v = resid**2 / V
         pearson = float(np.sum(r2v if w is None else w * r2v))
-    Xe = X * wexp[:, None]
+    Xe = np.multiply(X, wexp[:, None], out=work if work is not None and work.shape == X.shape else None)
     XtWX = X.T @ Xe
     if link in ("logit", "log", "identity"):  # canonical links: observed == expected, exactly
         Hobs = XtWX
@@ -215,16 +217,16 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
             ddeta = (d2 * V - d1**2 * dV) / V**2
             wobs = wexp - (resid * ddeta if w is None else w * resid * ddeta)
         Hobs = X.T @ (X * wobs[:, None])
-    if robust:
-        Xu = X * u[:, None]
-        meat = Xu.T @ Xu
-    else:
-        meat = np.zeros_like(XtWX)
     if beta is None:
         with np.errstate(divide="ignore", invalid="ignore"):
             g = Xe.T @ (eta0 + resid / d1)
     else:
         g = X.T @ u
+    if robust:
+        Xu = np.multiply(X, u[:, None], out=Xe)
+        meat = Xu.T @ Xu
+    else:
+        meat = np.zeros_like(XtWX)
     c = _outcome_constants(family, y, np.ones(n) if w is None else w) if consts is None else consts
     deviance, loglik = _deviance_loglik(family, y, mu, w, c)
     return {
@@ -300,6 +302,7 @@ class _Group:
     base: tuple
     diffs: list[tuple[np.ndarray | None, tuple] | None]
     consts: dict[int, dict[str, float]] = field(default_factory=dict)
+    work: np.ndarray | None = None  # scratch space of the passes, of the base design's shape
 
     def arrays(self, j: int) -> tuple:
         if j == 0 or self.diffs[j] is None:
@@ -361,7 +364,10 @@ def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str
         X, y, w, off = group.arrays(j)
         if j not in group.consts:  # kept with the group on the worker for the next passes
             group.consts[j] = _outcome_constants(family, y, np.ones(len(y)) if w is None else w)
-        out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust, group.consts[j])
+        if group.work is None:
+            group.work = np.empty_like(group.base[0])
+        out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust, group.consts[j],
+                              group.work)
     return out
 
 
@@ -435,11 +441,17 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     robust = cov_type != "nonrobust"
     client = client if client is not None else _default_client()
     if client is not None:
+        from distributed import wait
+
         held = client.compute(loads)
+        wait(held)
+        # each pass runs where its group's design is held (never moved to another worker)
+        where = client.who_has(held)
 
         def one_pass(betas: dict[int, np.ndarray | None]) -> dict[int, dict[str, Any]]:
             futs = [client.submit(_group_stats, g, {k: betas[k] for k in ks if k in betas},
-                                  family, link, robust, pure=False)
+                                  family, link, robust, pure=False,
+                                  workers=list(where.get(g.key, ())) or None)
                     for g, (ks, _) in zip(held, groups) if any(k in betas for k in ks)]
             return _reduce_active(client.gather(futs), betas)
     else:
