@@ -1291,8 +1291,13 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     evaluated on imputation 1's partition and, for the other imputations, only on the
     rows whose analysis columns differ from it (the imputed cells).  The designs stay
     in the workers' memory for the whole fit, and each Fisher-scoring pass is one
-    task per partition computing the statistics of all m fits; only ``p x p``
-    statistics reach the client.
+    task per partition computing the statistics of the fits still iterating; only
+    ``p x p`` statistics reach the client.  Imputation 1 iterates from the starting
+    means exactly as a fit on its data alone; with a non-identity link, imputations
+    2..m start from imputation 1's estimate once its relative step is at most 1e-2
+    (their estimates differ only through the imputed values, so they need fewer
+    passes), and every fit stops at its own convergence (the same criterion, ``tol``).
+    ``iterations`` counts the passes over the data.
 
     Examples
     --------
