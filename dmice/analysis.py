@@ -326,7 +326,8 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: pd.DataFrame) -
 
     The formula is evaluated once on the first imputation's partition and, for every
     other imputation, only on the rows whose analysis columns differ from it (the
-    imputed cells): completed data sets share their observed values.
+    imputed cells): completed data sets share their observed values.  When more than
+    half of the rows differ, it is evaluated on the whole partition instead.
     """
     prepare = getattr(design, "prepare", lambda d: d)
     frames = [prepare(p) for p in parts]
@@ -343,13 +344,16 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: pd.DataFrame) -
         if not len(rows):
             diffs.append(None)
             continue
+        if 2 * len(rows) > len(df):
+            # most rows differ: the whole partition's arrays (at most twice the memory of the
+            # differing rows alone), so that a pass does not rebuild them
+            arr = _arrays(design(df))
+            _check_outcome(family, arr[1])
+            diffs.append((None, arr))
+            continue
         arr = _arrays(design(df.iloc[rows]))
         _check_outcome(family, arr[1])
         diffs.append((rows, arr))
-        if 2 * len(rows) > len(df):
-            # most rows differ: keep the completed arrays, so that a pass does not rebuild
-            # them (at most twice the memory of the differing rows alone)
-            diffs[-1] = (None, _Group(list(ks), base, diffs).arrays(len(diffs) - 1))
     return _Group(list(ks), base, diffs)
 
 
@@ -1289,7 +1293,8 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
 
     The design of each partition is built once for all m imputations: the formula is
     evaluated on imputation 1's partition and, for the other imputations, only on the
-    rows whose analysis columns differ from it (the imputed cells).  The designs stay
+    rows whose analysis columns differ from it (the imputed cells; on the whole
+    partition when more than half of its rows differ).  The designs stay
     in the workers' memory for the whole fit, and each Fisher-scoring pass is one
     task per partition computing the statistics of the fits still iterating; only
     ``p x p`` statistics reach the client.  Imputation 1 iterates from the starting
