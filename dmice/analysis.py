@@ -304,6 +304,13 @@ class _Group:
     consts: dict[int, dict[str, float]] = field(default_factory=dict)
     work: np.ndarray | None = None  # scratch space of the passes, of the base design's shape
 
+    def __sizeof__(self) -> int:  # the arrays' bytes, for dask's memory and transfer costs
+        arrays = [*self.base, self.work]
+        for d in self.diffs:
+            if d is not None:
+                arrays += [d[0], *d[1]]
+        return 1000 + sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+
     def arrays(self, j: int) -> tuple:
         if j == 0 or self.diffs[j] is None:
             return self.base
@@ -449,10 +456,11 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
 
         held = client.compute(loads)
         wait(held)
-        # each pass runs where its group's design is held (never moved to another worker)
-        where = client.who_has(held)
 
         def one_pass(betas: dict[int, np.ndarray | None]) -> dict[int, dict[str, Any]]:
+            # each pass runs where its group's design is held (not moved to another worker
+            # by work stealing); a design lost with its worker is recomputed anywhere
+            where = client.who_has(held)
             futs = [client.submit(_group_stats, g, {k: betas[k] for k in ks if k in betas},
                                   family, link, robust, pure=False,
                                   workers=list(where.get(g.key, ())) or None)
