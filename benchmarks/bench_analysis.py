@@ -228,9 +228,13 @@ def main() -> None:
         "statsmodels: its spawned process (interpreter, libraries, the pandas frame and model matrix).",
         "- dmice's analyze reads the 5 Parquet copies of each partition in one task per partition, "
         "evaluates the formula on imputation 1's rows and only on the rows of imputations 2-5 whose "
-        "analysis columns differ (imputed cells), keeps the design arrays on the workers and then "
-        "runs every IRLS pass as one task per partition computing all 5 fits; the one-fit run uses "
-        "the same code with m = 1.",
+        "analysis columns differ (imputed cells; the whole partition when more than half of its rows "
+        "differ), keeps the design arrays on the workers and then "
+        "runs every IRLS pass as one task per partition (pinned to the worker holding its design) "
+        "computing the fits still iterating: imputation 1 from the starting means, imputations 2-5 "
+        "from imputation 1's estimate once its relative step is at most 1e-2, each fit stopping "
+        "at its own convergence (same criterion as one fit); the one-fit run uses the same code "
+        "with m = 1.",
     ]
     lines += [f"- {n}" for n in notes]
     text = "\n".join(lines) + "\n"

@@ -41,23 +41,26 @@ Design = Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]]
 
 FAMILIES = {"gaussian": ("identity",), "binomial": ("logit", "probit", "cloglog"), "poisson": ("log",)}
 COV_TYPES = ("nonrobust", "HC0", "HC1")
+_CANONICAL = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
 _SQRT_2PI = math.sqrt(2 * math.pi)
 
 
 # ------------------------------------------------------------------------------------------
 # families and links
 # ------------------------------------------------------------------------------------------
-def _inverse_link(link: str, eta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``mu``, ``dmu/deta`` and ``d2mu/deta2`` of a link at ``eta``."""
+def _inverse_link(link: str, eta: np.ndarray,
+                  second: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``mu``, ``dmu/deta`` and ``d2mu/deta2`` of a link at ``eta`` (the last ``None``
+    for the canonical links unless ``second``)."""
     if link == "identity":
-        return eta, np.ones_like(eta), np.zeros_like(eta)
+        return eta, np.ones_like(eta), np.zeros_like(eta) if second else None
     if link == "log":
         mu = np.exp(eta)
         return mu, mu, mu
     if link == "logit":
         mu = expit(eta)
         d1 = mu * (1.0 - mu)
-        return mu, d1, d1 * (1.0 - 2.0 * mu)
+        return mu, d1, d1 * (1.0 - 2.0 * mu) if second else None
     if link == "probit":
         mu = ndtr(eta)
         d1 = np.exp(-0.5 * eta**2) / _SQRT_2PI
@@ -144,24 +147,31 @@ def _outcome_constants(family: str, y: np.ndarray, w: np.ndarray) -> dict[str, f
     return {"sumlogw": sumlogw, "cdev": 0.0, "cll": 0.0}
 
 
-def _deviance_loglik(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray,
+def _deviance_loglik(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray | None,
                      c: dict[str, float]) -> tuple[float, float]:
     """Deviance and log-likelihood (binomial without the binomial coefficient; 0 for
-    gaussian, whose log-likelihood depends on the dispersion) at the means ``mu``."""
+    gaussian, whose log-likelihood depends on the dispersion) at the means ``mu``
+    (``w=None``: unit weights)."""
     if family == "gaussian":
-        return float(np.sum(w * (y - mu) ** 2)), 0.0
+        r2 = (y - mu) ** 2
+        return float(np.sum(r2 if w is None else w * r2)), 0.0
+    # xlogy(y, mu) = y log(mu), 0 where y = 0; xlog1py(1 - y, -mu) = (1 - y) log(1 - mu),
+    # 0 where y = 1
     with np.errstate(divide="ignore", invalid="ignore"):
         if family == "poisson":
-            kern = float(np.sum(w * (np.where(y > 0, y * np.log(mu), 0.0) - mu)))
+            t = special.xlogy(y, mu) - mu
+            kern = float(np.sum(t if w is None else w * t))
             return 2.0 * c["cdev"] - 2.0 * kern, kern - c["cll"]
-        ll = float(np.sum(w * (np.where(y > 0, y * np.log(mu), 0.0)
-                               + np.where(y < 1, (1 - y) * np.log1p(-mu), 0.0))))
+        t = special.xlogy(y, mu)
+        t += special.xlog1py(1.0 - y, -mu)
+        ll = float(np.sum(t if w is None else w * t))
     return 2.0 * c["cdev"] - 2.0 * ll, ll
 
 
 def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray | None,
                  family: str, link: str, beta: np.ndarray | None, robust: bool = True,
-                 consts: dict[str, float] | None = None) -> dict[str, Any]:
+                 consts: dict[str, float] | None = None,
+                 work: np.ndarray | None = None) -> dict[str, Any]:
     """Statistics of one block of rows at ``beta``, summed over its rows.
 
     Returns the expected information ``XtWX``, the score ``g`` (both without the
@@ -173,25 +183,31 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
     R-squared) and the row count.  With ``beta=None`` (the first IRLS pass) the
     statistics are taken at the starting means instead, and ``g`` is
     ``X'W(z - offset)`` with the working response ``z``, so that ``solve(XtWX, g)`` is
-    the first estimate.
+    the first estimate.  ``work``, an array of X's shape, is used as scratch space for the
+    weighted design (reused from pass to pass, instead of a new array of X's size).
     """
     n = len(y)
-    w = np.ones(n) if w is None else w
-    off = np.zeros(n) if off is None else off
+    canonical = _CANONICAL.get(family) == link
     if beta is None:
         with np.errstate(divide="ignore", invalid="ignore"):
             eta = _link(link, _starting_mu(family, y))
-        eta0 = eta - off
+        eta0 = eta if off is None else eta - off
     else:
         eta0 = X @ beta
-        eta = eta0 + off
-    mu, d1, d2 = _inverse_link(link, eta)
-    V, dV = _variance(family, mu)
+        eta = eta0 if off is None else eta0 + off
+    mu, d1, d2 = _inverse_link(link, eta, second=not canonical)
+    resid = y - mu
     with np.errstate(divide="ignore", invalid="ignore"):
-        wexp = w * d1**2 / V  # IRLS weights (expected information)
-        u = w * (y - mu) * d1 / V  # per-row score factor: score_i = u_i x_i
-        pearson = float(np.sum(w * (y - mu) ** 2 / V))
-    Xe = X * wexp[:, None]
+        V, dV = _variance(family, mu)
+        if canonical:  # d1 == V: the IRLS weights are d1, the score factor y - mu
+            wexp = d1 if w is None else w * d1
+            u = resid if w is None else w * resid
+        else:
+            wexp = d1**2 / V if w is None else w * d1**2 / V  # IRLS weights (expected information)
+            u = resid * d1 / V if w is None else w * resid * d1 / V  # score_i = u_i x_i
+        r2v = resid**2 / V
+        pearson = float(np.sum(r2v if w is None else w * r2v))
+    Xe = np.multiply(X, wexp[:, None], out=work if work is not None and work.shape == X.shape else None)
     XtWX = X.T @ Xe
     if link in ("logit", "log", "identity"):  # canonical links: observed == expected, exactly
         Hobs = XtWX
@@ -199,19 +215,19 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
         with np.errstate(divide="ignore", invalid="ignore"):
             # observed information: -d(score)/d(eta) = wexp - w (y - mu) d/deta(d1 / V)
             ddeta = (d2 * V - d1**2 * dV) / V**2
-            wobs = wexp - w * (y - mu) * ddeta
+            wobs = wexp - (resid * ddeta if w is None else w * resid * ddeta)
         Hobs = X.T @ (X * wobs[:, None])
+    if beta is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g = Xe.T @ (eta0 + resid / d1)
+    else:
+        g = X.T @ u
     if robust:
-        Xu = X * u[:, None]
+        Xu = np.multiply(X, u[:, None], out=Xe)
         meat = Xu.T @ Xu
     else:
         meat = np.zeros_like(XtWX)
-    if beta is None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            g = Xe.T @ (eta - off + (y - mu) / d1)
-    else:
-        g = X.T @ u
-    c = _outcome_constants(family, y, w) if consts is None else consts
+    c = _outcome_constants(family, y, np.ones(n) if w is None else w) if consts is None else consts
     deviance, loglik = _deviance_loglik(family, y, mu, w, c)
     return {
         "XtWX": XtWX,
@@ -222,10 +238,10 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
         "deviance": np.array(deviance),
         "loglik": np.array(loglik),
         "sumlogw": np.array(c["sumlogw"]),
-        "sw": np.array(float(np.sum(w))),
-        "swy": np.array(float(np.sum(w * y))),
-        "swe": np.array(float(np.sum(w * eta0))),
-        "swe2": np.array(float(np.sum(w * eta0**2))),
+        "sw": np.array(float(n if w is None else np.sum(w))),
+        "swy": np.array(float(np.sum(y if w is None else w * y))),
+        "swe": np.array(float(np.sum(eta0 if w is None else w * eta0))),
+        "swe2": np.array(float(np.dot(eta0, eta0) if w is None else np.sum(w * eta0**2))),
         "n": np.array(float(n)),
     }
 
@@ -278,13 +294,22 @@ class _Group:
 
     The first imputation's arrays are complete; every other imputation keeps only the
     rows where its analysis columns differ from the first (``rows``), or all its rows
-    (``rows is None``) when the partitions are not the same length.
+    (``rows is None``) when the partitions are not the same length or when more than
+    half of its rows differ.
     """
 
     ks: list[int]
     base: tuple
     diffs: list[tuple[np.ndarray | None, tuple] | None]
     consts: dict[int, dict[str, float]] = field(default_factory=dict)
+    work: np.ndarray | None = None  # scratch space of the passes, of the base design's shape
+
+    def __sizeof__(self) -> int:  # the arrays' bytes, for dask's memory and transfer costs
+        arrays = [*self.base, self.work]
+        for d in self.diffs:
+            if d is not None:
+                arrays += [d[0], *d[1]]
+        return 1000 + sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
 
     def arrays(self, j: int) -> tuple:
         if j == 0 or self.diffs[j] is None:
@@ -308,7 +333,8 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: pd.DataFrame) -
 
     The formula is evaluated once on the first imputation's partition and, for every
     other imputation, only on the rows whose analysis columns differ from it (the
-    imputed cells): completed data sets share their observed values.
+    imputed cells): completed data sets share their observed values.  When more than
+    half of the rows differ, it is evaluated on the whole partition instead.
     """
     prepare = getattr(design, "prepare", lambda d: d)
     frames = [prepare(p) for p in parts]
@@ -325,6 +351,13 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: pd.DataFrame) -
         if not len(rows):
             diffs.append(None)
             continue
+        if 2 * len(rows) > len(df):
+            # most rows differ: the whole partition's arrays (at most twice the memory of the
+            # differing rows alone), so that a pass does not rebuild them
+            arr = _arrays(design(df))
+            _check_outcome(family, arr[1])
+            diffs.append((None, arr))
+            continue
         arr = _arrays(design(df.iloc[rows]))
         _check_outcome(family, arr[1])
         diffs.append((rows, arr))
@@ -333,13 +366,19 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: pd.DataFrame) -
 
 def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str, link: str,
                  robust: bool) -> dict[int, dict[str, Any]]:
-    """Statistics of every imputation of a group at its own ``betas[k]``."""
+    """Statistics of the imputations ``k`` of a group that ``betas`` names, each at its own
+    ``betas[k]`` (``None``: at the starting means)."""
     out = {}
     for j, k in enumerate(group.ks):
+        if k not in betas:  # not iterated in this pass (converged, or not started yet)
+            continue
         X, y, w, off = group.arrays(j)
         if j not in group.consts:  # kept with the group on the worker for the next passes
             group.consts[j] = _outcome_constants(family, y, np.ones(len(y)) if w is None else w)
-        out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust, group.consts[j])
+        if group.work is None:
+            group.work = np.empty_like(group.base[0])
+        out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust, group.consts[j],
+                              group.work)
     return out
 
 
@@ -357,6 +396,10 @@ def _groups(frames: list[Any]) -> list[tuple[list[int], list[Any]]]:
 
 def _reduce_groups(outs: list[dict[int, dict[str, Any]]], m: int) -> list[dict[str, Any]]:
     return [_sum([o[k] for o in outs if k in o]) for k in range(m)]
+
+
+def _reduce_active(outs: list[dict[int, dict[str, Any]]], ks: Any) -> dict[int, dict[str, Any]]:
+    return {k: _sum([o[k] for o in outs if k in o]) for k in ks}
 
 
 def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: np.ndarray,
@@ -397,7 +440,8 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
 
     The design of every partition group (the m versions of a partition) is built once,
     kept in the workers' memory (with a distributed client) and reused by every pass;
-    each pass is one task per group computing the statistics of all m imputations.
+    each pass is one task per group computing the statistics of the imputations still
+    iterating (see :func:`_iterate` for the warm start of imputations 2..m).
     """
     import dask
 
@@ -408,20 +452,27 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     robust = cov_type != "nonrobust"
     client = client if client is not None else _default_client()
     if client is not None:
-        held = client.compute(loads)
+        from distributed import wait
 
-        def one_pass(beta: np.ndarray | None) -> list[dict[str, Any]]:
-            futs = [client.submit(_group_stats, g, {k: None if beta is None else beta[k] for k in ks},
-                                  family, link, robust, pure=False)
-                    for g, (ks, _) in zip(held, groups)]
-            return _reduce_groups(client.gather(futs), m)
+        held = client.compute(loads)
+        wait(held)
+
+        def one_pass(betas: dict[int, np.ndarray | None]) -> dict[int, dict[str, Any]]:
+            # each pass runs where its group's design is held (not moved to another worker
+            # by work stealing); a design lost with its worker is recomputed anywhere
+            where = client.who_has(held)
+            futs = [client.submit(_group_stats, g, {k: betas[k] for k in ks if k in betas},
+                                  family, link, robust, pure=False,
+                                  workers=list(where.get(g.key, ())) or None)
+                    for g, (ks, _) in zip(held, groups) if any(k in betas for k in ks)]
+            return _reduce_active(client.gather(futs), betas)
     else:
         held = list(dask.compute(*loads))
 
-        def one_pass(beta: np.ndarray | None) -> list[dict[str, Any]]:
-            outs = [_group_stats(g, {k: None if beta is None else beta[k] for k in ks}, family, link,
-                                 robust) for g, (ks, _) in zip(held, groups)]
-            return _reduce_groups(outs, m)
+        def one_pass(betas: dict[int, np.ndarray | None]) -> dict[int, dict[str, Any]]:
+            outs = [_group_stats(g, {k: betas[k] for k in ks if k in betas}, family, link, robust)
+                    for g, (ks, _) in zip(held, groups) if any(k in betas for k in ks)]
+            return _reduce_active(outs, betas)
 
     try:
         beta, res, it = _iterate(one_pass, m, p, link, tol, max_iter)
@@ -446,50 +497,90 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     return _Fits(beta, covs, scales, np.array([float(r["deviance"]) for r in res]), n, it, res)
 
 
+#: warm start of imputations 2..m: they start from imputation 1's estimate once its relative
+#: step is at most this (or it has converged, or after WARM_MAX_LEAD passes)
+WARM_START_STEP = 1e-2
+WARM_MAX_LEAD = 6
+
+
 def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
              max_iter: int) -> tuple[np.ndarray, list[dict[str, Any]], int]:
-    beta: np.ndarray | None = None
+    """Fisher scoring (IRLS) of the m fits; returns the estimates, the statistics of each
+    fit's last pass and the number of passes over the data.
+
+    Every fit stops at its own convergence: its step is at most ``tol * (1 + |beta|)`` in
+    every coordinate (the estimate is then ``beta + step`` and its statistics those of
+    that last pass, as for a single fit).  Imputation 1 iterates from the starting means,
+    exactly as a fit on its data alone.  With a non-identity link and m > 1, imputations
+    2..m wait until imputation 1's relative step is at most :data:`WARM_START_STEP` (or
+    it has converged, or has run :data:`WARM_MAX_LEAD` passes, or one pass is left before
+    ``max_iter``) and then start from its
+    current estimate: completed data sets differ only in their imputed values, so their
+    estimates are close and a warm start needs fewer passes than the starting means.  An
+    identity link converges in one step from the starting means, so there every fit
+    starts there.
+    """
+    beta: list[np.ndarray | None] = [None] * m
+    res: list[dict[str, Any] | None] = [None] * m
+    done = [False] * m
+    lead = m > 1 and link != "identity" and max_iter >= 2
+    active = [0] if lead else list(range(m))
+    nrows = None
     it = 0
     while True:
-        res = one_pass(beta)
+        out = one_pass({k: beta[k] for k in active})
         it += 1
-        n = int(res[0]["n"])
-        if n == 0:
-            raise InputError("the analysis data have no rows")
-        if any(int(r["n"]) != n for r in res):
-            raise InputError("the completed data sets have different numbers of rows")
-        step = np.empty((m, p))
-        for k, r in enumerate(res):
-            if not np.all(np.isfinite(r["XtWX"])) or not np.all(np.isfinite(r["g"])):
+        for k in active:
+            n = int(out[k]["n"])
+            nrows = n if nrows is None else nrows
+            if n == 0:
+                raise InputError("the analysis data have no rows")
+            if n != nrows:
+                raise InputError("the completed data sets have different numbers of rows")
+        rel0 = np.inf
+        for k in active:
+            r = out[k]
+            if not (np.all(np.isfinite(r["XtWX"])) and np.all(np.isfinite(r["g"]))
+                    and np.isfinite(r["pearson"])):
                 raise InputError("the model's statistics are not finite: check the outcome's range "
                                  "for the family and the transformations in the formula")
             # Fisher scoring (IRLS); for non-canonical links, Newton's method (observed
             # information) from the third pass on, while that information is positive
             # definite: quadratic instead of linear convergence.
             info = r["XtWX"]
-            if beta is not None and it >= 3 and link not in ("logit", "log", "identity"):
+            if beta[k] is not None and it >= 3 and link not in ("logit", "log", "identity"):
                 try:
                     np.linalg.cholesky(r["Hobs"])
                     info = r["Hobs"]
                 except np.linalg.LinAlgError:
                     pass
             try:
-                step[k] = np.linalg.solve(info, r["g"])
+                step = np.linalg.solve(info, r["g"])
             except np.linalg.LinAlgError:
                 raise InputError("the model matrix is singular (collinear terms or an empty "
                                  "category level)") from None
-        if beta is None:  # first pass: the solution is the first estimate, not a step
-            beta, converged = step, False
-        else:
-            converged = bool(np.all(np.abs(step) <= tol * (1.0 + np.abs(beta))))
-            beta = beta + step
-        if converged:
+            res[k] = r
+            if beta[k] is None:  # first pass: the solution is the first estimate, not a step
+                beta[k] = step
+            else:
+                rel = np.abs(step) / (1.0 + np.abs(beta[k]))
+                done[k] = bool(np.all(rel <= tol))
+                beta[k] = beta[k] + step
+                if k == 0:
+                    rel0 = float(np.max(rel))
+        if lead and active == [0] and (done[0] or rel0 <= WARM_START_STEP
+                                         or it >= min(WARM_MAX_LEAD, max_iter - 1)):
+            for k in range(1, m):
+                beta[k] = beta[0].copy()
+            active = list(range(m))
+        active = [k for k in active if not done[k]]
+        if not active:
             break
         if it >= max_iter:
             warnings.warn(f"the model did not converge in max_iter={max_iter} passes",
                           RuntimeWarning, stacklevel=4)
             break
-    return beta, res, it
+    return np.array(beta), res, it
 
 
 # ------------------------------------------------------------------------------------------
@@ -1210,10 +1301,16 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
 
     The design of each partition is built once for all m imputations: the formula is
     evaluated on imputation 1's partition and, for the other imputations, only on the
-    rows whose analysis columns differ from it (the imputed cells).  The designs stay
+    rows whose analysis columns differ from it (the imputed cells; on the whole
+    partition when more than half of its rows differ).  The designs stay
     in the workers' memory for the whole fit, and each Fisher-scoring pass is one
-    task per partition computing the statistics of all m fits; only ``p x p``
-    statistics reach the client.
+    task per partition computing the statistics of the fits still iterating; only
+    ``p x p`` statistics reach the client.  Imputation 1 iterates from the starting
+    means exactly as a fit on its data alone; with a non-identity link, imputations
+    2..m start from imputation 1's estimate once its relative step is at most 1e-2
+    (their estimates differ only through the imputed values, so they need fewer
+    passes), and every fit stops at its own convergence (the same criterion, ``tol``).
+    ``iterations`` counts the passes over the data.
 
     Examples
     --------

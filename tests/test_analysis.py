@@ -108,6 +108,51 @@ def test_each_imputation_equals_statsmodels(cluster_client, frames, dask_frames,
             np.testing.assert_allclose(res.loglik[k], ref.llf, rtol=1e-8)
 
 
+@pytest.mark.parametrize("share", [0.8, 0.3])
+@pytest.mark.parametrize("family,link,outcome", [("binomial", "probit", "e"), ("poisson", None, "cnt")])
+def test_imputations_sharing_rows_each_equal_statsmodels(cluster_client, frames, share, family,
+                                                         link, outcome):
+    """Completed data sets that share most (or few) rows, as real imputations do: imputations
+    2..m start from imputation 1's estimate, and each fit still equals statsmodels'."""
+    g = np.random.default_rng(11)
+    base = frames[0]
+    comp = [base]
+    for k in (1, 2):
+        f = base.copy()
+        redo = g.random(N) > share  # "imputed" cells of x and z
+        f.loc[redo, "x"] = frames[k].loc[redo, "x"]
+        f.loc[redo, "z"] = frames[k].loc[redo, "z"]
+        comp.append(f)
+    formula = f"{outcome} ~ {FORMULA_RHS}"
+    res = dmice.analyze([dd.from_pandas(f, npartitions=2, sort=False) for f in comp], formula,
+                        family=family, link=link, client=cluster_client)
+    for k, df in enumerate(comp):
+        terms, params, bse, ref = _statsmodels(df, formula, family, link, None, None, "nonrobust")
+        np.testing.assert_allclose(res.fits[k].params.to_numpy(), params, rtol=1e-6, atol=1e-10)
+        np.testing.assert_allclose(res.fits[k].bse.to_numpy(), bse, rtol=1e-6)
+        np.testing.assert_allclose(res.fits[k].deviance, ref.deviance, rtol=1e-8)
+    # imputation 1 follows the same passes as a fit on its data alone
+    with pytest.warns(UserWarning, match="pooling needs m >= 2"):
+        alone = dmice.analyze([dd.from_pandas(comp[0], npartitions=2, sort=False)], formula,
+                              family=family, link=link, client=cluster_client)
+    np.testing.assert_allclose(res.fits[0].params.to_numpy(), alone.fits[0].params.to_numpy(),
+                               rtol=1e-12)
+    assert res.iterations >= alone.iterations
+
+
+def test_max_iter_reached_before_the_warm_start_still_fits_every_imputation(cluster_client,
+                                                                            dask_frames):
+    with pytest.warns(RuntimeWarning, match="did not converge in max_iter=2"):
+        res = dmice.analyze(dask_frames, f"e ~ {FORMULA_RHS}", family="binomial", max_iter=2,
+                            client=cluster_client)
+    assert res.iterations == 2
+    full = dmice.analyze(dask_frames, f"e ~ {FORMULA_RHS}", family="binomial", client=cluster_client)
+    for k in range(3):  # two Fisher-scoring passes: near the estimates, not at them
+        est, ref = res.fits[k].params.to_numpy(), full.fits[k].params.to_numpy()
+        assert np.all(np.isfinite(est)) and not np.allclose(est, ref, rtol=1e-6)
+        np.testing.assert_allclose(est, ref, atol=0.5)
+
+
 def test_formula_terms_reference_level_interaction_and_transform(cluster_client, dask_frames):
     res = dmice.analyze(dask_frames, f"y ~ {FORMULA_RHS}")
     assert res.terms == ["Intercept", "x", "z", "C(grp, contr.treatment('b'))[T.a]",
