@@ -454,6 +454,9 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     if client is not None:
         from distributed import wait
 
+        from dmice.engine import tune_workers
+
+        tune_workers(client)  # numpy temporaries off mmap in the workers, as for impute
         held = client.compute(loads)
         wait(held)
 

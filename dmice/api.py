@@ -598,10 +598,12 @@ def _continue(result: MultipleImputation, iterations: int, progress: Any,
     """Run more iterations of an in-memory result (see :meth:`MultipleImputation.iterate`)."""
     eng = result._engine
     start = eng.iteration
-    _run(eng, iterations, result._seq, result._events, progress, until_rhat, None, 1, None,
-         result._config)
-    result.iterations = eng.iteration
-    result._chain = eng.chain_stats
+    try:
+        _run(eng, iterations, result._seq, result._events, progress, until_rhat, None, 1, None,
+             result._config)
+    finally:  # an interrupted run keeps the iterations it completed
+        result.iterations = eng.iteration
+        result._chain = eng.chain_stats
     log.info("dmice: continued from iteration %d to %d", start, eng.iteration)
 
 

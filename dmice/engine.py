@@ -16,9 +16,8 @@ Data flow of a run:
 
 While the loop runs, each partition's block stays in the memory of the worker that
 encoded it (a registry on the worker, :data:`_RESIDENT`), and a round is one direct
-call per worker instead of two scheduled tasks per partition.  This keeps a round's
-latency at one message exchange, and keeps the scheduler from accumulating the
-lineage of every visit (each with its drawn parameters).  Between runs the blocks
+call per worker instead of two scheduled tasks per partition, which keeps a round's
+latency at one message exchange.  Between runs the blocks
 are ordinary futures again (:attr:`Engine.blocks`).  A worker lost while the loop
 runs takes its partitions' chains with it: the run stops with an error naming the
 partitions, and a run with ``checkpoint=`` resumes from its last checkpoint.
@@ -56,6 +55,7 @@ class Engine:
         self._key: str | None = None  # registry key while the blocks live on the workers
         self._where: dict[int, str] = {}  # partition -> address of the worker holding it
         self._fresh = True  # self._blocks are the blocks of the registry
+        self._done = 0  # rounds of this residency whose statistics the client has taken in
         self.models = models
         self.schema = schema
         self.iteration = 0
@@ -71,7 +71,7 @@ class Engine:
             alive = set(self.client.scheduler_info().get("workers", {}))
             if not set(self._where.values()) <= alive:
                 raise self._lost(KeyError("worker"))
-            self._blocks = [self.client.submit(_snapshot, self._key, i, self.rounds,
+            self._blocks = [self.client.submit(_snapshot, self._key, i, self._done,
                                                workers=[self._where[i]], pure=False)
                             for i in range(len(self._blocks))]
             self._fresh = True
@@ -95,6 +95,7 @@ class Engine:
         self._where = dict(enumerate(addresses))
         self._key = key
         self._fresh = True
+        self._done = 0
 
     def _release(self, keep: bool = True) -> None:
         """End residency: the blocks become futures again (``keep``) and the registry is emptied."""
@@ -125,7 +126,8 @@ class Engine:
         self._reside()
         workers = sorted(set(self._where.values()))
         try:
-            got = self.client.run(_visit_resident, self._key, order, request, workers=workers)
+            got = self.client.run(_visit_resident, self._key, self._done + 1, order, request,
+                                  workers=workers)
         except OSError as e:  # distributed's CommClosedError is an OSError too
             alive = set(self.client.scheduler_info().get("workers", {}))
             if set(workers) <= alive:
@@ -137,6 +139,7 @@ class Engine:
         if len(outs) != len(self._where):
             raise self._lost(KeyError("partition"))
         self._fresh = False
+        self._done += 1
         self.rounds += 1
         ordered = [outs[i] for i in range(len(self._where))]
         self.bytes_gathered += sum(sizeof(o) for o in ordered)
@@ -156,7 +159,17 @@ class Engine:
         try:
             self._loop(iterations, visit_sequence, events, progress, after_iteration)
         except BaseException:
-            self._release(keep=False)  # the chains may be incomplete or gone: no snapshot
+            # the blocks as of the last round the client took in (a round in flight on the
+            # workers when the client stopped is not part of them), unless a worker is gone
+            try:
+                alive = set(self.client.scheduler_info().get("workers", {}))
+                keep = set(self._where.values()) <= alive
+            except Exception:  # noqa: BLE001 - the client itself may be closing
+                keep = False
+            try:
+                self._release(keep=keep)
+            except Exception as e:  # noqa: BLE001 - the original error matters more
+                log.debug("could not keep the chains' state: %s", type(e).__name__)
             raise
         self._release()
 
@@ -266,8 +279,9 @@ class Engine:
 
 
 # -- worker side of the resident blocks --------------------------------------------------------
-#: (registry key, worker address) -> {"plan": Plan, "blocks": {partition: Block}}; keyed by the
-#: worker too, since the workers of an in-process cluster share this module
+#: (registry key, worker address) -> {"plan": Plan, "round": r, "blocks": {partition: Block after
+#: round r}, "previous": {partition: Block after round r - 1}}; keyed by the worker too, since the
+#: workers of an in-process cluster share this module
 _RESIDENT: dict[tuple[str, str], dict[str, Any]] = {}
 
 
@@ -276,40 +290,49 @@ def _adopt(block: _block.Block, key: str, part: int, plan: _block.Plan) -> str:
     from distributed import get_worker
 
     address = get_worker().address
-    entry = _RESIDENT.setdefault((key, address), {"plan": plan, "blocks": {}})
+    entry = _RESIDENT.setdefault((key, address), {"plan": plan, "round": 0, "blocks": {}, "previous": {}})
     entry["blocks"][part] = block
     return address
 
 
-def _snapshot(key: str, part: int, _round: int) -> _block.Block:
-    """Task: the current block of partition ``part`` (``_round`` only makes the task unique)."""
+def _snapshot(key: str, part: int, done: int) -> _block.Block:
+    """Task: the block of partition ``part`` after round ``done`` of the residency (the client may
+    not have taken in the last round the workers ran, e.g. when it was interrupted)."""
     from distributed import get_worker
 
     try:
-        return _RESIDENT[(key, get_worker().address)]["blocks"][part]
+        entry = _RESIDENT[(key, get_worker().address)]
+        if entry["round"] == done:
+            return entry["blocks"][part]
+        if entry["round"] == done + 1:
+            return entry["previous"][part]
     except KeyError:
-        raise RuntimeError(f"the imputation chains of partition {part} are not on this worker: the "
-                           "worker that held them was lost; run the imputation again") from None
+        pass
+    raise RuntimeError(f"the imputation chains of partition {part} are not on this worker: the "
+                       "worker that held them was lost; run the imputation again")
 
 
 def _drop(key: str, dask_worker: Any = None) -> None:
     _RESIDENT.pop((key, dask_worker.address), None)
 
 
-async def _visit_resident(key: str, order: dict[str, Any] | None,
+async def _visit_resident(key: str, rnd: int, order: dict[str, Any] | None,
                           request: dict[str, Any] | list[dict[str, Any]] | None,
                           dask_worker: Any = None) -> dict[int, dict[str, Any]]:
-    """One round on this worker: :func:`dmice.block.visit` on each of its partitions, in its
-    task thread pool; returns each partition's statistics.  The registry is updated only when
-    every partition succeeded, so a failed round leaves the previous state in place."""
+    """Round ``rnd`` on this worker: :func:`dmice.block.visit` on each of its partitions, in its
+    task thread pool; returns each partition's statistics.  The registry moves to the new blocks
+    only when every partition succeeded (a failed round leaves the previous state in place) and
+    keeps the previous ones, for a client that never took this round in."""
     entry = _RESIDENT[(key, dask_worker.address)]
+    if entry["round"] != rnd - 1:
+        raise RuntimeError(f"round {rnd} of the chains asked of a worker that holds round {entry['round']}")
     plan, blocks = entry["plan"], entry["blocks"]
     loop = asyncio.get_running_loop()
     pool = dask_worker.executors["default"]
     parts = sorted(blocks)
     new = await asyncio.gather(*[loop.run_in_executor(pool, _block.visit, blocks[p], plan, order, request)
                                  for p in parts])
-    blocks.update(zip(parts, new))
+    entry["previous"], entry["blocks"], entry["round"] = blocks, dict(zip(parts, new)), rnd
     return {p: _block.get_out(b) for p, b in zip(parts, new)}
 
 

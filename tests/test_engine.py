@@ -197,34 +197,6 @@ def test_parquet_input_with_unknown_categories(cluster_client, tmp_path):
     assert set(out["c"].astype(str)) == {"a", "b", "c"}
 
 
-def test_scheduler_keeps_no_lineage_of_the_visits(cluster_client):
-    """The blocks stay on the workers while the loop runs: a result of 6 iterations holds no more
-    tasks on the scheduler than one of 2 (no growing chain of visits, each with its drawn
-    parameters)."""
-    import time
-
-    def tasks(dask_scheduler):
-        return len(dask_scheduler.tasks)
-
-    def settled() -> int:  # releases reach the scheduler asynchronously
-        last = cluster_client.run_on_scheduler(tasks)
-        while True:
-            time.sleep(0.3)
-            now = cluster_client.run_on_scheduler(tasks)
-            if now == last:
-                return now
-            last = now
-
-    ddf = cluster_client.persist(dd.from_pandas(mixed_frame(2000, seed=2), npartitions=3))
-    n0 = settled()
-    short = dmice.impute(ddf, m=2, max_iter=2, seed=1)
-    n1 = settled()
-    long = dmice.impute(ddf, m=2, max_iter=6, seed=1)
-    n2 = settled()
-    assert short.iterations == 2 and long.iterations == 6
-    assert n2 - n1 <= n1 - n0, (n0, n1, n2)
-
-
 def test_lost_worker_stops_the_loop_with_a_clear_error():
     """A worker killed while the chains run: the run stops with an error naming the lost chains."""
     import os
