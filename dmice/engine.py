@@ -68,8 +68,7 @@ class Engine:
     def blocks(self) -> list[Future]:
         """One future per partition holding its current :class:`dmice.block.Block`."""
         if self._key is not None and not self._fresh:
-            alive = set(self.client.scheduler_info().get("workers", {}))
-            if not set(self._where.values()) <= alive:
+            if self._gone():
                 raise self._lost(KeyError("worker"))
             self._blocks = [self.client.submit(_snapshot, self._key, i, self._done,
                                                workers=[self._where[i]], pure=False)
@@ -112,9 +111,13 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - a lost worker has nothing left to drop
                 log.debug("could not empty the block registry: %s", type(e).__name__)
 
-    def _lost(self, err: BaseException) -> RuntimeError:
+    def _gone(self) -> list[int]:
+        """The partitions whose worker is no longer in the cluster."""
         alive = set(self.client.scheduler_info().get("workers", {}))
-        gone = sorted(i for i, a in self._where.items() if a not in alive)
+        return sorted(i for i, a in self._where.items() if a not in alive)
+
+    def _lost(self, err: BaseException) -> RuntimeError:
+        gone = self._gone()
         what = f"partitions {gone}" if gone else "some partitions"
         return RuntimeError(f"the worker holding {what} of the imputation chains was lost at iteration "
                             f"{self.iteration + 1} ({type(err).__name__}); the chains cannot continue. "
@@ -129,8 +132,7 @@ class Engine:
             got = self.client.run(_visit_resident, self._key, self._done + 1, order, request,
                                   workers=workers)
         except OSError as e:  # distributed's CommClosedError is an OSError too
-            alive = set(self.client.scheduler_info().get("workers", {}))
-            if set(workers) <= alive:
+            if not self._gone():
                 raise  # an error of the visit itself
             raise self._lost(e) from e
         outs: dict[int, Any] = {}
@@ -162,8 +164,7 @@ class Engine:
             # the blocks as of the last round the client took in (a round in flight on the
             # workers when the client stopped is not part of them), unless a worker is gone
             try:
-                alive = set(self.client.scheduler_info().get("workers", {}))
-                keep = set(self._where.values()) <= alive
+                keep = not self._gone()
             except Exception:  # noqa: BLE001 - the client itself may be closing
                 keep = False
             try:
