@@ -90,3 +90,25 @@ def encoded_blocks(df: pd.DataFrame, method=None, m: int = 1, seed: int = 3, par
     pools = {j: np.concatenate([B.sample_values(b)[j] for b in blocks]) for j in blocks[0].mis}
     blocks = [B.init_fill(b, plan, pools) for b in blocks]
     return variables, plan, blocks, pools
+
+
+def fit_target(df: pd.DataFrame, target: str, method=None, m: int = 1, parts: int = 1, setup=None, **kw):
+    """Fit ``target``'s conditional model to convergence on in-memory blocks, as the engine does
+    (statistics of every partition combined, then ``TargetModel.update``); keyword arguments go to
+    :class:`dmice.methods.TargetModel`, ``setup`` to :func:`encoded_blocks`.  Returns
+    ``(model, plan, blocks, xcols, events)``."""
+    from dmice import block as B
+    from dmice.methods import TargetModel
+
+    variables, plan, blocks, pools = encoded_blocks(df, method, m=m, parts=parts, **(setup or {}))
+    j = [v.name for v in variables].index(target)
+    v = variables[j]
+    own = set(range(*v.cols))
+    xcols = np.array([c for c in range(plan.n_cols) if c not in own])
+    model = TargetModel(j, v, xcols, m=m, seed=plan.seed, sample_pool=pools[j], **kw)
+    events: list = []
+    for _ in range(200):
+        outs = [B.get_out(B.visit(b, plan, None, model.request())) for b in blocks]
+        if model.update(B.combine(outs), 1, events):
+            return model, plan, blocks, xcols, events
+    raise AssertionError(f"the model of {target!r} did not converge in 200 rounds")

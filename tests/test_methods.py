@@ -11,27 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
-from conftest import encoded_blocks
+from conftest import fit_target
 from scipy import stats as sps
 
 from dmice import block as B
-from dmice.methods import TargetModel, linear, newton
-
-
-def _fit(df, target, method=None, m=1, parts=1, **kw):
-    """Fit the target's model to convergence on in-memory blocks."""
-    variables, plan, blocks, pools = encoded_blocks(df, method, m=m, parts=parts)
-    j = [v.name for v in variables].index(target)
-    v = variables[j]
-    own = set(range(*v.cols))
-    xcols = np.array([c for c in range(plan.n_cols) if c not in own])
-    model = TargetModel(j, v, xcols, m=m, seed=plan.seed, sample_pool=pools[j], **kw)
-    events: list = []
-    while True:
-        outs = [B.get_out(B.visit(b, plan, None, model.request())) for b in blocks]
-        if model.update(B.combine(outs), 1, events):
-            break
-    return model, plan, blocks, xcols, events
+from dmice.methods import linear, newton
 
 
 def _data(n=4000, seed=0):
@@ -57,7 +41,7 @@ def test_norm_fit_equals_ols(parts):
     df = _data()
     miss = np.random.default_rng(1).random(len(df)) < 0.3
     df.loc[miss, "y"] = np.nan
-    model, plan, blocks, xcols, _ = _fit(df, "y", method={"y": "norm"}, parts=parts, ridge=0.0)
+    model, plan, blocks, xcols, _ = fit_target(df, "y", method={"y": "norm"}, parts=parts, ridge=0.0)
     obs = df[~miss]
     ols = sm.OLS(obs["y"].to_numpy(), _raw_design(obs, ["x1", "x2", "cat", "b", "k"])).fit()
     f = model._fits[0]
@@ -114,7 +98,7 @@ def test_logreg_equals_statsmodels(parts):
     df = _data()
     miss = np.random.default_rng(2).random(len(df)) < 0.25
     df.loc[miss, "b"] = np.nan
-    model, plan, blocks, xcols, _ = _fit(df, "b", parts=parts, newton_tol=1e-10, newton_accuracy=0.0)
+    model, plan, blocks, xcols, _ = fit_target(df, "b", parts=parts, newton_tol=1e-10, newton_accuracy=0.0)
     obs = df[~miss]
     X = np.concatenate([B.design(b, plan, b.obs[4], xcols)[0] for b in blocks])
     ref = sm.Logit(obs["b"].to_numpy(), X).fit(disp=0, tol=1e-12)
@@ -130,7 +114,7 @@ def test_polyreg_equals_mnlogit():
     df = _data()
     miss = np.random.default_rng(3).random(len(df)) < 0.25
     df.loc[miss, "k"] = np.nan
-    model, plan, blocks, xcols, _ = _fit(df, "k", newton_tol=1e-10, newton_accuracy=0.0)
+    model, plan, blocks, xcols, _ = fit_target(df, "k", newton_tol=1e-10, newton_accuracy=0.0)
     obs = df[~miss]
     X = np.concatenate([B.design(b, plan, b.obs[5], xcols)[0] for b in blocks])
     codes = obs["k"].cat.codes.to_numpy()
@@ -185,7 +169,7 @@ def test_newton_warm_start_rule_lands_on_the_mle():
 def test_ridge_fallback_with_too_few_observations():
     df = _data(200)
     df.loc[5:, "y"] = np.nan  # 5 observed rows for 8 parameters
-    model, *_, events = _fit(df, "y", method={"y": "norm"})
+    model, *_, events = fit_target(df, "y", method={"y": "norm"})
     assert any("ridge fallback" in e["event"] and e["variable"] == "y" for e in events)
     assert np.all(np.isfinite(model._fits[0].coef))
 
@@ -193,7 +177,7 @@ def test_ridge_fallback_with_too_few_observations():
 def test_logreg_draws_spread_matches_covariance():
     df = _data()
     df.loc[np.random.default_rng(2).random(len(df)) < 0.25, "b"] = np.nan
-    model, *_ = _fit(df, "b", newton_tol=1e-10, newton_accuracy=0.0)
+    model, *_ = fit_target(df, "b", newton_tol=1e-10, newton_accuracy=0.0)
     f = model._fits[0]
     rng = np.random.default_rng(0)
     R = 5000

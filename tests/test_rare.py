@@ -13,32 +13,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
-from conftest import encoded_blocks
+from conftest import encoded_blocks, fit_target
 from scipy.special import expit
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 
 import dmice
 from dmice import block as B
 from dmice import schema as S
-from dmice.methods import TargetModel
 
 
 def _fit(df, target, method=None, m=1, parts=1, setup=None, **kw):
-    """Fit the target's model to convergence on in-memory blocks, as the engine does."""
-    variables, plan, blocks, pools = encoded_blocks(df, method, m=m, parts=parts, **(setup or {}))
-    j = [v.name for v in variables].index(target)
-    v = variables[j]
-    own = set(range(*v.cols))
-    xcols = np.array([c for c in range(plan.n_cols) if c not in own])
-    model = TargetModel(j, v, xcols, m=m, seed=plan.seed, sample_pool=pools[j], **kw)
-    events: list = []
-    rounds = 0
-    while True:
-        outs = [B.get_out(B.visit(b, plan, None, model.request())) for b in blocks]
-        rounds += 1
-        if model.update(B.combine(outs), 1, events):
-            break
-        assert rounds < 200
+    """:func:`conftest.fit_target`, returning the model, the design of the fitting rows (chain 1)
+    and the logged events."""
+    model, plan, blocks, xcols, events = fit_target(df, target, method, m=m, parts=parts, setup=setup, **kw)
+    j = model.j
     X = np.concatenate([B.design(b, plan, b.obs[j], xcols)[0] for b in blocks])
     return model, X, events
 
