@@ -215,21 +215,44 @@ def imputed_parts(block: Block, plan: Plan, skip: int | None = None) -> list[tup
     return out
 
 
-def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
-    """Yield the encoded design of ``rows`` x ``cols`` for chain 0, 1, ..., m-1 in turn."""
-    base = block.D0[rows][:, cols]
+def _fills(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray
+           ) -> list[tuple[np.ndarray, int, np.ndarray]]:
+    """The imputed cells of ``rows`` x ``cols`` as ``(rows of the design, design column, values
+    (m, rows))`` per imputed design column (``D0`` is zero in those cells)."""
     col_pos = {int(c): i for i, c in enumerate(cols)}
-    fills = []  # (rows of the design, design column, values (m, rows)) per imputed column
+    fills = []
     for k, V in imputed_parts(block, plan):
         a, b = plan.variables[k].cols
-        local = [col_pos.get(c) for c in range(a, b)]
-        if any(p is None for p in local):
+        local = [(i, col_pos[c]) for i, c in enumerate(range(a, b)) if c in col_pos]
+        if not local:
             continue
         pos = block.mis_pos[k][rows]
         sel = np.nonzero(pos >= 0)[0]
         if len(sel):
             Vs = V[:, pos[sel]]
-            fills.extend((sel, col, Vs[:, :, i]) for i, col in enumerate(local))
+            fills.extend((sel, col, Vs[:, :, i]) for i, col in local)
+    return fills
+
+
+def pool_cells(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray) -> dict[str, np.ndarray]:
+    """The imputed cells of the pmm donor rows ``rows`` x ``cols``, for the client to complete
+    ``D0[rows][:, cols]`` (which it keeps, since it never changes) chain by chain: their rows
+    ``pool_fr`` and columns ``pool_fc`` in that design, their values ``pool_fv`` (m, cells)
+    and the number of donor rows ``pool_n``.  Sending the cells instead of m dense designs
+    cuts a pmm round's transfer several times over."""
+    fills = _fills(block, plan, rows, cols)
+    return {"pool_fr": np.concatenate([f[0] for f in fills] or [np.zeros(0)]).astype(np.int32),
+            "pool_fc": np.concatenate([np.full(len(f[0]), f[1]) for f in fills] or [np.zeros(0)])
+            .astype(np.int32),
+            "pool_fv": np.concatenate([f[2] for f in fills], axis=1) if fills
+            else np.zeros((plan.m, 0)),
+            "pool_n": np.array([len(rows)])}
+
+
+def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
+    """Yield the encoded design of ``rows`` x ``cols`` for chain 0, 1, ..., m-1 in turn."""
+    base = block.D0[rows][:, cols]
+    fills = _fills(block, plan, rows, cols)
     for c in range(plan.m):
         X = base.copy()
         for sel, col, V in fills:
@@ -489,8 +512,10 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
         out_sum["G"] = G[:, sel][:, :, sel]
         if request.get("pool"):
             rows = obs[block.pool[j]]
-            out_cat["pool_X"] = design(block, plan, rows, xcols)
-            out_cat["pool_y"] = block.values[j][rows]
+            out_cat.update(pool_cells(block, plan, rows, xcols))
+            if request["pool"] == "base":
+                out_cat["pool_D"] = block.D0[rows][:, xcols]
+                out_cat["pool_y"] = block.values[j][rows]
         return {"sum": out_sum, "cat": out_cat}
     # Newton models: the weights differ per chain everywhere, so each chain's design of the
     # observed rows is built once and the kernels of dmice.stats run on it directly
@@ -632,7 +657,11 @@ def combine(outs: list[dict[str, Any]]) -> dict[str, Any]:
             res["sum"][k] = a if k not in res["sum"] else res["sum"][k] + a
         for k, a in o["cat"].items():
             cat.setdefault(k, []).append(a)
-    res["cat"] = {k: np.concatenate(v, axis=1 if k.endswith("pool_X") else 0) for k, v in cat.items()}
+    for k, v in cat.items():
+        if k.endswith("pool_fr"):  # donor rows of each partition follow those of the ones before
+            starts = np.cumsum([0] + [int(a[0]) for a in cat[k[:-2] + "n"]])
+            v = [a + s for a, s in zip(v, starts)]
+        res["cat"][k] = np.concatenate(v, axis=1 if k.endswith(("pool_X", "pool_fv")) else 0)
     return res
 
 

@@ -14,19 +14,22 @@ import numpy as np
 from scipy.special import expit, log_expit
 
 
-def logistic(X: np.ndarray, y: np.ndarray, beta: np.ndarray) -> dict[str, np.ndarray]:
-    """Gradient, information and log-likelihood of a logistic model at ``beta``.
+def logistic(X: np.ndarray, y: np.ndarray, beta: np.ndarray, loglik: bool = False
+             ) -> dict[str, np.ndarray]:
+    """Gradient and information (and with ``loglik`` the log-likelihood) of a logistic model at ``beta``.
 
-    Returns ``g = X'(y - mu)``, ``H = X' diag(mu (1 - mu)) X`` and ``ll``, each a sum
-    over the rows given.
+    Returns ``g = X'(y - mu)``, ``H = X' diag(mu (1 - mu)) X`` and, when asked, ``ll``, each a
+    sum over the rows given.  (Only Firth's fits use ``ll``; its logarithms cost as much as
+    the rest of the kernel.)
     """
     eta = X @ beta
     mu = expit(eta)
     w = mu * (1.0 - mu)
-    r = y - mu
-    ll = y * eta + log_expit(-eta)  # y log(mu) + (1 - y) log(1 - mu)
     Xs = X * np.sqrt(w)[:, None]
-    return {"g": X.T @ r, "H": Xs.T @ Xs, "ll": np.array(ll.sum())}
+    out = {"g": X.T @ (y - mu), "H": Xs.T @ Xs}
+    if loglik:
+        out["ll"] = np.array((y * eta + log_expit(-eta)).sum())  # y log(mu) + (1 - y) log(1 - mu)
+    return out
 
 
 def softmax0(eta: np.ndarray) -> np.ndarray:
@@ -38,8 +41,14 @@ def softmax0(eta: np.ndarray) -> np.ndarray:
     return full
 
 
-def multinomial(X: np.ndarray, codes: np.ndarray, B: np.ndarray) -> dict[str, np.ndarray]:
-    """Gradient, information and log-likelihood of a multinomial logit at ``B``.
+#: below this largest linear predictor the multinomial probabilities are computed without
+#: shifting by the row maximum (exp cannot overflow; the shift costs a third of the kernel)
+_SAFE_ETA = 300.0
+
+
+def multinomial(X: np.ndarray, codes: np.ndarray, B: np.ndarray, loglik: bool = False
+                ) -> dict[str, np.ndarray]:
+    """Gradient and information (and with ``loglik`` the log-likelihood) of a multinomial logit at ``B``.
 
     ``B`` is ``(q, K-1)``: the coefficients of levels 1..K-1 against level 0.
     Parameters are stacked level by level (``vec`` of ``B`` in column order):
@@ -50,26 +59,36 @@ def multinomial(X: np.ndarray, codes: np.ndarray, B: np.ndarray) -> dict[str, np
     n, q = X.shape
     km1 = B.shape[1]
     eta = np.dot(B.T, X.T)  # (K-1, n)
-    top = np.maximum(eta.max(axis=0), 0.0)  # level 0 has eta = 0
-    E = np.exp(eta - top)
-    den = E.sum(axis=0) + np.exp(-top)
+    if eta.size and eta.max() < _SAFE_ETA:
+        top = None
+        E = np.exp(eta)
+        den = E.sum(axis=0) + 1.0
+    else:
+        top = np.maximum(eta.max(axis=0), 0.0)  # level 0 has eta = 0
+        E = np.exp(eta - top)
+        den = E.sum(axis=0) + np.exp(-top)
     P = E / den  # P(level a + 1), rows a = 0..K-2
     c = codes.astype(np.int64)
     rows = np.nonzero(c > 0)[0]
     lev = c[rows] - 1
-    ll = eta[lev, rows].sum() - top.sum() - np.log(den).sum()
     R = -P
     R[lev, rows] += 1.0  # indicator of the observed level minus its probability
-    g = (R @ X).reshape(-1)  # level-major
+    out = {"g": (R @ X).reshape(-1)}  # level-major
     H = np.empty((km1 * q, km1 * q))
+    Xw = np.empty_like(X)
     for a in range(km1):
         for b in range(a, km1):
-            w = P[a] * ((a == b) - P[b])
-            Hab = X.T @ (X * w[:, None])
+            w = P[a] * (1.0 - P[a]) if a == b else -(P[a] * P[b])
+            np.multiply(X, w[:, None], out=Xw)
+            Hab = X.T @ Xw
             H[a * q:(a + 1) * q, b * q:(b + 1) * q] = Hab
             if b != a:
                 H[b * q:(b + 1) * q, a * q:(a + 1) * q] = Hab.T
-    return {"g": g, "H": H, "ll": np.array(ll)}
+    out["H"] = H
+    if loglik:
+        out["ll"] = np.array(eta[lev, rows].sum() - np.log(den).sum()
+                             - (0.0 if top is None else top.sum()))
+    return out
 
 
 #: Firth fits with at most this many coefficients take exact Newton steps on the penalised
@@ -87,7 +106,7 @@ def logistic_firth(X: np.ndarray, y: np.ndarray, beta: np.ndarray,
     Newton round; at a fixed point of the iteration it is the inverse information at ``beta``,
     so the fixed point solves Firth's score equation exactly.
     """
-    out = logistic(X, y, beta)
+    out = logistic(X, y, beta, loglik=True)
     if inv_info is None:
         out["gf"] = out["g"].copy()
         return out

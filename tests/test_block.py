@@ -64,6 +64,56 @@ def test_linear_predictor_equals_dense():
         np.testing.assert_allclose(eta_rows[c], X[c, rows] @ Bc[c], rtol=1e-12, atol=1e-10)
 
 
+def _reference_design(plan, blk, rows, cols, c):
+    """Chain c's design of ``rows`` x ``cols`` from each incomplete variable's current values
+    (complete variables: their encoded columns, which no imputation touches)."""
+    X = blk.D0[rows].copy()
+    for k, v in enumerate(plan.variables):
+        if v.width and k in blk.values:
+            a, b = v.cols
+            X[:, a:b] = B.encoded(v, B.current_values(blk, plan, k, rows, chain=c))
+    return X[:, cols]
+
+
+def test_chain_designs_fill_a_partly_kept_nominal_variable():
+    _, plan, blk = _block()
+    cat = plan.variables[3]
+    assert cat.width >= 2 and len(blk.mis[3])
+    # predictors without column 1 and without the nominal variable's first dummy
+    cols = np.array([c for c in range(plan.n_cols) if c != 1 and c != cat.cols[0]])
+    rows = np.arange(blk.n)
+    for c, X in enumerate(B.chain_designs(blk, plan, rows, cols)):
+        np.testing.assert_allclose(X, _reference_design(plan, blk, rows, cols, c), rtol=0, atol=1e-12)
+
+
+def test_donor_cells_complete_the_kept_design_over_partitions():
+    """pmm donors: the fixed design the client keeps plus the cells of each round give every
+    chain's donor design, rows of all partitions in order."""
+    df, plan, _ = _block(n=3000)
+    halves = [df.iloc[:1700], df.iloc[1700:]]
+    blocks = [B.init_fill(B.encode_partition(h, plan, i), plan, B.sample_values(B.encode_partition(h, plan, i)))
+              for i, h in enumerate(halves)]
+    j = 0  # continuous target
+    v = plan.variables[j]
+    cat = plan.variables[3]
+    xcols = np.array([c for c in range(plan.n_cols) if not (v.cols[0] <= c < v.cols[1]) and c != cat.cols[0]])
+    req = {"var": j, "stat": "gram", "xcols": xcols, "pool": "base"}
+    res = B.combine([B.model_stats(b, plan, req) for b in blocks])["cat"]
+    cells = B.combine([B.model_stats(b, plan, dict(req, pool="cells")) for b in blocks])["cat"]
+    assert "pool_D" not in cells and "pool_y" not in cells
+    for key in ("pool_fr", "pool_fc", "pool_fv"):
+        np.testing.assert_array_equal(cells[key], res[key])
+    ref = [np.concatenate([_reference_design(plan, b, b.obs[j][b.pool[j]], xcols, c) for b in blocks])
+           for c in range(plan.m)]
+    assert len(res["pool_fr"]) and res["pool_D"].shape == ref[0].shape
+    for c in range(plan.m):
+        X = res["pool_D"].copy()
+        X[res["pool_fr"], res["pool_fc"]] = res["pool_fv"][c]
+        np.testing.assert_allclose(X, ref[c], rtol=0, atol=1e-12)
+    y = np.concatenate([b.values[j][b.obs[j][b.pool[j]]] for b in blocks])
+    np.testing.assert_array_equal(res["pool_y"], y)
+
+
 def test_match_picks_among_the_nearest_donors():
     g = np.random.default_rng(0)
     donor_yhat = np.sort(g.normal(size=200))

@@ -58,6 +58,51 @@ def test_norm_fit_equals_ols(parts):
     np.testing.assert_allclose(f.V * ols_s.scale, ols_s.cov_params(), rtol=1e-8)
 
 
+@pytest.mark.parametrize("parts", [1, 3])
+def test_pmm_donor_predictions_equal_the_dense_design(parts):
+    """Type-1 matching predicts the donors with each chain's beta_hat.  The client keeps the
+    donors' fixed design from the first visit and completes it with the imputed cells each round
+    brings, also when screening drops a predictor in a later visit."""
+    from dmice.methods import TargetModel
+    from conftest import encoded_blocks
+
+    df = _data()
+    df["x2copy"] = df["x2"]  # collinear with x2: screening drops one of them
+    g = np.random.default_rng(5)
+    for col in ("x1", "cat", "b"):
+        df.loc[g.random(len(df)) < 0.2, col] = np.nan
+    df.loc[g.random(len(df)) < 0.3, "y"] = np.nan
+    variables, plan, blocks, pools = encoded_blocks(df, {"y": "pmm"}, m=3, parts=parts)
+    j = [v.name for v in variables].index("y")
+    own = set(range(*variables[j].cols))
+    xcols = np.array([c for c in range(plan.n_cols) if c not in own])
+    model = TargetModel(j, variables[j], xcols, m=3, seed=plan.seed, sample_pool=pools[j], screen=False)
+    for visit in range(2):
+        if visit == 1:
+            model.screen = True  # the drop happens on a visit whose donors' design is already kept
+        req = model.request()
+        assert req["pool"] == ("base" if visit == 0 else "cells")
+        outs = [B.get_out(B.visit(b, plan, None, req)) for b in blocks]
+        assert model.update(B.combine(outs), visit + 1, [])
+        order = model.order(visit + 1)
+        for c in range(plan.m):
+            X = np.concatenate([B.design(b, plan, b.obs[j][b.pool[j]], model.xcols)[c] for b in blocks])
+            y = np.concatenate([b.values[j][b.obs[j][b.pool[j]]] for b in blocks])
+            yh = X @ model._fits[c].coef
+            srt = np.argsort(yh, kind="stable")
+            np.testing.assert_allclose(order["donor_yhat"][c], yh[srt], rtol=1e-12, atol=1e-12)
+            # the same (prediction, value) pairs: donors whose predictions tie to rounding may
+            # come in either order
+            got = np.lexsort((order["donor_y"][c], np.round(order["donor_yhat"][c], 9)))
+            want = np.lexsort((y, np.round(yh, 9)))
+            np.testing.assert_array_equal(order["donor_y"][c][got], y[want])
+        # the imputations move the predictors' imputed cells between visits
+        blocks = [B.visit(b, plan, dict(order, var=j), None) for b in blocks]
+        other = {"var": 0, "method": "sample", "values": pools[0], "iteration": visit + 1, "xcols": xcols}
+        blocks = [B.visit(b, plan, other, None) for b in blocks]
+    assert len(model.xcols) == len(xcols) - 1 and model.dropped
+
+
 def test_norm_default_ridge_is_mices():
     g = np.random.default_rng(5)
     X = np.column_stack([np.ones(500), g.normal(size=(500, 3))])
@@ -122,6 +167,34 @@ def test_polyreg_equals_mnlogit():
     np.testing.assert_allclose(model.beta[0], ref.params, rtol=1e-6, atol=1e-8)
     # statsmodels orders parameters level by level, as dmice does
     np.testing.assert_allclose(model._fits[0].cov, ref.cov_params(), rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_multinomial_and_logistic_kernels_equal_statsmodels(shifted, monkeypatch):
+    """Score, information and log-likelihood of the kernels against statsmodels' MNLogit and
+    Logit at the same coefficients (``shifted``: the overflow-safe path of large predictors)."""
+    from dmice import stats
+
+    if shifted:
+        monkeypatch.setattr(stats, "_SAFE_ETA", -np.inf)
+    g = np.random.default_rng(8)
+    n, q = 3000, 4
+    X = np.column_stack([np.ones(n), g.normal(size=(n, q - 1))])
+    codes = g.integers(0, 3, n)
+    Bm = g.normal(size=(q, 2)) * 0.5
+    ref = sm.MNLogit(codes, X)
+    flat = Bm.reshape(-1, order="F")  # level by level, as dmice stacks them
+    got = stats.multinomial(X, codes.astype(float), Bm, loglik=True)
+    np.testing.assert_allclose(got["g"], ref.score(flat), rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(got["H"], -ref.hessian(flat), rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(got["ll"], ref.loglike(flat), rtol=1e-12)
+    assert "ll" not in stats.multinomial(X, codes.astype(float), Bm)
+    y = (codes > 0).astype(float)
+    lref = sm.Logit(y, X)
+    got = stats.logistic(X, y, Bm[:, 0], loglik=True)
+    np.testing.assert_allclose(got["g"], lref.score(Bm[:, 0]), rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(got["H"], -lref.hessian(Bm[:, 0]), rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(got["ll"], lref.loglike(Bm[:, 0]), rtol=1e-12)
 
 
 def test_newton_warm_start_rule_lands_on_the_mle():

@@ -101,7 +101,10 @@ class TargetModel:
                 self._fixed_prior = float(shrinkage) ** 2
                 self.prior_var = np.full(m, self._fixed_prior)
         self._fits: list[Any] = []
-        self._donor: tuple[np.ndarray, np.ndarray] | None = None
+        self._donor: dict[str, np.ndarray] | None = None  # pmm: the donor rows' cells of this visit
+        self._pool_D: np.ndarray | None = None  # pmm: the donor rows' fixed design (no imputed cells)
+        self._pool_y: np.ndarray | None = None  # ... their observed values
+        self._pool_xcols: np.ndarray | None = None  # ... and the predictors of its columns
         self._rounds = 0
         self.last_rounds = 0
         self._last_step = np.inf
@@ -166,8 +169,9 @@ class TargetModel:
         if self.stat is None:
             return None
         req: dict[str, Any] = {"var": self.j, "stat": self.stat, "xcols": self.xcols}
-        if self.method == "pmm":
-            req["pool"] = True
+        if self.method == "pmm":  # the fixed part of the donors' design only when not kept yet
+            kept = self._pool_D is not None and np.array_equal(self._pool_xcols, self.xcols)
+            req["pool"] = "cells" if kept else "base"
         if self.stat != "gram":
             req["beta"] = self._current_beta()
         if self.stat == "firth":
@@ -310,8 +314,18 @@ class TargetModel:
         if self.stat == "gram":
             sel = np.append(np.nonzero(keep)[0], len(keep))
             new = {"sum": dict(s, G=s["G"][:, sel][:, :, sel]), "cat": dict(res["cat"])}
-            if "pool_X" in new["cat"]:
-                new["cat"]["pool_X"] = new["cat"]["pool_X"][:, :, keep]
+            cat = new["cat"]
+            if "pool_X" in cat:
+                cat["pool_X"] = cat["pool_X"][:, :, keep]
+            if "pool_fc" in cat:  # the cells in kept columns, renumbered
+                inside = keep[cat["pool_fc"]]
+                renum = (np.cumsum(keep) - 1).astype(np.int32)
+                cat["pool_fr"], cat["pool_fv"] = cat["pool_fr"][inside], cat["pool_fv"][:, inside]
+                cat["pool_fc"] = renum[cat["pool_fc"][inside]]
+                if "pool_D" in cat:
+                    cat["pool_D"] = cat["pool_D"][:, keep]
+                else:
+                    self._pool_D, self._pool_xcols = self._pool_D[:, keep], self.xcols.copy()
             return new, False
         self.beta = self.beta[:, keep]
         return res, True
@@ -323,8 +337,11 @@ class TargetModel:
             self._fits = [linear.fit(s["G"][c], n, ridge=self.ridge, penalty=penalty)
                           for c in range(self.m)]
             if self.method == "pmm":
-                X, y = res["cat"]["pool_X"], res["cat"]["pool_y"]
-                self._donor = (X, y)
+                cat = res["cat"]
+                if "pool_D" in cat:
+                    self._pool_D, self._pool_y = cat["pool_D"], cat["pool_y"]
+                    self._pool_xcols = self.xcols.copy()
+                self._donor = cat
             self.last_rounds = 1
             return True
         beta = self._current_beta()
@@ -514,10 +531,17 @@ class TargetModel:
             o["beta"] = np.stack([d[0] for d in draws])
             o["sigma"] = np.array([d[1] for d in draws])
             if self.method == "pmm":
-                X, y = self._donor
+                d = self._donor
+                y = d["pool_y"] if "pool_X" in d else self._pool_y
                 dy, dyh = [], []
                 for c in range(self.m):
-                    yh = X[c] @ self._fits[c].coef  # type-1 matching: donors from beta_hat
+                    coef = self._fits[c].coef  # type-1 matching: donors from beta_hat
+                    if "pool_X" in d:  # dense designs (formula models)
+                        yh = d["pool_X"][c] @ coef
+                    else:  # the fixed design, plus this chain's imputed cells
+                        yh = self._pool_D @ coef
+                        yh += np.bincount(d["pool_fr"], weights=d["pool_fv"][c] * coef[d["pool_fc"]],
+                                          minlength=len(yh))
                     srt = np.argsort(yh, kind="stable")
                     dyh.append(yh[srt])
                     dy.append(y[srt])
