@@ -63,8 +63,9 @@ def test_pmm_donor_predictions_equal_the_dense_design(parts):
     """Type-1 matching predicts the donors with each chain's beta_hat.  The client keeps the
     donors' fixed design from the first visit and completes it with the imputed cells each round
     brings, also when screening drops a predictor in a later visit."""
-    from dmice.methods import TargetModel
     from conftest import encoded_blocks
+
+    from dmice.methods import TargetModel
 
     df = _data()
     df["x2copy"] = df["x2"]  # collinear with x2: screening drops one of them
