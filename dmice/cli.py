@@ -84,21 +84,45 @@ def _run(args: argparse.Namespace) -> int:
     return OK
 
 
-def _verify(args: argparse.Namespace) -> int:
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     import json
     import os
-
-    from dmice.store import verify
 
     raw = args.storage_options or os.environ.get("DMICE_OUTPUT_STORAGE_OPTIONS")
     try:
         so = json.loads(raw) if raw else None
     except ValueError:
         raise InputError("--storage-options: expected a JSON object of storage options") from None
-    man = verify(args.output, so)
+    if so is not None and not isinstance(so, dict):
+        raise InputError("--storage-options: expected a JSON object of storage options")
+    return so
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from dmice.store import verify
+
+    man = verify(args.output, _storage_options(args))
     n = len(man.get("files", [])) + len(man.get("aux_files", []))
     print(f"ok: {args.output}: {n} files match the manifest (run {man.get('run_id', '-')})",
           file=sys.stderr)
+    return OK
+
+
+def _vacuum(args: argparse.Namespace) -> int:
+    import datetime as _dt
+
+    from dmice.store import vacuum
+
+    recs = vacuum(args.output, _storage_options(args), args.retain_hours, args.dry_run)
+    for r in recs:
+        when = _dt.datetime.fromtimestamp(r["newest"], _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        verb = "removed" if r["removed"] else "would remove" if r["expired"] else "kept (recent)"
+        print(f"{verb}: {r['prefix']} ({r['files']} files, {r['bytes']:,} bytes, last written {when})",
+              file=sys.stderr)
+    gone = [r for r in recs if r["expired"]]
+    print(f"{'would free' if args.dry_run else 'freed'} {sum(r['bytes'] for r in gone):,} bytes in "
+          f"{len(gone)} uncommitted run prefixes of {args.output}; kept {len(recs) - len(gone)} "
+          f"written in the last {args.retain_hours:g} hours", file=sys.stderr)
     return OK
 
 
@@ -221,6 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--storage-options", default=None, help="JSON object passed to fsspec (default: "
                    "$DMICE_OUTPUT_STORAGE_OPTIONS)")
     f.set_defaults(func=_verify, job_command=True)
+    w = sub.add_parser("vacuum", help="remove the uncommitted run prefixes of killed or superseded "
+                       "job runs (older than --retain-hours) below an output's runs/")
+    w.add_argument("output", help="output directory of a job (fsspec URL)")
+    w.add_argument("--retain-hours", type=float, default=168.0, help="keep prefixes with a file "
+                   "written in the last this many hours: a run may still be writing them, or a retry "
+                   "resume from its checkpoint (default 168, one week)")
+    w.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    w.add_argument("--storage-options", default=None, help="JSON object passed to fsspec (default: "
+                   "$DMICE_OUTPUT_STORAGE_OPTIONS)")
+    w.set_defaults(func=_vacuum, job_command=True)
     s = sub.add_parser("schema", help="print the JSON Schema of job files")
     s.set_defaults(func=_schema, job_command=True)
     args = parser.parse_args(argv)

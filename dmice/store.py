@@ -261,6 +261,72 @@ def read_pointer(url: str, storage_options: dict[str, Any] | None = None) -> dic
     return pointer
 
 
+#: ``vacuum``'s default: uncommitted run prefixes are kept while anything in them is younger
+#: than this many hours (a run still writing is never removed; Delta Lake's VACUUM keeps 7 days too)
+VACUUM_RETAIN_HOURS = 168.0
+
+
+def _modified(fs: Any, info: dict[str, Any]) -> float:
+    """Last modification of a listed file, as POSIX seconds."""
+    import datetime as _dt
+
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(key)
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, _dt.datetime):
+            return (v if v.tzinfo else v.replace(tzinfo=_dt.timezone.utc)).timestamp()
+        if isinstance(v, str) and v:
+            try:
+                return _dt.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                pass
+    m = fs.modified(info["name"])
+    return (m if m.tzinfo else m.replace(tzinfo=_dt.timezone.utc)).timestamp()
+
+
+def vacuum(url: str, storage_options: dict[str, Any] | None = None,
+           retain_hours: float = VACUUM_RETAIN_HOURS, dry_run: bool = False,
+           now: float | None = None) -> list[dict[str, Any]]:
+    """Remove what killed or superseded job runs left below ``runs/``.
+
+    Every prefix ``runs/<name>/`` but the committed run's (named by ``_SUCCESS``) is removed
+    when its newest file is older than ``retain_hours``: uncommitted attempts of killed runs,
+    and checkpoints of runs never retried.  Younger prefixes are kept, since a run may still
+    be writing them (or a retry may resume from its checkpoint).  The committed run and the
+    files outside ``runs/`` are never touched.  Returns one record per uncommitted prefix:
+    ``prefix``, ``files``, ``bytes``, ``newest`` (POSIX seconds), ``expired`` (older than
+    ``retain_hours``) and ``removed`` (expired, and not ``dry_run``).
+    """
+    import time
+
+    if not retain_hours >= 0:
+        raise InputError(f"retain_hours must be a number of hours >= 0, got {retain_hours!r}")
+    fs, root = filesystem(url, storage_options)
+    pointer = read_pointer(url, storage_options)  # raises on a _SUCCESS that is not dmice's
+    committed = pointer.get("run_id") if pointer else None
+    runs = posixpath.join(root, RUNS)
+    if not fs.exists(runs):
+        return []
+    now = time.time() if now is None else now
+    out = []
+    for entry in sorted(fs.ls(runs, detail=False)):
+        name = posixpath.basename(entry.rstrip("/"))
+        if name == committed:
+            continue
+        files = fs.find(entry, detail=True) if fs.isdir(entry) else {entry: fs.info(entry)}
+        infos = list(files.values())
+        newest = max((_modified(fs, i) for i in infos), default=0.0)
+        old = now - newest > retain_hours * 3600.0
+        rec = {"prefix": f"{RUNS}/{name}", "files": len(infos),
+               "bytes": int(sum(i.get("size") or 0 for i in infos)), "newest": newest,
+               "expired": bool(old), "removed": bool(old and not dry_run)}
+        if rec["removed"]:
+            fs.rm(entry, recursive=True)
+        out.append(rec)
+    return out
+
+
 def write_diagnostics(url: str, storage_options: dict[str, Any] | None, chain_stats: pd.DataFrame,
                       prefix: str = "") -> dict[str, Any]:
     """Chain statistics (mean/sd or level proportions per variable, iteration and chain);

@@ -460,3 +460,57 @@ def test_job_file_takes_the_model_settings_of_impute(cluster_client, tmp_path):
     params = imp.manifest["parameters"]
     assert params["formulas"] == {"x": "x ~ y * z"} and params["separation"] == "ridge"
     assert imp.manifest["collapse"]["c"]
+
+
+def test_vacuum_removes_old_uncommitted_run_prefixes_only(lake, tmp_path, monkeypatch, capsys):
+    """Runs that died before their commit leave their prefix below runs/; `dmice vacuum` removes
+    those last written before the retention window, and nothing else."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(lake["out_full"], out)
+    job = tmp_path / "job.yaml"
+    job.write_text(lake["full"].read_text().replace(str(lake["out_full"]), str(out)))
+
+    def crash(job, ddf, client, checkpoint_url):
+        staged = Path(job.output.url) / "runs" / dying[0] / "imputation=1"
+        staged.mkdir(parents=True)
+        (staged / "part.0.parquet").write_bytes(b"PAR1 half-written")
+        raise OSError("storage unavailable")
+
+    dying = ["dead-old"]
+    monkeypatch.setattr(jobmod, "impute_step", crash)
+    assert main(["run", str(job), "--force", "--run-id", "dead-old"]) == 1
+    dying[0] = "dead-new"
+    assert main(["run", str(job), "--force", "--run-id", "dead-new"]) == 1
+    monkeypatch.undo()
+    ck = out / "runs" / "_checkpoint-0123456789abcdef" / "iter=000003"
+    ck.mkdir(parents=True)
+    (ck / "state.json").write_text("{}")
+    week = 8 * 24 * 3600
+    for d in (out / "runs" / "dead-old", ck.parent):
+        for p in [d, *d.rglob("*")]:
+            st = p.stat()
+            os.utime(p, (st.st_atime - week, st.st_mtime - week))
+    committed = {str(p.relative_to(out)): p.read_bytes() for p in (out / "runs" / "r1").rglob("*")
+                 if p.is_file()}
+    capsys.readouterr()
+
+    assert main(["vacuum", str(out), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "would remove: runs/dead-old (1 files" in err and "kept (recent): runs/dead-new" in err
+    assert "would remove: runs/_checkpoint-0123456789abcdef" in err and "runs/r1" not in err
+    assert (out / "runs" / "dead-old").exists()  # a dry run removes nothing
+
+    assert main(["vacuum", str(out)]) == 0
+    assert "freed" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["dead-new", "r1"]
+    assert {str(p.relative_to(out)): p.read_bytes() for p in (out / "runs" / "r1").rglob("*")
+            if p.is_file()} == committed
+    assert main(["verify", str(out)]) == 0
+    # with no retention the recent uncommitted prefix goes too; the committed run stays
+    assert main(["vacuum", str(out), "--retain-hours", "0"]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["r1"]
+    assert main(["verify", str(out)]) == 0
+    assert main(["vacuum", str(out), "--retain-hours", "-1"]) == 2
+    assert "retain_hours must be a number of hours >= 0" in capsys.readouterr().err

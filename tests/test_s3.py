@@ -103,3 +103,19 @@ def test_cells_layout_on_s3_completes_to_the_full_layout(s3_job, tmp_path):
         pd.testing.assert_frame_equal(full.complete(k).compute().reset_index(drop=True),
                                       cells.complete(k).compute().reset_index(drop=True), check_exact=True)
     assert main(["verify", cells_out, "--storage-options", json.dumps(so)]) == 0
+
+
+def test_vacuum_on_s3_keeps_the_committed_run(s3_job, capsys):
+    """A dead run's objects below runs/ on S3 (whose objects' ages cannot be set: retention 0)."""
+    fs, so = s3_job["fs"], s3_job["so"]
+    committed = {p: fs.info(p)["ETag"] for p in fs.find(OUTPUT + "runs/nightly-1/")}
+    fs.pipe(OUTPUT + "runs/nightly-0/imputation=1/part.0.parquet", b"PAR1 half-written")
+    opts = ["--storage-options", json.dumps(so)]
+    assert main(["vacuum", OUTPUT, *opts]) == 0  # written just now: kept by the default week
+    assert "kept (recent): runs/nightly-0 (1 files, 17 bytes" in capsys.readouterr().err
+    assert fs.exists(OUTPUT + "runs/nightly-0/imputation=1/part.0.parquet")
+    assert main(["vacuum", OUTPUT, "--retain-hours", "0", *opts]) == 0
+    assert "removed: runs/nightly-0" in capsys.readouterr().err
+    assert not fs.find(OUTPUT + "runs/nightly-0/")
+    assert {p: fs.info(p)["ETag"] for p in fs.find(OUTPUT + "runs/nightly-1/")} == committed
+    assert main(["verify", OUTPUT, *opts]) == 0
