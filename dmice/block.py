@@ -1,14 +1,14 @@
-"""The per-partition state of a run and the work done on it inside one task.
+"""The per-partition state of a run and the work done on it in one round.
 
 A :class:`Block` holds one partition, encoded once: the design matrix of the
 observed values, the internal values of each imputed variable, and the
 imputed cells of every chain.  A *visit* (:func:`visit`) imputes one variable
 in all m chains and, in the same pass, computes the sufficient statistics of
-the next variable's model, so each visit is one round of tasks.
+the next variable's model, so each visit is one round (see :mod:`dmice.engine`).
 
 Blocks are treated as immutable: a visit returns a new block that shares every
 array it did not change.  Tasks are therefore pure functions of their inputs
-and keyed random streams, and a retried or recomputed task gives the same
+and keyed random streams, and a retried or recomputed visit gives the same
 result.  Nothing here touches dask.
 """
 
