@@ -422,11 +422,10 @@ def _match(yhat_mis: np.ndarray, donor_yhat: np.ndarray, donor_y: np.ndarray, do
     lo = hi.copy()
     ext = np.concatenate([[-np.inf], donor_yhat, [np.inf]])  # ext[i + 1] == donor_yhat[i]
     for _ in range(d):
-        left = yhat_mis - ext[lo]  # distance to donor lo - 1
-        right = ext[hi + 1] - yhat_mis  # distance to donor hi
-        take_left = left <= right
-        lo = np.where(take_left, lo - 1, lo)
-        hi = np.where(take_left, hi, hi + 1)
+        # grow towards donor lo - 1 when it is at least as near as donor hi
+        take_left = (yhat_mis - ext[lo]) <= (ext[hi + 1] - yhat_mis)
+        lo -= take_left
+        hi += ~take_left
     return donor_y[lo + g.integers(0, d, len(yhat_mis))]
 
 
