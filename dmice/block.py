@@ -293,6 +293,8 @@ def linear_predictor(block: Block, plan: Plan, B: np.ndarray, rows: np.ndarray) 
     eta = _left_matmul(block.D0[rows], B)
     for k, V in imputed_parts(block, plan):
         a, b = plan.variables[k].cols
+        if not B[:, a:b].any():  # not a predictor (the imputed variable itself, dropped ones)
+            continue
         pos = block.mis_pos[k][rows]
         sel = np.nonzero(pos >= 0)[0]
         if len(sel):
