@@ -251,10 +251,12 @@ def pool_cells(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray) -> 
 
 def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
     """Yield the encoded design of ``rows`` x ``cols`` for chain 0, 1, ..., m-1 in turn."""
-    base = block.D0[rows][:, cols]
+    # column-major: each fill writes into one contiguous column, and the kernels' products
+    # with X run faster on it
+    base = np.asfortranarray(block.D0[rows][:, cols])
     fills = _fills(block, plan, rows, cols)
     for c in range(plan.m):
-        X = base.copy()
+        X = base.copy(order="F")
         for sel, col, V in fills:
             X[sel, col] = V[c]
         yield X
