@@ -290,8 +290,10 @@ def _partition_stats(df: pd.DataFrame, design: Callable[[pd.DataFrame], tuple], 
 
 
 def _arrays(d: tuple) -> tuple:
+    """The design as float arrays, X in column-major order (the passes' products with X are
+    faster on it)."""
     X, y, w, off = d
-    return (np.asarray(X, dtype=float), np.asarray(y, dtype=float),
+    return (np.asarray(X, dtype=float, order="F"), np.asarray(y, dtype=float),
             None if w is None else np.asarray(w, dtype=float),
             None if off is None else np.asarray(off, dtype=float))
 
@@ -357,7 +359,7 @@ class _Group:
             if full is None:
                 out.append(None)
                 continue
-            full = full.copy()
+            full = full.copy(order="K")  # X stays column-major
             full[rows] = part
             out.append(full)
         return tuple(out)
@@ -417,10 +419,11 @@ def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str
     return out
 
 
-def _groups(frames: list[Any]) -> list[tuple[list[int], list[Any]]]:
+def _groups(frames: list[Any], columns: list[str] | None = None) -> list[tuple[list[int], list[Any]]]:
     """Partition groups: all m versions of partition i together when the m frames have the
-    same number of partitions, else one group per (imputation, partition)."""
-    parts = [f.to_delayed() for f in frames]
+    same number of partitions, else one group per (imputation, partition); only the
+    ``columns`` (default: all) are read."""
+    parts = [(f if columns is None else f[columns]).to_delayed() for f in frames]
     if any(len(pk) == 0 for pk in parts):
         raise InputError("every completed data set needs at least one partition")
     m = len(frames)
@@ -440,7 +443,7 @@ def _reduce_active(outs: list[dict[int, dict[str, Any]]], ks: Any) -> dict[int, 
 def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: np.ndarray,
                 client: Any = None) -> list[dict[str, Any]]:
     """One pass over the data at fixed estimates ``betas[k]`` for imputation k."""
-    groups = _groups(frames)
+    groups = _groups(frames, getattr(design, "columns", None))
     design_d = delayed(design, pure=True, traverse=False)
     tasks = [delayed(_group_stats)(delayed(_load_group)(design_d, family, ks, *pts),
                                    {k: betas[k] for k in ks}, family, link, False)
@@ -481,7 +484,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     import dask
 
     m = len(frames)
-    groups = _groups(frames)
+    groups = _groups(frames, getattr(design, "columns", None))
     design_d = delayed(design, pure=True, traverse=False)
     loads = [delayed(_load_group)(design_d, family, ks, *pts) for ks, pts in groups]
     robust = cov_type != "nonrobust"
@@ -730,13 +733,23 @@ class _FormulaDesign:
     def __call__(self, df: pd.DataFrame) -> tuple:
         """Design arrays ``(X, y, w, offset)`` of a frame returned by :meth:`prepare`."""
         mm = self.spec.get_model_matrix(df)
-        X = np.asarray(mm.rhs, dtype=float)
-        y = np.asarray(mm.lhs, dtype=float)[:, 0]
+        X = _float_columns(mm.rhs)
+        y = mm.lhs.iloc[:, 0].to_numpy(dtype=float)
         if len(y) != len(df):
             raise InputError("the formula's terms have missing values after evaluation")
         w = df[self.weights].to_numpy(dtype=float) if self.weights else None
         off = df[self.offset].to_numpy(dtype=float) if self.offset else None
         return X, y, w, off
+
+
+def _float_columns(df: pd.DataFrame) -> np.ndarray:
+    """The columns of a frame as one float array in column-major order (the order of the
+    passes' X, see :func:`_arrays`), filled column by column instead of through pandas'
+    row-major interleave of mixed dtypes and a transposing copy."""
+    X = np.empty(df.shape, order="F")
+    for j, (_, col) in enumerate(df.items()):
+        X[:, j] = col.to_numpy(dtype=float)
+    return X
 
 
 def _as_frames(data: Any) -> list[Any]:
