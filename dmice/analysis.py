@@ -135,37 +135,53 @@ def _check_outcome(family: str, y: np.ndarray) -> None:
 def _outcome_constants(family: str, y: np.ndarray, w: np.ndarray) -> dict[str, float]:
     """Sums that depend only on the outcome and the weights, computed once per block:
     ``sum(log w)`` and the parts of the deviance (``cdev``) and of the log-likelihood
-    (``cll``) that do not depend on the means."""
+    (``cll``) that do not depend on the means; ``binary`` (1.0 or 0.0) says whether a
+    binomial outcome is 0/1 (its log-likelihood is then one log per row)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         sumlogw = float(np.sum(np.log(w[w > 0])))
         if family == "binomial":
-            ent = np.where((y > 0) & (y < 1), special.xlogy(y, y) + special.xlogy(1 - y, 1 - y), 0.0)
-            return {"sumlogw": sumlogw, "cdev": float(np.sum(w * ent)), "cll": 0.0}
+            inside = (y > 0) & (y < 1)
+            ent = np.where(inside, special.xlogy(y, y) + special.xlogy(1 - y, 1 - y), 0.0)
+            return {"sumlogw": sumlogw, "cdev": float(np.sum(w * ent)), "cll": 0.0,
+                    "binary": float(not np.any(inside))}
         if family == "poisson":
             return {"sumlogw": sumlogw, "cdev": float(np.sum(w * (special.xlogy(y, y) - y))),
-                    "cll": float(np.sum(w * special.gammaln(y + 1.0)))}
-    return {"sumlogw": sumlogw, "cdev": 0.0, "cll": 0.0}
+                    "cll": float(np.sum(w * special.gammaln(y + 1.0))), "binary": 0.0}
+    return {"sumlogw": sumlogw, "cdev": 0.0, "cll": 0.0, "binary": 0.0}
 
 
-def _deviance_loglik(family: str, y: np.ndarray, mu: np.ndarray, w: np.ndarray | None,
-                     c: dict[str, float]) -> tuple[float, float]:
-    """Deviance and log-likelihood (binomial without the binomial coefficient; 0 for
-    gaussian, whose log-likelihood depends on the dispersion) at the means ``mu``
-    (``w=None``: unit weights)."""
+def _loglik_terms(family: str, y: np.ndarray, mu: np.ndarray, binary: bool) -> np.ndarray:
+    """Per-row terms of the log-likelihood kernel at the means ``mu`` (binomial: without
+    the binomial coefficient; poisson: without ``log(y!)``; gaussian: the squared
+    residuals, whose weighted sum is the deviance)."""
     if family == "gaussian":
-        r2 = (y - mu) ** 2
-        return float(np.sum(r2 if w is None else w * r2)), 0.0
-    # xlogy(y, mu) = y log(mu), 0 where y = 0; xlog1py(1 - y, -mu) = (1 - y) log(1 - mu),
-    # 0 where y = 1
+        return (y - mu) ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
         if family == "poisson":
-            t = special.xlogy(y, mu) - mu
-            kern = float(np.sum(t if w is None else w * t))
-            return 2.0 * c["cdev"] - 2.0 * kern, kern - c["cll"]
+            return special.xlogy(y, mu) - mu
+        if binary:  # y in {0, 1}: log(mu) where y = 1, log(1 - mu) where y = 0
+            return np.log(np.where(y > 0, mu, 1.0 - mu))
+        # xlogy(y, mu) = y log(mu), 0 where y = 0; xlog1py(1 - y, -mu) = (1 - y) log(1 - mu),
+        # 0 where y = 1
         t = special.xlogy(y, mu)
         t += special.xlog1py(1.0 - y, -mu)
-        ll = float(np.sum(t if w is None else w * t))
-    return 2.0 * c["cdev"] - 2.0 * ll, ll
+        return t
+
+
+def _deviance_loglik(family: str, kern: float, c: dict[str, float]) -> tuple[float, float]:
+    """Deviance and log-likelihood (binomial without the binomial coefficient; 0 for
+    gaussian, whose log-likelihood depends on the dispersion) from the weighted sum
+    ``kern`` of :func:`_loglik_terms`."""
+    if family == "gaussian":
+        return kern, 0.0
+    if family == "poisson":
+        return 2.0 * c["cdev"] - 2.0 * kern, kern - c["cll"]
+    return 2.0 * c["cdev"] - 2.0 * kern, kern
+
+
+#: rows per block of :func:`_array_stats`: the temporaries of a block (a few vectors of
+#: this length and one array of X's width) stay in the CPU caches
+ROW_BLOCK = 16384
 
 
 def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray | None,
@@ -183,14 +199,47 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
     R-squared) and the row count.  With ``beta=None`` (the first IRLS pass) the
     statistics are taken at the starting means instead, and ``g`` is
     ``X'W(z - offset)`` with the working response ``z``, so that ``solve(XtWX, g)`` is
-    the first estimate.  ``work``, an array of X's shape, is used as scratch space for the
-    weighted design (reused from pass to pass, instead of a new array of X's size).
+    the first estimate.
+
+    The rows are taken :data:`ROW_BLOCK` at a time, so that the per-row temporaries stay
+    in the CPU caches; ``work``, an array of shape ``(ROW_BLOCK, p)``, is the scratch space
+    of the weighted design (kept from pass to pass instead of allocated anew).
     """
-    n = len(y)
+    n, p = X.shape
+    c = _outcome_constants(family, y, np.ones(n) if w is None else w) if consts is None else consts
+    start = None
+    if beta is None:  # the starting means depend on the whole block (poisson: its mean y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            start = _link(link, _starting_mu(family, y))
+    if work is None or work.shape != (ROW_BLOCK, p):
+        work = np.empty((ROW_BLOCK, p), order="F")
+    sums = {"XtWX": np.zeros((p, p)), "g": np.zeros(p), "Hobs": np.zeros((p, p)),
+            "meat": np.zeros((p, p)), "pearson": 0.0, "kern": 0.0, "sw": 0.0, "swy": 0.0,
+            "swe": 0.0, "swe2": 0.0}
+    for s in range(0, n, ROW_BLOCK):
+        rows = slice(s, s + ROW_BLOCK)
+        _row_block_stats(sums, X[rows], y[rows], None if w is None else w[rows],
+                         None if off is None else off[rows], family, link, beta,
+                         None if start is None else start[rows], robust, c["binary"] > 0,
+                         work[:min(ROW_BLOCK, n - s)])
+    if link in ("logit", "log", "identity"):  # canonical links: observed == expected, exactly
+        sums["Hobs"] = sums["XtWX"]
+    deviance, loglik = _deviance_loglik(family, sums.pop("kern"), c)
+    out = {k: (v if isinstance(v, np.ndarray) else np.array(v)) for k, v in sums.items()}
+    out.update(deviance=np.array(deviance), loglik=np.array(loglik),
+               sumlogw=np.array(c["sumlogw"]), n=np.array(float(n)))
+    return out
+
+
+def _row_block_stats(sums: dict[str, Any], X: np.ndarray, y: np.ndarray, w: np.ndarray | None,
+                     off: np.ndarray | None, family: str, link: str, beta: np.ndarray | None,
+                     start: np.ndarray | None, robust: bool, binary: bool,
+                     work: np.ndarray) -> None:
+    """Add the statistics of the rows ``X, y, w, off`` to ``sums`` (see :func:`_array_stats`;
+    ``start``: the linear predictor at the starting means when ``beta`` is None)."""
     canonical = _CANONICAL.get(family) == link
     if beta is None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            eta = _link(link, _starting_mu(family, y))
+        eta = start
         eta0 = eta if off is None else eta - off
     else:
         eta0 = X @ beta
@@ -198,52 +247,38 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
     mu, d1, d2 = _inverse_link(link, eta, second=not canonical)
     resid = y - mu
     with np.errstate(divide="ignore", invalid="ignore"):
-        V, dV = _variance(family, mu)
         if canonical:  # d1 == V: the IRLS weights are d1, the score factor y - mu
+            V = d1
             wexp = d1 if w is None else w * d1
             u = resid if w is None else w * resid
         else:
+            V, dV = _variance(family, mu)
             wexp = d1**2 / V if w is None else w * d1**2 / V  # IRLS weights (expected information)
             u = resid * d1 / V if w is None else w * resid * d1 / V  # score_i = u_i x_i
         r2v = resid**2 / V
-        pearson = float(np.sum(r2v if w is None else w * r2v))
-    Xe = np.multiply(X, wexp[:, None], out=work if work is not None and work.shape == X.shape else None)
-    XtWX = X.T @ Xe
-    if link in ("logit", "log", "identity"):  # canonical links: observed == expected, exactly
-        Hobs = XtWX
+        sums["pearson"] += float(np.sum(r2v if w is None else w * r2v))
+    Xe = np.multiply(X, wexp[:, None], out=work)
+    sums["XtWX"] += X.T @ Xe
+    if beta is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sums["g"] += Xe.T @ (eta0 + resid / d1)
     else:
+        sums["g"] += X.T @ u
+    if not canonical:
         with np.errstate(divide="ignore", invalid="ignore"):
             # observed information: -d(score)/d(eta) = wexp - w (y - mu) d/deta(d1 / V)
             ddeta = (d2 * V - d1**2 * dV) / V**2
             wobs = wexp - (resid * ddeta if w is None else w * resid * ddeta)
-        Hobs = X.T @ (X * wobs[:, None])
-    if beta is None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            g = Xe.T @ (eta0 + resid / d1)
-    else:
-        g = X.T @ u
+        sums["Hobs"] += X.T @ np.multiply(X, wobs[:, None], out=work)
     if robust:
-        Xu = np.multiply(X, u[:, None], out=Xe)
-        meat = Xu.T @ Xu
-    else:
-        meat = np.zeros_like(XtWX)
-    c = _outcome_constants(family, y, np.ones(n) if w is None else w) if consts is None else consts
-    deviance, loglik = _deviance_loglik(family, y, mu, w, c)
-    return {
-        "XtWX": XtWX,
-        "g": g,
-        "Hobs": Hobs,
-        "meat": meat,
-        "pearson": np.array(pearson),
-        "deviance": np.array(deviance),
-        "loglik": np.array(loglik),
-        "sumlogw": np.array(c["sumlogw"]),
-        "sw": np.array(float(n if w is None else np.sum(w))),
-        "swy": np.array(float(np.sum(y if w is None else w * y))),
-        "swe": np.array(float(np.sum(eta0 if w is None else w * eta0))),
-        "swe2": np.array(float(np.dot(eta0, eta0) if w is None else np.sum(w * eta0**2))),
-        "n": np.array(float(n)),
-    }
+        Xu = np.multiply(X, u[:, None], out=work)
+        sums["meat"] += Xu.T @ Xu
+    t = _loglik_terms(family, y, mu, binary)
+    sums["kern"] += float(np.sum(t) if w is None else np.dot(w, t))
+    sums["sw"] += float(len(y) if w is None else np.sum(w))
+    sums["swy"] += float(np.sum(y) if w is None else np.dot(w, y))
+    sums["swe"] += float(np.sum(eta0) if w is None else np.dot(w, eta0))
+    sums["swe2"] += float(np.dot(eta0, eta0) if w is None else np.dot(w * eta0, eta0))
 
 
 def _partition_stats(df: pd.DataFrame, design: Callable[[pd.DataFrame], tuple], family: str,
@@ -255,8 +290,10 @@ def _partition_stats(df: pd.DataFrame, design: Callable[[pd.DataFrame], tuple], 
 
 
 def _arrays(d: tuple) -> tuple:
+    """The design as float arrays, X in column-major order (the passes' products with X are
+    faster on it)."""
     X, y, w, off = d
-    return (np.asarray(X, dtype=float), np.asarray(y, dtype=float),
+    return (np.asarray(X, dtype=float, order="F"), np.asarray(y, dtype=float),
             None if w is None else np.asarray(w, dtype=float),
             None if off is None else np.asarray(off, dtype=float))
 
@@ -302,7 +339,7 @@ class _Group:
     base: tuple
     diffs: list[tuple[np.ndarray | None, tuple] | None]
     consts: dict[int, dict[str, float]] = field(default_factory=dict)
-    work: np.ndarray | None = None  # scratch space of the passes, of the base design's shape
+    work: np.ndarray | None = None  # scratch space of the passes (see _array_stats)
 
     def __sizeof__(self) -> int:  # the arrays' bytes, for dask's memory and transfer costs
         arrays = [*self.base, self.work]
@@ -322,7 +359,7 @@ class _Group:
             if full is None:
                 out.append(None)
                 continue
-            full = full.copy()
+            full = full.copy(order="K")  # X stays column-major
             full[rows] = part
             out.append(full)
         return tuple(out)
@@ -376,16 +413,17 @@ def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str
         if j not in group.consts:  # kept with the group on the worker for the next passes
             group.consts[j] = _outcome_constants(family, y, np.ones(len(y)) if w is None else w)
         if group.work is None:
-            group.work = np.empty_like(group.base[0])
+            group.work = np.empty((ROW_BLOCK, group.base[0].shape[1]), order="F")
         out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust, group.consts[j],
                               group.work)
     return out
 
 
-def _groups(frames: list[Any]) -> list[tuple[list[int], list[Any]]]:
+def _groups(frames: list[Any], columns: list[str] | None = None) -> list[tuple[list[int], list[Any]]]:
     """Partition groups: all m versions of partition i together when the m frames have the
-    same number of partitions, else one group per (imputation, partition)."""
-    parts = [f.to_delayed() for f in frames]
+    same number of partitions, else one group per (imputation, partition); only the
+    ``columns`` (default: all) are read."""
+    parts = [(f if columns is None else f[columns]).to_delayed() for f in frames]
     if any(len(pk) == 0 for pk in parts):
         raise InputError("every completed data set needs at least one partition")
     m = len(frames)
@@ -405,7 +443,7 @@ def _reduce_active(outs: list[dict[int, dict[str, Any]]], ks: Any) -> dict[int, 
 def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: np.ndarray,
                 client: Any = None) -> list[dict[str, Any]]:
     """One pass over the data at fixed estimates ``betas[k]`` for imputation k."""
-    groups = _groups(frames)
+    groups = _groups(frames, getattr(design, "columns", None))
     design_d = delayed(design, pure=True, traverse=False)
     tasks = [delayed(_group_stats)(delayed(_load_group)(design_d, family, ks, *pts),
                                    {k: betas[k] for k in ks}, family, link, False)
@@ -446,7 +484,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     import dask
 
     m = len(frames)
-    groups = _groups(frames)
+    groups = _groups(frames, getattr(design, "columns", None))
     design_d = delayed(design, pure=True, traverse=False)
     loads = [delayed(_load_group)(design_d, family, ks, *pts) for ks, pts in groups]
     robust = cov_type != "nonrobust"
@@ -695,13 +733,23 @@ class _FormulaDesign:
     def __call__(self, df: pd.DataFrame) -> tuple:
         """Design arrays ``(X, y, w, offset)`` of a frame returned by :meth:`prepare`."""
         mm = self.spec.get_model_matrix(df)
-        X = np.asarray(mm.rhs, dtype=float)
-        y = np.asarray(mm.lhs, dtype=float)[:, 0]
+        X = _float_columns(mm.rhs)
+        y = mm.lhs.iloc[:, 0].to_numpy(dtype=float)
         if len(y) != len(df):
             raise InputError("the formula's terms have missing values after evaluation")
         w = df[self.weights].to_numpy(dtype=float) if self.weights else None
         off = df[self.offset].to_numpy(dtype=float) if self.offset else None
         return X, y, w, off
+
+
+def _float_columns(df: pd.DataFrame) -> np.ndarray:
+    """The columns of a frame as one float array in column-major order (the order of the
+    passes' X, see :func:`_arrays`), filled column by column instead of through pandas'
+    row-major interleave of mixed dtypes and a transposing copy."""
+    X = np.empty(df.shape, order="F")
+    for j, (_, col) in enumerate(df.items()):
+        X[:, j] = col.to_numpy(dtype=float)
+    return X
 
 
 def _as_frames(data: Any) -> list[Any]:

@@ -453,3 +453,62 @@ def test_cli_analyze_prints_mc_errors_and_r_squared(cluster_client, golden_frame
     case = COMPARE_GOLDEN["cases"][0]
     np.testing.assert_allclose(got["r_squared"]["R^2"]["est"], case["r_squared"]["est"], rtol=1e-8)
     assert {"mc_se_estimate", "mc_se_p_value", "recommended_m", "fmi"} <= set(got["table"][0])
+
+
+@pytest.mark.parametrize("family,link", [("binomial", "logit"), ("binomial", "probit"),
+                                         ("binomial", "cloglog"), ("poisson", "log"),
+                                         ("gaussian", "identity")])
+def test_pass_statistics_equal_statsmodels_over_several_row_blocks(family, link):
+    """One pass's statistics (taken ROW_BLOCK rows at a time, with weights and offset) equal
+    statsmodels' score, information, per-row scores, log-likelihood and deviance."""
+    from dmice.analysis import ROW_BLOCK, _array_stats
+
+    g = np.random.default_rng(5)
+    n = 2 * ROW_BLOCK + 777  # two full row blocks and a partial one
+    X = np.column_stack([np.ones(n), g.normal(size=(n, 3)), g.random(n) < 0.3])
+    w, off = g.uniform(0.5, 2.0, n), g.normal(0.0, 0.2, n)
+    beta = np.array([-0.4, 0.3, -0.2, 0.1, 0.5])
+    eta = X @ beta + off
+    if family == "gaussian":
+        y, fam = eta + g.normal(size=n), sm.families.Gaussian()
+    elif family == "poisson":
+        y, fam = g.poisson(np.exp(eta)).astype(float), sm.families.Poisson()
+    else:
+        fam = sm.families.Binomial(link=LINKS[link]())
+        y = (g.random(n) < fam.link.inverse(eta)).astype(float)
+    model = sm.GLM(y, X, family=fam, offset=off, var_weights=w)
+    mu = fam.link.inverse(eta)
+    s = _array_stats(X, y, w, off, family, link, beta, robust=True)
+    np.testing.assert_allclose(s["g"], model.score(beta, scale=1.0), rtol=1e-10)
+    np.testing.assert_allclose(s["XtWX"], -model.hessian(beta, scale=1.0, observed=False), rtol=1e-10)
+    np.testing.assert_allclose(s["Hobs"], -model.hessian(beta, scale=1.0, observed=True), rtol=1e-10)
+    sc = model.score_obs(beta, scale=1.0)
+    np.testing.assert_allclose(s["meat"], sc.T @ sc, rtol=1e-10)
+    np.testing.assert_allclose(float(s["pearson"]), np.sum(w * (y - mu) ** 2 / fam.variance(mu)),
+                               rtol=1e-10)
+    np.testing.assert_allclose(float(s["deviance"]), fam.deviance(y, mu, var_weights=w), rtol=1e-10)
+    if family != "gaussian":  # gaussian's log-likelihood is taken at the dispersion, in analyze
+        np.testing.assert_allclose(float(s["loglik"]), fam.loglike(y, mu, var_weights=w, scale=1.0),
+                                   rtol=1e-10)
+    np.testing.assert_allclose([float(s[k]) for k in ("sw", "swy", "swe", "swe2", "n")],
+                               [w.sum(), w @ y, w @ (eta - off), w @ (eta - off) ** 2, n], rtol=1e-12)
+
+
+@pytest.mark.parametrize("link", ["logit", "probit", "cloglog"])
+def test_binary_outcome_log_likelihood_equals_the_general_binomial_one(link):
+    """The one-log-per-row log-likelihood of a 0/1 outcome equals the general binomial
+    expression (y log mu + (1 - y) log(1 - mu)) to rounding."""
+    from dmice.analysis import _array_stats, _outcome_constants
+
+    g = np.random.default_rng(6)
+    n = 5000
+    X = np.column_stack([np.ones(n), g.normal(size=(n, 2))])
+    y = (g.random(n) < 0.3).astype(float)
+    w, off = g.uniform(0.5, 2.0, n), g.normal(0.0, 0.2, n)
+    beta = np.array([-0.8, 0.6, -0.4])
+    c = _outcome_constants("binomial", y, w)
+    assert c["binary"] == 1.0
+    fast = _array_stats(X, y, w, off, "binomial", link, beta, consts=c)
+    slow = _array_stats(X, y, w, off, "binomial", link, beta, consts={**c, "binary": 0.0})
+    for k in ("loglik", "deviance", "pearson"):
+        np.testing.assert_allclose(float(fast[k]), float(slow[k]), rtol=1e-12)
