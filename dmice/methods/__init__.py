@@ -542,7 +542,7 @@ class TargetModel:
                         yh = self._pool_D @ coef
                         yh += np.bincount(d["pool_fr"], weights=d["pool_fv"][c] * coef[d["pool_fc"]],
                                           minlength=len(yh))
-                    srt = np.argsort(yh, kind="stable")
+                    srt = np.argsort(yh)  # ties: any fixed order (deterministic on a machine)
                     dyh.append(yh[srt])
                     dy.append(y[srt])
                 o["donor_yhat"], o["donor_y"], o["donors"] = dyh, dy, self.donors
