@@ -226,7 +226,8 @@ def main() -> None:
         f"(rtol 1e-6): {sm_same}.",
         "- dmice peak memory: client/scheduler + worker processes (the cluster's baseline included); "
         "statsmodels: its spawned process (interpreter, libraries, the pandas frame and model matrix).",
-        "- dmice's analyze reads the 5 Parquet copies of each partition in one task per partition, "
+        "- dmice's analyze reads the analysis columns of the 5 Parquet copies of each partition and "
+        "builds their designs in one task per partition, "
         "evaluates the formula on imputation 1's rows and only on the rows of imputations 2-5 whose "
         "analysis columns differ (imputed cells; the whole partition when more than half of its rows "
         "differ), keeps the design arrays on the workers and then "

@@ -284,7 +284,7 @@ def _left_matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 def _chain_crossprod(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``A[c]' B[c]`` for every chain: ``A (m, r, w)``, ``B (m, r, v)`` -> ``(m, w, v)``."""
-    return np.einsum("crw,crv->cwv", A, B)
+    return np.matmul(A.transpose(0, 2, 1), B)  # batched BLAS: several times faster than einsum here
 
 
 def linear_predictor(block: Block, plan: Plan, B: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -318,13 +318,12 @@ def weighted_gram(block: Block, plan: Plan, w: np.ndarray, parts: list[tuple[int
         Xs = D0 * np.sqrt(w)[:, None]
         base = Xs.T @ Xs  # numpy computes X'X as a symmetric rank-k update
     G = np.repeat(base[None], m, axis=0)
-    Wc = np.broadcast_to(w, (m, len(w)))
     cols = {k: plan.variables[k].cols for k, _ in parts}
     WV = {}
     for k, V in parts:
         a, b = cols[k]
         rows = block.mis[k]
-        WV[k] = V * Wc[:, rows, None]
+        WV[k] = V * w[rows][None, :, None]
         key = ("D0T-mis", k)
         if key not in block.cache:  # D0 never changes
             block.cache[key] = np.ascontiguousarray(D0[rows].T)
