@@ -222,7 +222,7 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
                          None if off is None else off[rows], family, link, beta,
                          None if start is None else start[rows], robust, c["binary"] > 0,
                          work[:min(ROW_BLOCK, n - s)])
-    if link in ("logit", "log", "identity"):  # canonical links: observed == expected, exactly
+    if _CANONICAL.get(family) == link:  # observed == expected information, exactly
         sums["Hobs"] = sums["XtWX"]
     deviance, loglik = _deviance_loglik(family, sums.pop("kern"), c)
     out = {k: (v if isinstance(v, np.ndarray) else np.array(v)) for k, v in sums.items()}
