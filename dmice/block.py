@@ -262,11 +262,6 @@ def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
         yield X
 
 
-def design(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Encoded design of ``rows`` x ``cols`` for every chain: ``(m, len(rows), len(cols))``."""
-    return np.stack(list(chain_designs(block, plan, rows, cols)))
-
-
 def _small_matmul(V: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``V @ B`` for ``V (m, r, w)`` and ``B (m, w, l)`` with small w and l, without batched BLAS calls."""
     out = V[:, :, 0, None] * B[:, None, 0, :]

@@ -92,6 +92,13 @@ def encoded_blocks(df: pd.DataFrame, method=None, m: int = 1, seed: int = 3, par
     return variables, plan, blocks, pools
 
 
+def chain_design_stack(block, plan, rows, cols) -> np.ndarray:
+    """Every chain's encoded design of ``rows`` x ``cols``: ``(m, len(rows), len(cols))``."""
+    from dmice import block as B
+
+    return np.stack(list(B.chain_designs(block, plan, rows, cols)))
+
+
 def fit_target(df: pd.DataFrame, target: str, method=None, m: int = 1, parts: int = 1, setup=None, **kw):
     """Fit ``target``'s conditional model to convergence on in-memory blocks, as the engine does
     (statistics of every partition combined, then ``TargetModel.update``); keyword arguments go to

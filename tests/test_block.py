@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from conftest import mixed_frame
+from conftest import chain_design_stack, mixed_frame
 
 from dmice import block as B
 from dmice import schema as S
@@ -22,7 +22,7 @@ def _block(m=3, n=2000, seed=1):
 
 
 def _dense(plan, blk):
-    return B.design(blk, plan, np.arange(blk.n), np.arange(plan.n_cols))
+    return chain_design_stack(blk, plan, np.arange(blk.n), np.arange(plan.n_cols))
 
 
 def test_design_fills_encoded_imputed_cells():

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
-from conftest import fit_target
+from conftest import chain_design_stack, fit_target
 from scipy import stats as sps
 
 from dmice import block as B
@@ -47,7 +47,7 @@ def test_norm_fit_equals_ols(parts):
     f = model._fits[0]
     v = plan.variables[3]
     # fitted values are parametrisation-free: compare on the original scale
-    X = np.concatenate([B.design(b, plan, b.obs[3], xcols)[0] for b in blocks])
+    X = np.concatenate([chain_design_stack(b, plan, b.obs[3], xcols)[0] for b in blocks])
     fitted = v.center + v.scale * (X @ f.coef)
     np.testing.assert_allclose(fitted, ols.fittedvalues, rtol=1e-9)
     np.testing.assert_allclose(f.rss * v.scale**2, ols.ssr, rtol=1e-9)
@@ -87,7 +87,7 @@ def test_pmm_donor_predictions_equal_the_dense_design(parts):
         assert model.update(B.combine(outs), visit + 1, [])
         order = model.order(visit + 1)
         for c in range(plan.m):
-            X = np.concatenate([B.design(b, plan, b.obs[j][b.pool[j]], model.xcols)[c] for b in blocks])
+            X = np.concatenate([chain_design_stack(b, plan, b.obs[j][b.pool[j]], model.xcols)[c] for b in blocks])
             y = np.concatenate([b.values[j][b.obs[j][b.pool[j]]] for b in blocks])
             yh = X @ model._fits[c].coef
             srt = np.argsort(yh, kind="stable")
@@ -146,7 +146,7 @@ def test_logreg_equals_statsmodels(parts):
     df.loc[miss, "b"] = np.nan
     model, plan, blocks, xcols, _ = fit_target(df, "b", parts=parts, newton_tol=1e-10, newton_accuracy=0.0)
     obs = df[~miss]
-    X = np.concatenate([B.design(b, plan, b.obs[4], xcols)[0] for b in blocks])
+    X = np.concatenate([chain_design_stack(b, plan, b.obs[4], xcols)[0] for b in blocks])
     ref = sm.Logit(obs["b"].to_numpy(), X).fit(disp=0, tol=1e-12)
     beta = model.beta[0]
     np.testing.assert_allclose(beta, ref.params, rtol=1e-6, atol=1e-9)
@@ -162,7 +162,7 @@ def test_polyreg_equals_mnlogit():
     df.loc[miss, "k"] = np.nan
     model, plan, blocks, xcols, _ = fit_target(df, "k", newton_tol=1e-10, newton_accuracy=0.0)
     obs = df[~miss]
-    X = np.concatenate([B.design(b, plan, b.obs[5], xcols)[0] for b in blocks])
+    X = np.concatenate([chain_design_stack(b, plan, b.obs[5], xcols)[0] for b in blocks])
     codes = obs["k"].cat.codes.to_numpy()
     ref = sm.MNLogit(codes, X).fit(disp=0, method="newton", tol=1e-12, maxiter=100)
     np.testing.assert_allclose(model.beta[0], ref.params, rtol=1e-6, atol=1e-8)

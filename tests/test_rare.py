@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
-from conftest import encoded_blocks, fit_target
+from conftest import chain_design_stack, encoded_blocks, fit_target
 from scipy.special import expit
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 
@@ -27,7 +27,7 @@ def _fit(df, target, method=None, m=1, parts=1, setup=None, **kw):
     and the logged events."""
     model, plan, blocks, xcols, events = fit_target(df, target, method, m=m, parts=parts, setup=setup, **kw)
     j = model.j
-    X = np.concatenate([B.design(b, plan, b.obs[j], xcols)[0] for b in blocks])
+    X = np.concatenate([chain_design_stack(b, plan, b.obs[j], xcols)[0] for b in blocks])
     return model, X, events
 
 
