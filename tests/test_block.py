@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from conftest import chain_design_stack, mixed_frame
+from conftest import chain_design_stack, encoded_blocks, mixed_frame
 
 from dmice import block as B
 from dmice import schema as S
@@ -89,10 +89,7 @@ def test_chain_designs_fill_a_partly_kept_nominal_variable():
 def test_donor_cells_complete_the_kept_design_over_partitions():
     """pmm donors: the fixed design the client keeps plus the cells of each round give every
     chain's donor design, rows of all partitions in order."""
-    df, plan, _ = _block(n=3000)
-    halves = [df.iloc[:1700], df.iloc[1700:]]
-    blocks = [B.init_fill(B.encode_partition(h, plan, i), plan, B.sample_values(B.encode_partition(h, plan, i)))
-              for i, h in enumerate(halves)]
+    _, plan, blocks, _ = encoded_blocks(mixed_frame(3001, seed=1), m=3, parts=3)
     j = 0  # continuous target
     v = plan.variables[j]
     cat = plan.variables[3]
