@@ -22,6 +22,7 @@ function instead of a formula.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import warnings
@@ -308,10 +309,11 @@ def _sum(items: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 # partition groups: the m completed versions of one partition, designed once
 # ------------------------------------------------------------------------------------------
-def _rows_differ(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
-    """Boolean mask of the rows where any column of ``a`` differs from ``b`` (same length)."""
+def _rows_differ(a: pd.DataFrame, b: pd.DataFrame, columns: list[str] | None = None) -> np.ndarray:
+    """Boolean mask of the rows where any of the ``columns`` (default: all) of ``a`` differs
+    from ``b`` (same length)."""
     mask = np.zeros(len(a), dtype=bool)
-    for c in a.columns:
+    for c in (a.columns if columns is None else columns):
         x, y = a[c], b[c]
         if (isinstance(x.dtype, pd.CategoricalDtype) and isinstance(y.dtype, pd.CategoricalDtype)
                 and list(x.cat.categories) == list(y.cat.categories)):
@@ -365,8 +367,73 @@ class _Group:
         return tuple(out)
 
 
-def _load_group(design: Any, family: str, ks: list[int], *parts: pd.DataFrame) -> _Group:
-    """Build the design of one partition for the imputations ``ks`` (one pandas frame each).
+@dataclass(frozen=True)
+class _StoredPart:
+    """One partition of one imputation of an output written by dmice (``full`` layout), read
+    by the task that designs it (:func:`_load_group`) instead of by a dask task of its own:
+    the m versions of a partition are read where they are designed, in one task, without
+    moving frames between workers.
+
+    ``shared`` names the columns that no imputation changes (the complete ones, which
+    the manifest records as not imputed): a group reads them from its first
+    imputation's file only.
+    """
+
+    url: str
+    path: str  # relative to url, as listed in the manifest
+    storage_options: dict[str, Any] | None
+    dtypes: dict[str, str]
+    shared: tuple[str, ...] = ()
+
+    def read(self, columns: list[str] | None) -> pd.DataFrame:
+        from dmice import store
+
+        return store.read_part(self.path, self.url, self.storage_options, self.dtypes, columns)
+
+
+def _stored_files(data: Any) -> list[list[_StoredPart]] | None:
+    """The Parquet files of a result read from a ``full`` output, by imputation and partition
+    (``None`` for anything else: a result held on the cluster, a ``cells`` output, frames)."""
+    from dmice import store
+    from dmice.result import MultipleImputation
+
+    if not isinstance(data, MultipleImputation) or data._engine is not None or data.url is None:
+        return None
+    files = [store.part_files(data.manifest or {}, k) for k in range(1, data.m + 1)]
+    if any(f is None or len(f) != len(files[0]) for f in files):
+        return None  # not one file per imputation and partition: read through dask
+    imputed = set(data.imputed_columns)
+    shared = tuple(c for c in data.columns if c not in imputed)
+    return [[_StoredPart(data.url, rel, data._storage_options, dict(data.dtypes),
+                         shared if k > 0 else ()) for rel in f] for k, f in enumerate(files)]
+
+
+def _read_parts(parts: tuple[Any, ...], columns: list[str] | None
+                ) -> tuple[list[pd.DataFrame], list[str] | None]:
+    """The pandas frames of a group's parts (stored parts are read here) and the columns that
+    can differ between them (``None``: any)."""
+    if not parts or not isinstance(parts[0], _StoredPart):
+        return list(parts), None
+    first = parts[0].read(columns)
+    cols = list(first.columns)
+    frames, own = [first], None
+    for p in parts[1:]:
+        mine = [c for c in cols if c not in p.shared]
+        df = p.read(mine)
+        if len(df) != len(first):
+            raise InputError(f"the imputations' files {parts[0].path!r} and {p.path!r} have "
+                             "different numbers of rows")
+        full = first.copy(deep=False)
+        for c in mine:
+            full[c] = df[c].array
+        frames.append(full)
+        own = mine
+    return frames, own
+
+
+def _load_group(design: Any, family: str, ks: list[int], *parts: Any) -> _Group:
+    """Build the design of one partition for the imputations ``ks`` (one pandas frame or
+    :class:`_StoredPart` each).
 
     The formula is evaluated once on the first imputation's partition and, for every
     other imputation, only on the rows whose analysis columns differ from it (the
@@ -374,7 +441,8 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: pd.DataFrame) -
     half of the rows differ, it is evaluated on the whole partition instead.
     """
     prepare = getattr(design, "prepare", lambda d: d)
-    frames = [prepare(p) for p in parts]
+    dfs, own = _read_parts(parts, getattr(design, "columns", None))
+    frames = [prepare(p) for p in dfs]
     base = _arrays(design(frames[0]))
     _check_outcome(family, base[1])
     diffs: list[tuple[np.ndarray | None, tuple] | None] = [None]
@@ -384,7 +452,8 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: pd.DataFrame) -
             _check_outcome(family, arr[1])
             diffs.append((None, arr))
             continue
-        rows = np.flatnonzero(_rows_differ(df, frames[0]))
+        differ = None if own is None else [c for c in df.columns if c in own]
+        rows = np.flatnonzero(_rows_differ(df, frames[0], differ))
         if not len(rows):
             diffs.append(None)
             continue
@@ -419,10 +488,14 @@ def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str
     return out
 
 
-def _groups(frames: list[Any], columns: list[str] | None = None) -> list[tuple[list[int], list[Any]]]:
+def _groups(frames: list[Any], columns: list[str] | None = None,
+            files: list[list[_StoredPart]] | None = None) -> list[tuple[list[int], list[Any]]]:
     """Partition groups: all m versions of partition i together when the m frames have the
     same number of partitions, else one group per (imputation, partition); only the
-    ``columns`` (default: all) are read."""
+    ``columns`` (default: all) are read.  With ``files`` (see :func:`_stored_files`), the
+    groups' parts are those files, read by the tasks that design them."""
+    if files is not None:
+        return [(list(range(len(files))), [f[i] for f in files]) for i in range(len(files[0]))]
     parts = [(f if columns is None else f[columns]).to_delayed() for f in frames]
     if any(len(pk) == 0 for pk in parts):
         raise InputError("every completed data set needs at least one partition")
@@ -441,9 +514,10 @@ def _reduce_active(outs: list[dict[int, dict[str, Any]]], ks: Any) -> dict[int, 
 
 
 def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: np.ndarray,
-                client: Any = None) -> list[dict[str, Any]]:
+                client: Any = None, files: list[list[_StoredPart]] | None = None
+                ) -> list[dict[str, Any]]:
     """One pass over the data at fixed estimates ``betas[k]`` for imputation k."""
-    groups = _groups(frames, getattr(design, "columns", None))
+    groups = _groups(frames, getattr(design, "columns", None), files)
     design_d = delayed(design, pure=True, traverse=False)
     tasks = [delayed(_group_stats)(delayed(_load_group)(design_d, family, ks, *pts),
                                    {k: betas[k] for k in ks}, family, link, False)
@@ -473,7 +547,7 @@ class _Fits:
 
 def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, family: str,
          link: str, cov_type: str = "nonrobust", tol: float = 1e-10, max_iter: int = 50,
-         client: Any = None) -> _Fits:
+         client: Any = None, files: list[list[_StoredPart]] | None = None) -> _Fits:
     """Fisher scoring on all m frames at once.
 
     The design of every partition group (the m versions of a partition) is built once,
@@ -484,7 +558,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     import dask
 
     m = len(frames)
-    groups = _groups(frames, getattr(design, "columns", None))
+    groups = _groups(frames, getattr(design, "columns", None), files)
     design_d = delayed(design, pure=True, traverse=False)
     loads = [delayed(_load_group)(design_d, family, ks, *pts) for ks, pts in groups]
     robust = cov_type != "nonrobust"
@@ -706,20 +780,108 @@ def fit_glm(frames: list[Any], design: Design, terms: list[str], *, family: str 
 # ------------------------------------------------------------------------------------------
 # analyze: formulas
 # ------------------------------------------------------------------------------------------
+#: one factor of a model-matrix column: (source column, factor expression, level code or None
+#: for the column's values)
+_Factor = tuple[str, str, "int | None"]
+_C_TREATMENT = re.compile(r"^C\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:,\s*contr\.treatment\([^()]*\))?\s*\)$")
+
+
+def _column_recipes(spec: Any, columns: list[str]) -> tuple[str, list[list[_Factor]]] | None:
+    """The outcome column and, per model-matrix column, its factors, when every term of
+    ``spec`` is a product of plain numeric columns and treatment-coded categorical columns
+    (``x``, ``g``, ``C(g)``, ``C(g, contr.treatment(...))`` and their interactions); else
+    ``None``.  Such a model matrix can be built directly from the columns (see
+    :meth:`_FormulaDesign.__call__`), without formulaic's general machinery."""
+    from formulaic.parser.types import Factor
+    from formulaic.transforms.contrasts import TreatmentContrasts
+
+    def source(evaluated: Any, state: dict[str, Any]) -> tuple[str, list[Any] | None] | None:
+        factor = evaluated.factor  # formulaic's EvaluatedFactor wraps the parsed Factor
+        kind, st = state.get(factor.expr, (None, None))
+        kind = getattr(kind, "value", kind)
+        if factor.eval_method == Factor.EvalMethod.LOOKUP and factor.expr in columns:
+            col = factor.expr
+        elif factor.eval_method == Factor.EvalMethod.PYTHON and kind == "categorical":
+            match = _C_TREATMENT.match(factor.expr)
+            if match is None or match.group(1) not in columns:
+                return None
+            col = match.group(1)
+        else:
+            return None
+        if kind == "numerical":
+            return col, None
+        if kind == "categorical" and isinstance(getattr(st.get("contrasts"), "contrasts", None),
+                                                TreatmentContrasts):
+            return col, list(st["categories"])
+        return None
+
+    lhs = spec.lhs.structure
+    if len(lhs) != 1 or len(lhs[0].scoped_terms) != 1:
+        return None
+    (yf,) = lhs[0].scoped_terms[0].factors or (None,)
+    ysrc = None if yf is None else source(yf.factor, spec.lhs.encoder_state)
+    if ysrc is None or ysrc[1] is not None:
+        return None
+    state = spec.rhs.encoder_state
+    names: list[str] = []
+    recipes: list[list[_Factor]] = []
+    for st in spec.rhs.structure:
+        made: list[str] = []
+        for scoped in st.scoped_terms:
+            if getattr(scoped, "scale", 1) != 1:
+                return None
+            options: list[list[tuple[str, _Factor]]] = []
+            for sf in scoped.factors:
+                src = source(sf.factor, state)
+                if src is None:
+                    return None
+                col, cats = src
+                expr = sf.factor.expr
+                if cats is None:
+                    options.append([(expr, (col, expr, None))])
+                    continue
+                base = state[expr][1]["contrasts"].contrasts.base
+                base = cats[0] if getattr(base, "name", None) == "UNSET" else base
+                if sf.reduced:
+                    options.append([(f"{expr}[T.{lv}]", (col, expr, i))
+                                    for i, lv in enumerate(cats) if lv != base])
+                else:
+                    options.append([(f"{expr}[{lv}]", (col, expr, i)) for i, lv in enumerate(cats)])
+            # formulaic's order: the first factor varies fastest
+            for combo in itertools.product(*reversed(options)):
+                combo = combo[::-1]
+                made.append(":".join(n for n, _ in combo) if combo else "Intercept")
+                recipes.append([f for _, f in combo])
+        if made != list(st.columns):
+            return None
+        names += made
+    if names != list(spec.rhs.column_names):
+        return None
+    return ysrc[0], recipes
+
+
 class _FormulaDesign:
     """Replays one formulaic model spec on a pandas partition.
 
     String columns are cast to Categorical with the global levels first, so every
-    partition yields the same columns.
+    partition yields the same columns.  When every term is a product of plain numeric
+    and treatment-coded categorical columns (see :func:`_column_recipes`) and the
+    direct construction was checked equal to formulaic's on a sample (``recipes``),
+    the model matrix is built column by column from the data instead (several times
+    faster than formulaic's general evaluation).
     """
 
     def __init__(self, spec: Any, columns: list[str], levels: dict[str, list[Any]],
-                 weights: str | None, offset: str | None):
+                 weights: str | None, offset: str | None,
+                 recipes: tuple[str, list[list[_Factor]]] | None = None,
+                 categories: dict[str, list[Any]] | None = None):
         self.spec = spec
         self.columns = columns
         self.levels = levels
         self.weights = weights
         self.offset = offset
+        self.recipes = recipes
+        self.categories = categories or {}
 
     def prepare(self, df: pd.DataFrame) -> pd.DataFrame:
         df = df[self.columns]
@@ -732,14 +894,47 @@ class _FormulaDesign:
 
     def __call__(self, df: pd.DataFrame) -> tuple:
         """Design arrays ``(X, y, w, offset)`` of a frame returned by :meth:`prepare`."""
-        mm = self.spec.get_model_matrix(df)
-        X = _float_columns(mm.rhs)
-        y = mm.lhs.iloc[:, 0].to_numpy(dtype=float)
-        if len(y) != len(df):
-            raise InputError("the formula's terms have missing values after evaluation")
+        if self.recipes is not None:
+            X, y = self._direct(df)
+        else:
+            mm = self.spec.get_model_matrix(df)
+            X = _float_columns(mm.rhs)
+            y = mm.lhs.iloc[:, 0].to_numpy(dtype=float)
+            if len(y) != len(df):
+                raise InputError("the formula's terms have missing values after evaluation")
         w = df[self.weights].to_numpy(dtype=float) if self.weights else None
         off = df[self.offset].to_numpy(dtype=float) if self.offset else None
         return X, y, w, off
+
+    def formulaic(self) -> _FormulaDesign:
+        """The same design evaluated by formulaic on every partition."""
+        return _FormulaDesign(self.spec, self.columns, self.levels, self.weights, self.offset)
+
+    def _direct(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """``X`` (column-major) and ``y`` built from the columns by :attr:`recipes`."""
+        ycol, recipes = self.recipes
+        values: dict[str, np.ndarray] = {}
+        codes: dict[str, np.ndarray] = {}
+        X = np.empty((len(df), len(recipes)), order="F")
+        for j, factors in enumerate(recipes):
+            out = X[:, j]
+            if not factors:
+                out.fill(1.0)
+                continue
+            for i, (col, expr, level) in enumerate(factors):
+                if level is None:
+                    if col not in values:
+                        values[col] = df[col].to_numpy(dtype=float)
+                    v = values[col]
+                else:
+                    if expr not in codes:
+                        codes[expr] = _codes(df[col], self.categories[expr])
+                    v = codes[expr] == level
+                if i == 0:
+                    out[:] = v
+                else:
+                    out *= v
+        return X, df[ycol].to_numpy(dtype=float)
 
 
 def _float_columns(df: pd.DataFrame) -> np.ndarray:
@@ -860,6 +1055,8 @@ class AnalysisResult:
     loglik: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
     _stats: list[dict[str, Any]] = field(default_factory=list, repr=False)
     _frames: list[Any] = field(default_factory=list, repr=False)
+    _files: list[list[_StoredPart]] | None = field(default=None, repr=False)
+    _data: Any = field(default=None, repr=False)  # what analyze() was given (a path opened)
     _design: Any = field(default=None, repr=False)
     _client: Any = field(default=None, repr=False)
 
@@ -968,7 +1165,8 @@ class AnalysisResult:
         if self._design is None:
             raise InputError("this result holds no data to evaluate likelihoods on")
         betas = np.tile(np.asarray(params, dtype=float), (self.m, 1))
-        stats = _fixed_pass(self._frames, self._design, self.family, self.link, betas, self._client)
+        stats = _fixed_pass(self._frames, self._design, self.family, self.link, betas, self._client,
+                            self._files)
         if self.family != "gaussian":
             return np.array([float(s["loglik"]) for s in stats])
         n = self.nobs
@@ -1032,7 +1230,8 @@ class AnalysisResult:
             raise InputError(f"method must be 'D1', 'D2' or 'D3', got {method!r}")
         if reduced is None:
             if method == "D3":
-                reduced = analyze(self._frames, f"{self.outcome} ~ 1", family=self.family,
+                reduced = analyze(self._data if self._data is not None else self._frames,
+                                  f"{self.outcome} ~ 1", family=self.family,
                                   link=self.link, weights=self.weights, offset=self.offset,
                                   client=self._client)
                 tested = [t for t in self.terms if t not in reduced.terms]
@@ -1201,6 +1400,27 @@ def _formula_error(e: Exception) -> str:
 SPEC_SAMPLE_ROWS = 100_000
 
 
+#: rows of imputation 1's first partition on which a direct design is checked against formulaic
+DIRECT_CHECK_ROWS = 20_000
+
+
+def _codes(col: pd.Series, categories: list[Any]) -> np.ndarray:
+    """Codes of ``col`` in ``categories`` (-1 elsewhere)."""
+    if isinstance(col.dtype, pd.CategoricalDtype) and list(col.cat.categories) == categories:
+        return col.cat.codes.to_numpy()
+    return pd.Categorical(col, categories=categories).codes
+
+
+def _same_design(direct: _FormulaDesign, general: _FormulaDesign, df: pd.DataFrame) -> bool:
+    """Whether the direct construction gives exactly formulaic's arrays on ``df``."""
+    try:
+        a, b = direct(df), general(df)
+    except Exception:  # noqa: BLE001  (any failure: keep formulaic)
+        return False
+    return all((x is None and y is None) or (x is not None and y is not None and x.shape == y.shape
+                                             and np.array_equal(x, y)) for x, y in zip(a, b))
+
+
 def _has_state(spec: Any) -> bool:
     return any(bool(getattr(s, "transform_state", None)) for s in (spec.lhs, spec.rhs))
 
@@ -1277,7 +1497,17 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
         raise InputError(f"the outcome of formula {formula!r} must be one numeric column, "
                          f"got {len(lhs_cols)} columns")
     terms = [str(t) for t in spec.rhs.column_names]
-    return spec, terms, _FormulaDesign(spec, columns, levels, weights, offset)
+    design = _FormulaDesign(spec, columns, levels, weights, offset)
+    recipes = _column_recipes(spec, columns)
+    if recipes is not None:
+        cats = {e: list(st["categories"]) for e, (kind, st) in spec.rhs.encoder_state.items()
+                if getattr(kind, "value", kind) == "categorical"}
+        direct = _FormulaDesign(spec, columns, levels, weights, offset, recipes, cats)
+        sample = probe.prepare(first)
+        sample = sample.iloc[::max(1, len(sample) // DIRECT_CHECK_ROWS)]
+        if _same_design(direct, design, sample):
+            design = direct
+    return spec, terms, design
 
 
 def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | None = None,
@@ -1353,7 +1583,14 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     The design of each partition is built once for all m imputations: the formula is
     evaluated on imputation 1's partition and, for the other imputations, only on the
     rows whose analysis columns differ from it (the imputed cells; on the whole
-    partition when more than half of its rows differ).  The designs stay
+    partition when more than half of its rows differ).  A formula made of plain
+    numeric columns and treatment-coded categorical columns (``x``, ``g``, ``C(g)``,
+    ``C(g, contr.treatment('b'))`` and their interactions) is built directly from the
+    columns, after checking on a sample of imputation 1's first partition that the
+    result is identical to formulaic's; other formulas are evaluated by formulaic.
+    For an output written by dmice (a path, or a result from :func:`dmice.open`),
+    the task that designs a partition reads its m files itself, and the columns no
+    imputation changes only from imputation 1's file.  The designs stay
     in the workers' memory for the whole fit, and each Fisher-scoring pass is one
     task per partition computing the statistics of the fits still iterating; only
     ``p x p`` statistics reach the client.  Imputation 1 iterates from the starting
@@ -1373,11 +1610,16 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     link = _check_family(family, link)
     if cov_type not in COV_TYPES:
         raise InputError(f"cov_type must be one of {list(COV_TYPES)}, got {cov_type!r}")
+    if isinstance(data, str):
+        from dmice.api import open as _open
+
+        data = _open(data)
     frames = _as_frames(data)
+    files = _stored_files(data)
     spec, terms, design = _build_spec(formula, frames, weights, offset, client)
     p = len(terms)
     fits = _fit(frames, design, p, family=family, link=link, cov_type=cov_type, tol=tol,
-                max_iter=max_iter, client=client)
+                max_iter=max_iter, client=client, files=files)
     n = fits.nobs
     dfc = float(dfcom) if dfcom is not None else float(max(n - p, 1))
     pooled = pool(fits.params, fits.cov, dfcom=dfc, terms=terms)
@@ -1392,5 +1634,5 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     return AnalysisResult(formula=formula, family=family, link=link, cov_type=cov_type, terms=terms,
                           fits=per, nobs=n, dfcom=dfc, iterations=fits.iterations, pooled_result=pooled,
                           outcome=formula.split("~", 1)[0].strip(), weights=weights, offset=offset,
-                          loglik=ll, _stats=fits.stats, _frames=frames, _design=design,
-                          _client=client)
+                          loglik=ll, _stats=fits.stats, _frames=frames, _files=files, _data=data,
+                          _design=design, _client=client)

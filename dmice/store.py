@@ -539,6 +539,44 @@ def complete_cells_partition(item: tuple[dict[str, Any], list[dict[str, Any]]], 
     return fill_cells(df, cells, f["offset"])
 
 
+def part_files(man: dict[str, Any], k: int) -> list[str] | None:
+    """Paths (relative to the output root, as the manifest lists them) of the Parquet files of
+    imputation ``k`` of a ``full`` output, in partition order; ``None`` when the manifest
+    does not list one file per partition."""
+    if man.get("layout", "full") != "full":
+        return None
+    by = {int(f["partition"]): f["path"] for f in man.get("files", []) if int(f["imputation"]) == k}
+    if not by or set(by) != set(range(len(by))):
+        return None
+    return [by[i] for i in range(len(by))]
+
+
+def read_part(rel: str, url: str, storage_options: dict[str, Any] | None, dtypes: dict[str, str],
+              columns: list[str] | None = None) -> pd.DataFrame:
+    """The ``columns`` (default: all) of one Parquet file of a ``full`` output (``rel``: its path
+    in the manifest) with the dtypes recorded in the manifest, read by pyarrow directly."""
+    fs, root = filesystem(url, storage_options)
+    with fs.open(posixpath.join(root, rel), "rb") as f:
+        table = pq.read_table(f, columns=None if columns is None else list(columns))
+    df = table.to_pandas()
+    df.index = pd.RangeIndex(len(df))
+    return restore_dtypes(df, dtypes)
+
+
+def part_meta(rel: str, url: str, storage_options: dict[str, Any] | None, dtypes: dict[str, str],
+              columns: list[str]) -> pd.DataFrame:
+    """Empty frame with the ``columns`` and dtypes of a file read by :func:`read_part`
+    (categorical columns with unknown categories)."""
+    fs, root = filesystem(url, storage_options)
+    with fs.open(posixpath.join(root, rel), "rb") as f:
+        meta = pq.read_schema(f).empty_table().to_pandas()
+    from dask.dataframe.utils import clear_known_categories
+
+    meta.index = pd.RangeIndex(0)
+    # categories are known per file only (as dask's read_parquet says of them)
+    return clear_known_categories(restore_dtypes(meta[columns], dtypes))
+
+
 def restore_dtypes(df: pd.DataFrame, dtypes: dict[str, str]) -> pd.DataFrame:
     """Cast columns back to the dtypes recorded in the manifest where Parquet lost them."""
     for col, dt in dtypes.items():

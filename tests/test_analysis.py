@@ -108,6 +108,60 @@ def test_each_imputation_equals_statsmodels(cluster_client, frames, dask_frames,
             np.testing.assert_allclose(res.loglik[k], ref.llf, rtol=1e-8)
 
 
+DIRECT_RHS = ["x + z + grp + flag + cnt", "x * C(grp, contr.treatment('b')) + flag:z",
+              "0 + grp + grp:flag + x:z", "C(grp):flag + z"]
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    """A nullable boolean and a nullable integer column besides the frame's own."""
+    return df.assign(flag=pd.array(df["x"].to_numpy() > 0, dtype="boolean"),
+                     cnt=pd.array(df["cnt"].to_numpy(), dtype="Int64"))
+
+
+@pytest.mark.parametrize("rhs", DIRECT_RHS)
+def test_direct_design_equals_formulaic_on_every_partition(frames, rhs):
+    """Formulas of plain numeric and treatment-coded categorical columns are built from the
+    columns directly, identical to formulaic's model matrix, also on a partition holding a
+    level (``d``) that the partition checked at set-up does not have."""
+    from dmice.analysis import _build_spec
+
+    ddf = dd.from_pandas(_typed(frames[0]), npartitions=3, sort=False)
+    _, terms, design = _build_spec(f"e ~ {rhs}", [ddf], None, None)
+    assert design.recipes is not None
+    general = design.formulaic()
+    for part in ddf.to_delayed():
+        df = design.prepare(part.compute())
+        X, y, _, _ = design(df)
+        Xf, yf, _, _ = general(df)
+        assert X.flags.f_contiguous and X.shape == (len(df), len(terms))
+        np.testing.assert_array_equal(X, Xf)
+        np.testing.assert_array_equal(y, yf)
+    assert "d" in set(df["grp"])
+
+
+@pytest.mark.parametrize("rhs", ["x + I(x ** 2)", "C(grp, contr.sum) + x", "bs(x, df=3) + z",
+                                 "C(grp, levels=['c', 'b', 'a', 'd'])"])
+def test_other_formulas_keep_formulaic(frames, rhs):
+    from dmice.analysis import _build_spec
+
+    ddf = dd.from_pandas(frames[0], npartitions=2, sort=False)
+    assert _build_spec(f"y ~ {rhs}", [ddf], None, None)[2].recipes is None
+
+
+@pytest.mark.parametrize("rhs", DIRECT_RHS[:2])
+def test_direct_design_fits_equal_statsmodels(cluster_client, frames, rhs):
+    typed = [_typed(f) for f in frames]
+    formula = f"e ~ {rhs}"
+    res = dmice.analyze([dd.from_pandas(f, npartitions=3, sort=False) for f in typed], formula,
+                        family="binomial", weights="w", client=cluster_client)
+    assert res._design.recipes is not None
+    for k, df in enumerate(typed):
+        terms, params, bse, _ = _statsmodels(df, formula, "binomial", "logit", "w", None, "nonrobust")
+        assert res.terms == terms
+        np.testing.assert_allclose(res.fits[k].params.to_numpy(), params, rtol=1e-6, atol=1e-10)
+        np.testing.assert_allclose(res.fits[k].bse.to_numpy(), bse, rtol=1e-6)
+
+
 @pytest.mark.parametrize("share", [0.8, 0.3])
 @pytest.mark.parametrize("family,link,outcome", [("binomial", "probit", "e"), ("poisson", None, "cnt")])
 def test_imputations_sharing_rows_each_equal_statsmodels(cluster_client, frames, share, family,
@@ -215,6 +269,31 @@ def test_multiple_imputation_path_and_pandas_list(cluster_client, imputed, tmp_p
         assert other.terms == res.terms and other.nobs == res.nobs
         np.testing.assert_allclose(other.pooled["estimate"], res.pooled["estimate"], rtol=1e-9)
         np.testing.assert_allclose(other.pooled["t"], res.pooled["t"], rtol=1e-9)
+    # the written files were read by the fits' own tasks, the complete outcome from imputation 1
+    assert from_path._files is not None and from_path._files[1][0].shared == ("y",)
+
+
+def test_written_output_read_by_the_fits_equals_statsmodels(cluster_client, tmp_path):
+    """Three partitions, the complete analysis column read once per partition:
+    every imputation's fit equals statsmodels on that imputation as dask's own Parquet reader
+    sees it."""
+    df = mixed_frame(900, seed=11)
+    ddf = dd.from_pandas(df, npartitions=3, sort=False)
+    out = str(tmp_path / "imp")
+    with dmice.impute(ddf, m=3, max_iter=2, seed=2) as imp:
+        imp.to_parquet(out)
+    res = dmice.analyze(out, MI_FORMULA)
+    assert len(res._files) == 3 and len(res._files[0]) == 3
+    for k in range(1, 4):
+        whole = dd.read_parquet(f"{out}/imputation={k}").compute()
+        mine = dmice.open(out).complete(k).compute()
+        pd.testing.assert_frame_equal(mine.reset_index(drop=True),
+                                      whole[mine.columns].reset_index(drop=True))
+        mm = formulaic.model_matrix(MI_FORMULA, whole.assign(
+            s=pd.Categorical(whole["s"], ["u", "v"])))
+        fit = sm.GLM(np.asarray(mm.lhs)[:, 0], np.asarray(mm.rhs)).fit()
+        np.testing.assert_allclose(res.fits[k - 1].params.to_numpy(), fit.params, rtol=1e-6)
+        np.testing.assert_allclose(res.fits[k - 1].bse.to_numpy(), fit.bse, rtol=1e-6)
 
 
 def test_fit_glm_still_works(cluster_client, frames, dask_frames):

@@ -62,6 +62,11 @@ def test_job_reads_from_and_writes_to_s3(s3_job):
         src = s3_job["df"]
         seen = src["x"].notna()
         pd.testing.assert_series_equal(done["x"][seen], src["x"][seen])
+    # the pooled analysis reads the files on the workers; the same fits as from the frames
+    res = dmice.analyze(imp, "y ~ x + z")
+    assert res._files is not None and len(res._files[0]) == 3
+    again = dmice.analyze([imp.complete(k).compute() for k in (1, 2)], "y ~ x + z")
+    pd.testing.assert_frame_equal(res.pooled, again.pooled, rtol=1e-10)
     assert main(["verify", OUTPUT, "--storage-options", json.dumps(so)]) == 0
 
 
