@@ -207,6 +207,70 @@ def test_max_iter_reached_before_the_warm_start_still_fits_every_imputation(clus
         np.testing.assert_allclose(est, ref, atol=0.5)
 
 
+def _shared_group(frames, family="binomial"):
+    """The design group of three completed data sets sharing 70% of their rows (the others
+    "imputed"), as analyze builds it on a worker, and the number of model columns."""
+    from dmice.analysis import _build_spec, _load_group
+
+    g = np.random.default_rng(5)
+    comp = [frames[0]]
+    for k in (1, 2):
+        f = frames[0].copy()
+        redo = g.random(N) > 0.7
+        f.loc[redo, ["x", "z"]] = frames[k].loc[redo, ["x", "z"]]
+        comp.append(f)
+    ddfs = [dd.from_pandas(f, npartitions=1, sort=False) for f in comp]
+    outcome = {"binomial": "e", "poisson": "cnt"}[family]
+    _, terms, design = _build_spec(f"{outcome} ~ {FORMULA_RHS}", ddfs, None, None)
+    return _load_group(design, family, [0, 1, 2], *comp), len(terms)
+
+
+@pytest.mark.parametrize("family,link", [("binomial", "logit"), ("poisson", "log")])
+def test_chord_passes_reach_the_newton_estimates_and_end_on_a_full_pass(frames, family, link):
+    """Imputations 2..m iterate by chords (score-only passes against imputation 1's
+    information) and still end on a full pass at their final estimate: the estimates and
+    statistics equal those of Newton's method with full passes throughout."""
+    from dmice.analysis import _group_stats, _iterate
+
+    group, p = _shared_group(frames, family)
+    seen = []
+
+    def one_pass(betas, grad=frozenset()):
+        seen.append(grad)
+        return _group_stats(group, betas, family, link, False, grad)
+
+    beta, res, it = _iterate(one_pass, 3, p, link, 1e-10, 50)
+    assert sum(len(g) for g in seen) >= 4  # the warm-started fits took chord passes
+    assert not seen[-1]  # and every fit ended on a full pass
+    newton = []
+    for k in range(3):  # each fit alone, Newton's method with full passes (m = 1)
+        def alone(betas, grad=frozenset(), k=k):
+            assert not grad
+            return {0: _group_stats(group, {k: betas[0]}, family, link, False)[k]}
+        b, r, _ = _iterate(alone, 1, p, link, 1e-10, 50)
+        newton.append((b[0], r[0]))
+    for k in range(3):
+        np.testing.assert_allclose(beta[k], newton[k][0], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(res[k]["XtWX"], newton[k][1]["XtWX"], rtol=1e-8)
+        np.testing.assert_allclose(res[k]["loglik"], newton[k][1]["loglik"], rtol=1e-12)
+
+
+def test_max_iter_during_chords_ends_on_a_full_pass(frames):
+    from dmice.analysis import _group_stats, _iterate
+
+    group, p = _shared_group(frames)
+    seen = []
+
+    def one_pass(betas, grad=frozenset()):
+        seen.append(grad)
+        return _group_stats(group, betas, "binomial", "logit", False, grad)
+
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        beta, res, it = _iterate(one_pass, 3, p, "logit", 1e-10, 7)
+    assert it == 7 and any(seen[:-1]) and not seen[-1]
+    assert all("XtWX" in r and "loglik" in r for r in res)
+
+
 def test_formula_terms_reference_level_interaction_and_transform(cluster_client, dask_frames):
     res = dmice.analyze(dask_frames, f"y ~ {FORMULA_RHS}")
     assert res.terms == ["Intercept", "x", "z", "C(grp, contr.treatment('b'))[T.a]",
