@@ -558,7 +558,8 @@ def read_part(rel: str, url: str, storage_options: dict[str, Any] | None, dtypes
     fs, root = filesystem(url, storage_options)
     with fs.open(posixpath.join(root, rel), "rb") as f:
         table = pq.read_table(f, columns=None if columns is None else list(columns))
-    df = table.to_pandas()
+    # column by column, each Arrow buffer released once converted (no consolidating copy)
+    df = table.to_pandas(split_blocks=True, self_destruct=True)
     df.index = pd.RangeIndex(len(df))
     return restore_dtypes(df, dtypes)
 
