@@ -358,6 +358,10 @@ def test_written_output_read_by_the_fits_equals_statsmodels(cluster_client, tmp_
         fit = sm.GLM(np.asarray(mm.lhs)[:, 0], np.asarray(mm.rhs)).fit()
         np.testing.assert_allclose(res.fits[k - 1].params.to_numpy(), fit.params, rtol=1e-6)
         np.testing.assert_allclose(res.fits[k - 1].bse.to_numpy(), fit.bse, rtol=1e-6)
+    # a model of complete columns only: every imputation's files add no column to read
+    flat = dmice.analyze(out, "y ~ 1")
+    assert all(f.params["Intercept"] == flat.fits[0].params["Intercept"] for f in flat.fits)
+    np.testing.assert_allclose(flat.fits[0].params["Intercept"], df["y"].mean(), rtol=1e-12)
 
 
 def test_fit_glm_still_works(cluster_client, frames, dask_frames):
