@@ -243,16 +243,33 @@ def _score(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray |
     :func:`_iterate`: a few products with X, no information matrix), and ``n``."""
     n = X.shape[0]
     g = np.zeros(X.shape[1])
+    patched = isinstance(X, _PatchedX)
+    if patched:  # imputation 1's columns where they apply, this imputation's own columns apart
+        base, cols = X.base, X.cols
+        b_base = beta.copy()
+        b_base[cols] = 0.0
+        b_own = beta[cols]
     for s in range(0, n, ROW_BLOCK):
         rows = slice(s, s + ROW_BLOCK)
-        eta = X[rows] @ beta
+        if patched:
+            own = X.own(rows)
+            eta = base[rows] @ b_base
+            eta += own @ b_own
+        else:
+            Xb = X[rows]
+            eta = Xb @ beta
         if off is not None:
             eta += off[rows]
         mu = _inverse_link(link, eta, second=False)[0]
         u = y[rows] - mu
         if w is not None:
             u *= w[rows]
-        g += X[rows].T @ u
+        if patched:
+            gb = base[rows].T @ u
+            gb[cols] = own.T @ u
+            g += gb
+        else:
+            g += Xb.T @ u
     return {"g": g, "n": np.array(float(n))}
 
 
@@ -358,7 +375,8 @@ class _Group:
     The first imputation's arrays are complete; every other imputation keeps only the
     rows where its analysis columns differ from the first (``rows``), or all its rows
     (``rows is None``) when the partitions are not the same length or when more than
-    half of its rows differ.
+    half of its rows differ.  With a direct design, an imputation's X is a
+    :class:`_PatchedX` of the first's instead (``rows is None``).
     """
 
     ks: list[int]
@@ -372,7 +390,7 @@ class _Group:
         for d in self.diffs:
             if d is not None:
                 arrays += [d[0], *d[1]]
-        return 1000 + sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+        return 1000 + sum(a.nbytes for a in arrays if isinstance(a, (np.ndarray, _PatchedX)))
 
     def arrays(self, j: int) -> tuple:
         if j == 0 or self.diffs[j] is None:
@@ -477,6 +495,9 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: Any) -> _Group:
             diffs.append((None, arr))
             continue
         differ = None if own is None else [c for c in df.columns if c in own]
+        if getattr(design, "recipes", None) is not None:
+            diffs.append(_patched(design, family, base, frames[0], df, differ))
+            continue
         rows = np.flatnonzero(_rows_differ(df, frames[0], differ))
         if not len(rows):
             diffs.append(None)
@@ -492,6 +513,29 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: Any) -> _Group:
         _check_outcome(family, arr[1])
         diffs.append((rows, arr))
     return _Group(list(ks), base, diffs)
+
+
+def _patched(design: Any, family: str, base: tuple, first: pd.DataFrame, df: pd.DataFrame,
+             differ: list[str] | None) -> tuple[None, tuple] | None:
+    """The arrays of frame ``df`` as a :class:`_PatchedX` of ``base`` (the arrays of
+    ``first``): only the model columns reading a column that differs are recomputed, and
+    the outcome, weights and offset are ``df``'s own where they differ (``None``: nothing
+    differs)."""
+    cols = df.columns if differ is None else differ
+    changed = [c for c in cols if _rows_differ(df, first, [c]).any()]
+    if not changed:
+        return None
+    ycol, recipes = design.recipes
+    js = [j for j, factors in enumerate(recipes) if any(f[0] in changed for f in factors)]
+    needed = {f[0] for j in js for f in recipes[j]}
+    values, codes = design.sources(df, needed)
+    X = _PatchedX(base[0], js, [recipes[j] for j in js], values, codes) if js else base[0]
+    own = []
+    for arr, col in zip(base[1:], (ycol, design.weights, design.offset)):
+        own.append(df[col].to_numpy(dtype=float) if col is not None and col in changed else arr)
+    if ycol in changed:
+        _check_outcome(family, own[0])
+    return None, (X, *own)
 
 
 def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str, link: str,
@@ -986,31 +1030,78 @@ class _FormulaDesign:
         """The same design evaluated by formulaic on every partition."""
         return _FormulaDesign(self.spec, self.columns, self.levels, self.weights, self.offset)
 
+    def sources(self, df: pd.DataFrame, columns: Any = None) -> tuple[dict, dict]:
+        """The values (floats) and level codes of the ``columns`` (default: all) that the
+        :attr:`recipes` read from ``df``."""
+        values: dict[str, np.ndarray] = {}
+        codes: dict[str, np.ndarray] = {}
+        for factors in self.recipes[1]:
+            for col, expr, level in factors:
+                if columns is not None and col not in columns:
+                    continue
+                if level is None and col not in values:
+                    values[col] = df[col].to_numpy(dtype=float)
+                elif level is not None and expr not in codes:
+                    codes[expr] = _codes(df[col], self.categories[expr])
+        return values, codes
+
     def _direct(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """``X`` (column-major) and ``y`` built from the columns by :attr:`recipes`."""
         ycol, recipes = self.recipes
-        values: dict[str, np.ndarray] = {}
-        codes: dict[str, np.ndarray] = {}
+        values, codes = self.sources(df)
         X = np.empty((len(df), len(recipes)), order="F")
         for j, factors in enumerate(recipes):
-            out = X[:, j]
-            if not factors:
-                out.fill(1.0)
-                continue
-            for i, (col, expr, level) in enumerate(factors):
-                if level is None:
-                    if col not in values:
-                        values[col] = df[col].to_numpy(dtype=float)
-                    v = values[col]
-                else:
-                    if expr not in codes:
-                        codes[expr] = _codes(df[col], self.categories[expr])
-                    v = codes[expr] == level
-                if i == 0:
-                    out[:] = v
-                else:
-                    out *= v
+            _fill_column(X[:, j], factors, values, codes, slice(None))
         return X, df[ycol].to_numpy(dtype=float)
+
+
+def _fill_column(out: np.ndarray, factors: list[_Factor], values: dict[str, np.ndarray],
+                 codes: dict[str, np.ndarray], rows: slice) -> None:
+    """Write the ``rows`` of the model-matrix column made of ``factors`` into ``out``."""
+    if not factors:
+        out.fill(1.0)
+        return
+    for i, (col, expr, level) in enumerate(factors):
+        v = values[col][rows] if level is None else codes[expr][rows] == level
+        if i == 0:
+            out[:] = v
+        else:
+            out *= v
+
+
+class _PatchedX:
+    """The model matrix of an imputation whose analysis columns differ from imputation 1's
+    in some columns only (a direct design, see :func:`_column_recipes`): imputation 1's
+    matrix with the model columns that read a differing column recomputed from this
+    imputation's columns, a block of rows at a time (``X[rows]``), so that its full matrix
+    is never stored."""
+
+    def __init__(self, base: np.ndarray, cols: list[int], recipes: list[list[_Factor]],
+                 values: dict[str, np.ndarray], codes: dict[str, np.ndarray]):
+        self.base = base
+        self.cols = cols
+        self.recipes = recipes
+        self.values = values
+        self.codes = codes
+        self.shape = base.shape
+
+    @property
+    def nbytes(self) -> int:  # its own arrays (the base is imputation 1's)
+        return sum(a.nbytes for a in [*self.values.values(), *self.codes.values()])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        out = np.array(self.base[rows], order="F")
+        for j, factors in zip(self.cols, self.recipes):
+            _fill_column(out[:, j], factors, self.values, self.codes, rows)
+        return out
+
+    def own(self, rows: slice) -> np.ndarray:
+        """The recomputed columns (:attr:`cols`) of the block ``rows``."""
+        n = len(range(*rows.indices(self.shape[0])))
+        out = np.empty((n, len(self.cols)), order="F")
+        for i, factors in enumerate(self.recipes):
+            _fill_column(out[:, i], factors, self.values, self.codes, rows)
+        return out
 
 
 def _float_columns(df: pd.DataFrame) -> np.ndarray:

@@ -139,6 +139,38 @@ def test_direct_design_equals_formulaic_on_every_partition(frames, rhs):
     assert "d" in set(df["grp"])
 
 
+def test_imputations_with_their_own_columns_patch_imputation_one(frames, monkeypatch):
+    """With a direct design, imputations 2..m keep only their own columns: over row blocks,
+    their model matrix (shared, own and mixed interaction columns), its score and its full
+    statistics equal those of the dense matrix formulaic builds on their data."""
+    import dmice.analysis as A
+
+    monkeypatch.setattr(A, "ROW_BLOCK", 97)  # many blocks, the last one partial
+    base = _typed(frames[0])
+    other = base.copy()
+    redo = np.random.default_rng(3).random(N) < 0.4  # "imputed" cells of x and grp
+    other.loc[redo, "x"] = frames[1].loc[redo, "x"]
+    other.loc[redo, "grp"] = frames[1].loc[redo, "grp"]
+    formula = "e ~ x + z + C(grp, contr.treatment('b')) + flag + x:flag + z:C(grp)"
+    ddfs = [dd.from_pandas(f, npartitions=1, sort=False) for f in (base, other)]
+    _, terms, design = A._build_spec(formula, ddfs, None, "off")
+    assert design.recipes is not None
+    group = A._load_group(design, "binomial", [0, 1], base, other)
+    X, y, w, off = group.arrays(1)
+    assert isinstance(X, A._PatchedX) and y is group.base[1] and off is group.base[3]
+    assert [terms[j] for j in X.cols] == [t for t in terms if "x" in t.split(":") or "grp" in t]
+    dense, yd, _, offd = design.formulaic()(design.prepare(other))
+    blocks = np.vstack([X[slice(s, s + 97)] for s in range(0, N, 97)])
+    np.testing.assert_array_equal(blocks, dense)
+    beta = np.linspace(-0.3, 0.3, len(terms))
+    for grad_only in (True, False):
+        got = A._array_stats(X, y, None, off, "binomial", "logit", beta, False, grad_only=grad_only)
+        ref = A._array_stats(dense, yd, None, offd, "binomial", "logit", beta, False,
+                             grad_only=grad_only)
+        for key in ref:
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("rhs", ["x + I(x ** 2)", "C(grp, contr.sum) + x", "bs(x, df=3) + z",
                                  "C(grp, levels=['c', 'b', 'a', 'd'])"])
 def test_other_formulas_keep_formulaic(frames, rhs):
