@@ -433,15 +433,69 @@ class _StoredPart:
         return store.read_part(self.path, self.url, self.storage_options, self.dtypes, columns)
 
 
-def _stored_files(data: Any) -> list[list[_StoredPart]] | None:
-    """The Parquet files of a result read from a ``full`` output, by imputation and partition
-    (``None`` for anything else: a result held on the cluster, a ``cells`` output, frames)."""
+@dataclass(frozen=True)
+class _CellsPart:
+    """One partition of imputation ``k`` of a ``cells`` output: its input file (``item[0]``,
+    an entry of the input snapshot) and the files of its imputed cells (``item[1]``).  The
+    group of the m imputations reads the input file and each cells file once (see
+    :func:`_read_parts`)."""
+
+    item: tuple[dict[str, Any], list[dict[str, Any]]]
+    k: int
+    url: str
+    storage_options: dict[str, Any] | None
+    snapshot_url: str
+    fmt: str
+    dtypes: dict[str, str]
+
+
+def _read_cells_group(parts: tuple[_CellsPart, ...], columns: list[str] | None
+                      ) -> tuple[list[pd.DataFrame], list[str]]:
+    """The m completed frames of one partition of a ``cells`` output: the input file read
+    once (checked against its snapshot checksum), each variable's cells read once and
+    filled in for every imputation."""
+    import posixpath
+
+    import pyarrow.parquet as pq
+
+    from dmice import store
+
+    first = parts[0]
+    f, entries = first.item
+    df = store.read_input_file(first.snapshot_url, f["path"], first.fmt, first.storage_options,
+                               f["sha256"], first.dtypes)
+    df = df if columns is None else df[columns]
+    df.index = pd.RangeIndex(len(df))
+    fs, root = store.filesystem(first.url, first.storage_options)
+    cells: dict[str, pd.DataFrame] = {}
+    for entry in entries:
+        if entry["variable"] in df.columns:
+            with fs.open(posixpath.join(root, entry["path"]), "rb") as fh:
+                cells[entry["variable"]] = pq.read_table(fh).to_pandas()
+    frames = []
+    for p in parts:
+        frames.append(store.fill_cells(df, {v: c[c["imputation"] == p.k] for v, c in cells.items()},
+                                       int(f["offset"])))
+    return frames, sorted(cells)
+
+
+def _stored_files(data: Any) -> list[list[Any]] | None:
+    """The Parquet files of a result read from a written output, by imputation and
+    partition (:class:`_StoredPart` of a ``full`` output, :class:`_CellsPart` of a
+    ``cells`` one; ``None`` for a result held on the cluster or frames)."""
     from dmice import store
     from dmice.result import MultipleImputation
 
     if not isinstance(data, MultipleImputation) or data._engine is not None or data.url is None:
         return None
-    files = [store.part_files(data.manifest or {}, k) for k in range(1, data.m + 1)]
+    man = data.manifest or {}
+    if man.get("layout") == "cells" and man.get("input_snapshot"):
+        snap = man["input_snapshot"]
+        items = [(f, [e for e in man["files"] if e["partition"] == i])
+                 for i, f in enumerate(snap["files"])]
+        return [[_CellsPart(item, k, data.url, data._storage_options, snap["url"], snap["format"],
+                            man["input_dtypes"]) for item in items] for k in range(1, data.m + 1)]
+    files = [store.part_files(man, k) for k in range(1, data.m + 1)]
     if any(f is None or len(f) != len(files[0]) for f in files):
         return None  # not one file per imputation and partition: read through dask
     imputed = set(data.imputed_columns)
@@ -454,6 +508,8 @@ def _read_parts(parts: tuple[Any, ...], columns: list[str] | None
                 ) -> tuple[list[pd.DataFrame], list[str] | None]:
     """The pandas frames of a group's parts (stored parts are read here) and the columns that
     can differ between them (``None``: any)."""
+    if parts and isinstance(parts[0], _CellsPart):
+        return _read_cells_group(parts, columns)
     if not parts or not isinstance(parts[0], _StoredPart):
         return list(parts), None
     first = parts[0].read(columns)
@@ -1757,7 +1813,8 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     result is identical to formulaic's; other formulas are evaluated by formulaic.
     For an output written by dmice (a path, or a result from :func:`dmice.open`),
     the task that designs a partition reads its m files itself, and the columns no
-    imputation changes only from imputation 1's file.  The designs stay
+    imputation changes only from imputation 1's file (of a ``cells`` output: the
+    input file and each variable's cells once for all m imputations).  The designs stay
     in the workers' memory for the whole fit, and each Fisher-scoring pass is one
     task per partition computing the statistics of the fits still iterating; only
     ``p x p`` statistics reach the client.  Imputation 1 iterates from the starting

@@ -188,7 +188,7 @@ def write_cells_partition(df: pd.DataFrame, block: Any, plan: Any, url: str, i: 
 def fill_cells(df: pd.DataFrame, cells: dict[str, pd.DataFrame], offset: int) -> pd.DataFrame:
     """Partition ``df`` of the input with the given cells (``row``, ``value``) filled in, the
     same way :func:`dmice.block.complete_partition` fills them."""
-    out = df.copy()
+    out = df.copy(deep=False)  # the filled columns are new Series; the others are shared
     for name, c in cells.items():
         if not len(c):
             continue
