@@ -188,7 +188,8 @@ ROW_BLOCK = 16384
 def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray | None,
                  family: str, link: str, beta: np.ndarray | None, robust: bool = True,
                  consts: dict[str, float] | None = None,
-                 work: np.ndarray | None = None, grad_only: bool = False) -> dict[str, Any]:
+                 work: np.ndarray | None = None, grad_only: bool = False,
+                 lean: bool = False) -> dict[str, Any]:
     """Statistics of one block of rows at ``beta``, summed over its rows.
 
     Returns the expected information ``XtWX``, the score ``g`` (both without the
@@ -207,7 +208,9 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
     of the weighted design (kept from pass to pass instead of allocated anew).
 
     With ``grad_only`` (a canonical link and a ``beta``), only the score ``g`` and the row
-    count ``n`` are computed (see :func:`_score`).
+    count ``n`` are computed (see :func:`_score`).  With ``lean``, what only a fit's last
+    pass needs is left out: the log-likelihood and deviance (their logarithms cost a
+    quarter of a pass) and the sandwich's meat.
     """
     n, p = X.shape
     if grad_only:
@@ -226,14 +229,18 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
         rows = slice(s, s + ROW_BLOCK)
         _row_block_stats(sums, X[rows], y[rows], None if w is None else w[rows],
                          None if off is None else off[rows], family, link, beta,
-                         None if start is None else start[rows], robust, c["binary"] > 0,
-                         work[:min(ROW_BLOCK, n - s)])
+                         None if start is None else start[rows], robust and not lean,
+                         c["binary"] > 0, work[:min(ROW_BLOCK, n - s)], lean)
     if _CANONICAL.get(family) == link:  # observed == expected information, exactly
         sums["Hobs"] = sums["XtWX"]
-    deviance, loglik = _deviance_loglik(family, sums.pop("kern"), c)
+    kern = sums.pop("kern")
+    if lean:
+        del sums["meat"]
     out = {k: (v if isinstance(v, np.ndarray) else np.array(v)) for k, v in sums.items()}
-    out.update(deviance=np.array(deviance), loglik=np.array(loglik),
-               sumlogw=np.array(c["sumlogw"]), n=np.array(float(n)))
+    if not lean:
+        deviance, loglik = _deviance_loglik(family, kern, c)
+        out.update(deviance=np.array(deviance), loglik=np.array(loglik))
+    out.update(sumlogw=np.array(c["sumlogw"]), n=np.array(float(n)))
     return out
 
 
@@ -276,7 +283,7 @@ def _score(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray |
 def _row_block_stats(sums: dict[str, Any], X: np.ndarray, y: np.ndarray, w: np.ndarray | None,
                      off: np.ndarray | None, family: str, link: str, beta: np.ndarray | None,
                      start: np.ndarray | None, robust: bool, binary: bool,
-                     work: np.ndarray) -> None:
+                     work: np.ndarray, lean: bool = False) -> None:
     """Add the statistics of the rows ``X, y, w, off`` to ``sums`` (see :func:`_array_stats`;
     ``start``: the linear predictor at the starting means when ``beta`` is None)."""
     canonical = _CANONICAL.get(family) == link
@@ -315,8 +322,9 @@ def _row_block_stats(sums: dict[str, Any], X: np.ndarray, y: np.ndarray, w: np.n
     if robust:
         Xu = np.multiply(X, u[:, None], out=work)
         sums["meat"] += Xu.T @ Xu
-    t = _loglik_terms(family, y, mu, binary)
-    sums["kern"] += float(np.sum(t) if w is None else np.dot(w, t))
+    if not lean:
+        t = _loglik_terms(family, y, mu, binary)
+        sums["kern"] += float(np.sum(t) if w is None else np.dot(w, t))
     sums["sw"] += float(len(y) if w is None else np.sum(w))
     sums["swy"] += float(np.sum(y) if w is None else np.dot(w, y))
     sums["swe"] += float(np.sum(eta0) if w is None else np.dot(w, eta0))
@@ -595,9 +603,11 @@ def _patched(design: Any, family: str, base: tuple, first: pd.DataFrame, df: pd.
 
 
 def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str, link: str,
-                 robust: bool, grad: frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
+                 robust: bool, grad: frozenset[int] = frozenset(),
+                 lean: frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
     """Statistics of the imputations ``k`` of a group that ``betas`` names, each at its own
-    ``betas[k]`` (``None``: at the starting means); only the score for those in ``grad``."""
+    ``betas[k]`` (``None``: at the starting means); only the score for those in ``grad``,
+    without what only a last pass needs for those in ``lean`` (see :func:`_array_stats`)."""
     out = {}
     for j, k in enumerate(group.ks):
         if k not in betas:  # not iterated in this pass (converged, or not started yet)
@@ -611,7 +621,7 @@ def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str
         if group.work is None:
             group.work = np.empty((ROW_BLOCK, group.base[0].shape[1]), order="F")
         out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust, group.consts[j],
-                              group.work)
+                              group.work, lean=k in lean)
     return out
 
 
@@ -699,23 +709,23 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
         held = client.compute(loads)
         wait(held)
 
-        def one_pass(betas: dict[int, np.ndarray | None],
-                     grad: frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
+        def one_pass(betas: dict[int, np.ndarray | None], grad: frozenset[int] = frozenset(),
+                     lean: frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
             # each pass runs where its group's design is held (not moved to another worker
             # by work stealing); a design lost with its worker is recomputed anywhere
             where = client.who_has(held)
             futs = [client.submit(_group_stats, g, {k: betas[k] for k in ks if k in betas},
-                                  family, link, robust, grad, pure=False,
+                                  family, link, robust, grad, lean, pure=False,
                                   workers=list(where.get(g.key, ())) or None)
                     for g, (ks, _) in zip(held, groups) if any(k in betas for k in ks)]
             return _reduce_active(client.gather(futs), betas)
     else:
         held = list(dask.compute(*loads))
 
-        def one_pass(betas: dict[int, np.ndarray | None],
-                     grad: frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
+        def one_pass(betas: dict[int, np.ndarray | None], grad: frozenset[int] = frozenset(),
+                     lean: frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
             outs = [_group_stats(g, {k: betas[k] for k in ks if k in betas}, family, link, robust,
-                                 grad)
+                                 grad, lean)
                     for g, (ks, _) in zip(held, groups) if any(k in betas for k in ks)]
             return _reduce_active(outs, betas)
 
@@ -748,12 +758,17 @@ WARM_START_STEP = 1e-2
 WARM_MAX_LEAD = 6
 #: a chord step larger than this fraction of the one before returns the fit to full passes
 CHORD_MAX_RATE = 0.25
+#: a fit whose last Newton step was larger than this (relative; and than 10 sqrt(tol)) takes a
+#: lean pass next (see _array_stats): Newton's next step is then far above tol, so that pass is
+#: not its last (should it converge there all the same, one more pass takes every statistic)
+LEAN_ABOVE = 1e-3
 
 
 def _chord_step(k: int, r: dict[str, Any], beta: list[Any], chord: dict[int, float],
-                info0: np.ndarray, tol: float) -> None:
+                info0: np.ndarray, tol: float) -> float:
     """Apply fit ``k``'s chord step (imputation 1's information ``info0`` against its score
-    ``r["g"]``) and decide whether its next pass is a chord again (see :func:`_iterate`)."""
+    ``r["g"]``) and decide whether its next pass is a chord again (see :func:`_iterate`);
+    returns the step's relative size."""
     if not np.all(np.isfinite(r["g"])):
         raise InputError("the model's statistics are not finite: check the outcome's range "
                          "for the family and the transformations in the formula")
@@ -768,6 +783,7 @@ def _chord_step(k: int, r: dict[str, Any], beta: list[Any], chord: dict[int, flo
         del chord[k]
     else:
         chord[k] = rel
+    return rel
 
 
 def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
@@ -798,6 +814,11 @@ def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
     most ``tol`` and whose statistics are those of its final estimate.  A chord slower
     than :data:`CHORD_MAX_RATE` per pass, and every fit on the last pass that
     ``max_iter`` allows, returns to full passes.
+
+    A full pass that cannot be a fit's last (its previous step was above
+    :data:`LEAN_ABOVE`, so its Newton step is far above ``tol``) is lean: it leaves out
+    the log-likelihood, the deviance and the sandwich's meat, which only the last pass
+    reports.  Should a fit converge on a lean pass all the same, it takes one more pass.
     """
     beta: list[np.ndarray | None] = [None] * m
     res: list[dict[str, Any] | None] = [None] * m
@@ -809,9 +830,15 @@ def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
     active = [0] if lead else list(range(m))
     nrows = None
     it = 0
+    last_rel = [np.inf] * m  # each fit's last relative Newton step
     while True:
-        grad = frozenset(k for k in active if k in chord) if it + 1 < max_iter else frozenset()
-        out = one_pass({k: beta[k] for k in active}, grad)
+        last = it + 1 >= max_iter
+        grad = frozenset(k for k in active if k in chord) if not last else frozenset()
+        # a pass that cannot be a fit's last (its step would be far above tol) leaves out the
+        # likelihood and the meat: from a step above LEAN_ABOVE, Newton's next is above tol
+        lean = frozenset(k for k in active if k not in grad and link != "identity" and not last
+                         and last_rel[k] > max(LEAN_ABOVE, 10.0 * math.sqrt(tol)))
+        out = one_pass({k: beta[k] for k in active}, grad, lean)
         it += 1
         for k in active:
             n = int(out[k]["n"])
@@ -824,7 +851,7 @@ def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
         for k in active:
             r = out[k]
             if k in grad:
-                _chord_step(k, r, beta, chord, info0, tol)
+                last_rel[k] = _chord_step(k, r, beta, chord, info0, tol)
                 continue
             chord.pop(k, None)
             if not (np.all(np.isfinite(r["XtWX"])) and np.all(np.isfinite(r["g"]))
@@ -853,8 +880,10 @@ def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
                 beta[k] = step
             else:
                 rel = np.abs(step) / (1.0 + np.abs(beta[k]))
-                done[k] = bool(np.all(rel <= tol))
+                # converged, on a pass with every statistic (else one more pass takes them)
+                done[k] = bool(np.all(rel <= tol)) and k not in lean
                 beta[k] = beta[k] + step
+                last_rel[k] = float(np.max(rel))
                 if k == 0:
                     rel0 = float(np.max(rel))
         if lead and active == [0] and (done[0] or rel0 <= WARM_START_STEP

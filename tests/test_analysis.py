@@ -267,16 +267,16 @@ def test_chord_passes_reach_the_newton_estimates_and_end_on_a_full_pass(frames, 
     group, p = _shared_group(frames, family)
     seen = []
 
-    def one_pass(betas, grad=frozenset()):
+    def one_pass(betas, grad=frozenset(), lean=frozenset()):
         seen.append(grad)
-        return _group_stats(group, betas, family, link, False, grad)
+        return _group_stats(group, betas, family, link, False, grad, lean)
 
     beta, res, it = _iterate(one_pass, 3, p, link, 1e-10, 50)
     assert sum(len(g) for g in seen) >= 4  # the warm-started fits took chord passes
     assert not seen[-1]  # and every fit ended on a full pass
     newton = []
     for k in range(3):  # each fit alone, Newton's method with full passes (m = 1)
-        def alone(betas, grad=frozenset(), k=k):
+        def alone(betas, grad=frozenset(), lean=frozenset(), k=k):
             assert not grad
             return {0: _group_stats(group, {k: betas[0]}, family, link, False)[k]}
         b, r, _ = _iterate(alone, 1, p, link, 1e-10, 50)
@@ -293,9 +293,9 @@ def test_max_iter_during_chords_ends_on_a_full_pass(frames):
     group, p = _shared_group(frames)
     seen = []
 
-    def one_pass(betas, grad=frozenset()):
+    def one_pass(betas, grad=frozenset(), lean=frozenset()):
         seen.append(grad)
-        return _group_stats(group, betas, "binomial", "logit", False, grad)
+        return _group_stats(group, betas, "binomial", "logit", False, grad, lean)
 
     with pytest.warns(RuntimeWarning, match="did not converge"):
         beta, res, it = _iterate(one_pass, 3, p, "logit", 1e-10, 7)
@@ -671,6 +671,15 @@ def test_pass_statistics_equal_statsmodels_over_several_row_blocks(family, link)
                                    rtol=1e-10)
     np.testing.assert_allclose([float(s[k]) for k in ("sw", "swy", "swe", "swe2", "n")],
                                [w.sum(), w @ y, w @ (eta - off), w @ (eta - off) ** 2, n], rtol=1e-12)
+    # a lean pass: the same statistics without the likelihood, the deviance and the meat
+    lean = _array_stats(X, y, w, off, family, link, beta, robust=True, lean=True)
+    assert set(s) - set(lean) == {"loglik", "deviance", "meat"}
+    for key in lean:
+        np.testing.assert_array_equal(lean[key], s[key])
+    if link in ("logit", "log", "identity"):  # a chord pass: the score alone
+        score = _array_stats(X, y, w, off, family, link, beta, grad_only=True)
+        assert set(score) == {"g", "n"}
+        np.testing.assert_allclose(score["g"], s["g"], rtol=1e-12)
 
 
 @pytest.mark.parametrize("link", ["logit", "probit", "cloglog"])
