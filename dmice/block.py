@@ -476,6 +476,11 @@ def _match(yhat_mis: np.ndarray, donor_yhat: np.ndarray, donor_y: np.ndarray, do
     return donor_y[lo + g.integers(0, d, len(yhat_mis))]
 
 
+def donor_y(order: dict[str, Any], c: int) -> np.ndarray:
+    """The pmm donors' observed values in chain ``c``'s order of their predictions."""
+    return order["donor_values"][order["donor_order"][c]]
+
+
 def impute_values(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int,
                   g: np.random.Generator) -> np.ndarray:
     """New internal values for the missing rows of one chain from their linear predictor(s)."""
@@ -487,7 +492,7 @@ def impute_values(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int,
     if method == "norm":
         return v.center + v.scale * (eta + order["sigma"][c] * g.standard_normal(n))
     if method == "pmm":
-        return _match(eta, order["donor_yhat"][c], order["donor_y"][c], order["donors"], g)
+        return _match(eta, order["donor_yhat"][c], donor_y(order, c), order["donors"], g)
     if method in ("logreg", "logreg.firth"):
         return (g.random(n) < expit(eta)).astype(np.float64)
     if method == "poisson":
