@@ -274,27 +274,38 @@ def _fill_layout(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray, k
     return sel, pos[sel], local
 
 
-def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.ndarray):
-    """:func:`chain_designs` of ``rows`` x ``cols`` for the statistics of variable ``j``, with
-    the part that never changes kept in ``block.cache``: the designs' fixed cells (``D0``) and
-    the layout of the imputed cells.  Every chain's design is written into the same array,
-    only its imputed cells changing: a design is valid until the next one is yielded.
+#: largest design of a model's statistics kept per partition and variable (bytes, ``model_designs``):
+#: larger ones are gathered again each round, so big partitions do not hold a copy of their design
+DESIGN_CACHE_BYTES = 32 * 2**20
 
-    One entry per variable (its last ``rows`` and ``cols``), so a model whose predictors
+
+def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.ndarray):
+    """:func:`chain_designs` of ``rows`` x ``cols`` for the statistics of variable ``j``.  Every
+    chain's design is written into the same array, only its imputed cells changing: a design
+    is valid until the next one is yielded.
+
+    The part that never changes, the designs' fixed cells (``D0``) and the layout of the
+    imputed cells, is kept in ``block.cache`` when it takes at most ``DESIGN_CACHE_BYTES``:
+    one entry per variable (its last ``rows`` and ``cols``), so a model whose predictors
     change (screening) replaces its entry instead of adding one.
     """
     cols = np.asarray(cols)
     ck = ("mdesign", j)
     hit = block.cache.get(ck)
-    if hit is None or not (hit[0] is rows or np.array_equal(hit[0], rows)) \
-            or not np.array_equal(hit[1], cols):
+    cached = hit is not None and (hit[0] is rows or np.array_equal(hit[0], rows)) \
+        and np.array_equal(hit[1], cols)
+    if not cached:
         if not np.all(np.diff(cols) > 0):  # the layout needs sorted columns
             yield from chain_designs(block, plan, rows, cols)
             return
         # column-major: each fill writes into one contiguous column, and the kernels'
         # products with X run faster on it
         hit = (rows, cols.copy(), np.asfortranarray(block.D0[rows][:, cols]), {})
-        block.cache[ck] = hit
+        if hit[2].nbytes <= DESIGN_CACHE_BYTES:
+            block.cache[ck] = hit
+            cached = True
+        else:
+            block.cache.pop(ck, None)
     _, _, base, layout = hit
     fills = []
     for k, V in imputed_parts(block, plan):
@@ -304,7 +315,7 @@ def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.n
         if len(sel):
             Vs = V[:, pos]
             fills.extend((sel, col, Vs[:, :, i]) for i, col in local)
-    X = base.copy(order="F")  # the cached cells stay untouched whatever happens to X
+    X = base.copy(order="F") if cached else base  # the cached cells stay untouched whatever happens to X
     for c in range(plan.m):
         for sel, col, V in fills:
             X[:, col][sel] = V[c]

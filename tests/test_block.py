@@ -123,6 +123,34 @@ def test_model_designs_follow_imputations_predictors_and_rows():
     check(new, rows, cols[::-1])
 
 
+def test_model_designs_beyond_the_cache_limit_are_built_each_time(monkeypatch):
+    """A design larger than DESIGN_CACHE_BYTES is not kept (and drops a kept entry of its
+    variable), with the same designs as the reference."""
+    _, plan, blk = _block()
+    j = 1
+    v = plan.variables[j]
+    cat = plan.variables[3]
+    cols = np.array([c for c in range(plan.n_cols) if not (v.cols[0] <= c < v.cols[1])])
+    rows = blk.obs[j]
+
+    def check(cols):
+        got = [X.copy(order="F") for X in B.model_designs(blk, plan, j, rows, cols)]
+        assert len(got) == plan.m
+        for c in range(plan.m):
+            np.testing.assert_array_equal(got[c], _reference_design(plan, blk, rows, cols, c))
+
+    monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1000)
+    check(cols)
+    check(cols)
+    assert ("mdesign", j) not in blk.cache
+    monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1 << 30)
+    check(cols)
+    assert ("mdesign", j) in blk.cache
+    monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1000)
+    check(cols[cols != cat.cols[0]])
+    assert ("mdesign", j) not in blk.cache
+
+
 def test_donor_cells_complete_the_kept_design_over_partitions():
     """pmm donors: the fixed design the client keeps plus the cells of each round give every
     chain's donor design, rows of all partitions in order."""
