@@ -262,6 +262,66 @@ def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
         yield X
 
 
+def _fill_layout(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray, k: int, a: int, b: int
+                 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Where variable ``k``'s imputed cells fall in the design of ``rows`` x ``cols``: the
+    design rows ``sel``, their positions in ``imp[k]`` and the pairs (encoded column of ``k``,
+    design column) kept in ``cols``.  Fixed for a block, since the missing cells never change."""
+    where = np.searchsorted(cols, np.arange(a, b))
+    local = [(i, int(w)) for i, w in enumerate(where) if w < len(cols) and cols[w] == a + i]
+    pos = block.mis_pos[k][rows]
+    sel = np.nonzero(pos >= 0)[0] if local else np.zeros(0, dtype=np.int64)
+    return sel, pos[sel], local
+
+
+#: largest design of a model's statistics kept per partition and variable (bytes, ``model_designs``):
+#: larger ones are gathered again each round, so big partitions do not hold a copy of their design
+DESIGN_CACHE_BYTES = 32 * 2**20
+
+
+def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.ndarray):
+    """:func:`chain_designs` of ``rows`` x ``cols`` for the statistics of variable ``j``.  Every
+    chain's design is written into the same array, only its imputed cells changing: a design
+    is valid until the next one is yielded.
+
+    The part that never changes, the designs' fixed cells (``D0``) and the layout of the
+    imputed cells, is kept in ``block.cache`` when it takes at most ``DESIGN_CACHE_BYTES``:
+    one entry per variable (its last ``rows`` and ``cols``), so a model whose predictors
+    change (screening) replaces its entry instead of adding one.
+    """
+    cols = np.asarray(cols)
+    ck = ("mdesign", j)
+    hit = block.cache.get(ck)
+    cached = hit is not None and (hit[0] is rows or np.array_equal(hit[0], rows)) \
+        and np.array_equal(hit[1], cols)
+    if not cached:
+        if not np.all(np.diff(cols) > 0):  # the layout needs sorted columns
+            yield from chain_designs(block, plan, rows, cols)
+            return
+        # column-major: each fill writes into one contiguous column, and the kernels'
+        # products with X run faster on it
+        hit = (rows, cols.copy(), np.asfortranarray(block.D0[rows][:, cols]), {})
+        if hit[2].nbytes <= DESIGN_CACHE_BYTES:
+            block.cache[ck] = hit
+            cached = True
+        else:
+            block.cache.pop(ck, None)
+    _, _, base, layout = hit
+    fills = []
+    for k, V in imputed_parts(block, plan):
+        if k not in layout:
+            layout[k] = _fill_layout(block, plan, rows, cols, k, *plan.variables[k].cols)
+        sel, pos, local = layout[k]
+        if len(sel):
+            Vs = V[:, pos]
+            fills.extend((sel, col, Vs[:, :, i]) for i, col in local)
+    X = base.copy(order="F") if cached else base  # the cached cells stay untouched whatever happens to X
+    for c in range(plan.m):
+        for sel, col, V in fills:
+            X[:, col][sel] = V[c]
+        yield X
+
+
 def _small_matmul(V: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``V @ B`` for ``V (m, r, w)`` and ``B (m, w, l)`` with small w and l, without batched BLAS calls."""
     out = V[:, :, 0, None] * B[:, None, 0, :]
@@ -427,6 +487,11 @@ def _match(yhat_mis: np.ndarray, donor_yhat: np.ndarray, donor_y: np.ndarray, do
     return donor_y[lo + g.integers(0, d, len(yhat_mis))]
 
 
+def donor_y(order: dict[str, Any], c: int) -> np.ndarray:
+    """The pmm donors' observed values in chain ``c``'s order of their predictions."""
+    return order["donor_values"][order["donor_order"][c]]
+
+
 def impute_values(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int,
                   g: np.random.Generator) -> np.ndarray:
     """New internal values for the missing rows of one chain from their linear predictor(s)."""
@@ -438,7 +503,7 @@ def impute_values(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int,
     if method == "norm":
         return v.center + v.scale * (eta + order["sigma"][c] * g.standard_normal(n))
     if method == "pmm":
-        return _match(eta, order["donor_yhat"][c], order["donor_y"][c], order["donors"], g)
+        return _match(eta, order["donor_yhat"][c], donor_y(order, c), order["donors"], g)
     if method in ("logreg", "logreg.firth"):
         return (g.random(n) < expit(eta)).astype(np.float64)
     if method == "poisson":
@@ -519,7 +584,7 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
     y = block.values[j][obs]
     beta = request["beta"]
     designs = (lambda: (X[:, xcols] for X in formula_designs(block, plan, j, obs, "obs"))) \
-        if j in plan.formulas else (lambda: chain_designs(block, plan, obs, xcols))
+        if j in plan.formulas else (lambda: model_designs(block, plan, j, obs, xcols))
     if kind in ("logistic", "multinomial", "poisson"):
         kernel = {"logistic": stats.logistic, "multinomial": stats.multinomial,
                   "poisson": stats.poisson}[kind]

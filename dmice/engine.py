@@ -176,10 +176,14 @@ class Engine:
 
     def _loop(self, iterations: int, visit_sequence: list[int], events: list[dict[str, Any]],
               progress: Any, after_iteration: Callable[[int], bool] | None) -> None:
-        if self.iteration == 0:
-            self.prefit(events)
         flat = [(self.iteration + i + 1, j) for i in range(iterations) for j in visit_sequence]
         pending: dict[str, Any] | None = None  # statistics computed for flat[k] by the previous round
+        if self.iteration == 0:
+            # a first visit of a linear model needs statistics of the initial fill, which the
+            # cold-start rounds do not change: they ride along with the first of them
+            first = self.models[flat[0][1]] if flat else None
+            pending = self.prefit(events, first.request() if first is not None and first.stat == "gram"
+                                  else None)
         t_iter = time.perf_counter()
         for k, (it, j) in enumerate(flat):
             model = self.models[j]
@@ -247,20 +251,28 @@ class Engine:
         self.load_model_state(models)
         self.iteration = iteration
 
-    def prefit(self, events: list[dict[str, Any]]) -> None:
+    def prefit(self, events: list[dict[str, Any]], extra: dict[str, Any] | None = None
+               ) -> dict[str, Any] | None:
         """Cold-start Newton fits of all Newton models (logistic, Firth, multinomial, polr, Poisson)
         together, on the initial fill.
 
         Each round computes the statistics of every model still iterating, so the cold start
         costs as many rounds as the slowest model needs rather than their sum; the first visit
-        of each model then starts warm.
+        of each model then starts warm.  The statistics of ``extra``, a request that depends
+        only on the imputed cells (which these rounds leave as they are), are computed in the
+        first round and returned (None when there is no Newton model, hence no round).
         """
         newton = set(NEWTON_STATS.values())
         pending = [m for m in self.models.values() if m.stat in newton]
+        out = None
         while pending:
-            res = self._round(None, [m.request() for m in pending])
+            requests = [m.request() for m in pending]
+            res = self._round(None, requests + ([extra] if extra is not None and out is None else []))
+            if extra is not None and out is None:
+                out = _block.split_out(res, len(requests))
             pending = [m for i, m in enumerate(pending)
                        if not m.update(_block.split_out(res, i), 0, events)]
+        return out
 
     def _record_chain(self, it: int, j: int, out: dict[str, Any]) -> None:
         v = self.plan.variables[j]

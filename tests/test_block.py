@@ -86,6 +86,71 @@ def test_chain_designs_fill_a_partly_kept_nominal_variable():
         np.testing.assert_allclose(X, _reference_design(plan, blk, rows, cols, c), rtol=0, atol=1e-12)
 
 
+def test_model_designs_follow_imputations_predictors_and_rows():
+    """The cached designs of a model's statistics: each chain's design equals the reference
+    after the imputations change, after the predictors change and for other rows."""
+    _, plan, blk = _block()
+    j = 1  # z, binary target
+    v = plan.variables[j]
+    cat = plan.variables[3]
+    cols = np.array([c for c in range(plan.n_cols) if not (v.cols[0] <= c < v.cols[1])])
+
+    def check(b, rows, cols):
+        got = []
+        for X in B.model_designs(b, plan, j, rows, cols):
+            assert X.flags.f_contiguous
+            got.append(X.copy())
+        assert len(got) == plan.m
+        for c, X in enumerate(got):
+            np.testing.assert_array_equal(X, _reference_design(plan, b, rows, cols, c))
+
+    rows = blk.obs[j]
+    check(blk, rows, cols)
+    assert ("mdesign", j) in blk.cache
+    # a later round: new imputations of x and c (new arrays, as a visit makes), same cache
+    g = np.random.default_rng(5)
+    new = B.replace(blk, imp={**blk.imp, 0: g.normal(size=blk.imp[0].shape),
+                              3: g.integers(0, cat.n_levels, blk.imp[3].shape).astype(float)})
+    assert new.cache is blk.cache
+    check(new, rows, cols)
+    # screening dropped a predictor (the nominal variable's first dummy): the entry is replaced
+    fewer = cols[cols != cat.cols[0]]
+    check(new, rows, fewer)
+    check(new, rows, cols)
+    # other rows (a stratum's observed rows) under the same variable
+    check(new, rows[::3], cols)
+    # unsorted columns are served uncached
+    check(new, rows, cols[::-1])
+
+
+def test_model_designs_beyond_the_cache_limit_are_built_each_time(monkeypatch):
+    """A design larger than DESIGN_CACHE_BYTES is not kept (and drops a kept entry of its
+    variable), with the same designs as the reference."""
+    _, plan, blk = _block()
+    j = 1
+    v = plan.variables[j]
+    cat = plan.variables[3]
+    cols = np.array([c for c in range(plan.n_cols) if not (v.cols[0] <= c < v.cols[1])])
+    rows = blk.obs[j]
+
+    def check(cols):
+        got = [X.copy(order="F") for X in B.model_designs(blk, plan, j, rows, cols)]
+        assert len(got) == plan.m
+        for c in range(plan.m):
+            np.testing.assert_array_equal(got[c], _reference_design(plan, blk, rows, cols, c))
+
+    monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1000)
+    check(cols)
+    check(cols)
+    assert ("mdesign", j) not in blk.cache
+    monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1 << 30)
+    check(cols)
+    assert ("mdesign", j) in blk.cache
+    monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1000)
+    check(cols[cols != cat.cols[0]])
+    assert ("mdesign", j) not in blk.cache
+
+
 def test_donor_cells_complete_the_kept_design_over_partitions():
     """pmm donors: the fixed design the client keeps plus the cells of each round give every
     chain's donor design, rows of all partitions in order."""

@@ -105,6 +105,22 @@ def test_in_process_cluster_gives_the_same_chains(cluster_client):
     pd.testing.assert_frame_equal(got, ref)
 
 
+def test_first_linear_visit_rides_along_with_the_cold_start(cluster_client, monkeypatch):
+    """The statistics of the first visit (pmm) are computed in the first round of the Newton
+    cold start: one round fewer, and the same chains as when they take a round of their own."""
+    from dmice import engine as _engine
+
+    ddf = dd.from_pandas(mixed_frame(2000, seed=6), npartitions=2)
+    imp = dmice.impute(ddf, m=2, max_iter=2, seed=4)
+    assert imp.visit_sequence[0] == "x" and imp.method["x"] == "pmm" and imp.method["z"] == "logreg"
+    prefit = _engine.Engine.prefit
+    monkeypatch.setattr(_engine.Engine, "prefit", lambda self, events, extra=None: prefit(self, events))
+    ref = dmice.impute(ddf, m=2, max_iter=2, seed=4)
+    assert imp._engine.rounds == ref._engine.rounds - 1
+    for k in (1, 2):
+        pd.testing.assert_frame_equal(imp.complete(k).compute(), ref.complete(k).compute())
+
+
 def test_dtypes_and_categories_kept(cluster_client):
     g = np.random.default_rng(1)
     n = 1500

@@ -533,7 +533,7 @@ class TargetModel:
             if self.method == "pmm":
                 d = self._donor
                 y = d["pool_y"] if "pool_X" in d else self._pool_y
-                dy, dyh = [], []
+                srts, dyh = [], []
                 for c in range(self.m):
                     coef = self._fits[c].coef  # type-1 matching: donors from beta_hat
                     if "pool_X" in d:  # dense designs (formula models)
@@ -544,8 +544,11 @@ class TargetModel:
                                           minlength=len(yh))
                     srt = np.argsort(yh)  # ties: any fixed order (deterministic on a machine)
                     dyh.append(yh[srt])
-                    dy.append(y[srt])
-                o["donor_yhat"], o["donor_y"], o["donors"] = dyh, dy, self.donors
+                    srts.append(srt)
+                # the donors' values once and each chain's order of them, in the narrowest
+                # integers that hold it: a pmm order crosses to every worker
+                o["donor_yhat"], o["donor_values"], o["donors"] = dyh, y, self.donors
+                o["donor_order"] = np.stack(srts).astype(np.uint16 if len(y) <= 1 << 16 else np.int32)
             return o
         draws = [newton.draw(f.beta, f.cov, g) for f, g in zip(self._fits, gens)]
         if self.method == "polr":
