@@ -662,6 +662,17 @@ def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: n
     return _reduce_groups(list(_compute(client, *tasks)), len(frames))
 
 
+def _spread(client: Any, loads: list[Any]) -> list[Any]:
+    """Compute the group designs ``loads``, group i preferably on worker i modulo the number
+    of workers.  Designs read from files have no input on any worker, and the scheduler may
+    then place every one on the same worker, where all passes would follow them."""
+    workers = sorted(client.scheduler_info()["workers"])
+    if len(workers) < 2:
+        return client.compute(loads)
+    return [client.compute(ld, workers=[workers[i % len(workers)]], allow_other_workers=True)
+            for i, ld in enumerate(loads)]
+
+
 def _default_client() -> Any:
     try:
         from distributed import default_client
@@ -706,7 +717,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
         from dmice.engine import tune_workers
 
         tune_workers(client)  # numpy temporaries off mmap in the workers, as for impute
-        held = client.compute(loads)
+        held = _spread(client, loads)
         wait(held)
 
         def one_pass(betas: dict[int, np.ndarray | None], grad: frozenset[int] = frozenset(),

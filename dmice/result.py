@@ -164,10 +164,15 @@ class MultipleImputation:
         if files is not None:
             # the files the manifest lists, in partition order, each read by pyarrow in its
             # task (about twice as fast as dask's read_parquet on these files)
+            import dask
+
             so = self._storage_options
             meta = store.part_meta(files[0], self.url, so, self.dtypes, self.columns)
-            return dd.from_map(store.read_part, files, args=(self.url, so, self.dtypes),
-                               meta=meta, enforce_metadata=False, label=f"dmice-imputation-{k}")
+            # read_part gives the dtypes the manifest records (pandas' own string dtype):
+            # no conversion task per partition after each read
+            with dask.config.set({"dataframe.convert-string": False}):
+                return dd.from_map(store.read_part, files, args=(self.url, so, self.dtypes),
+                                   meta=meta, enforce_metadata=False, label=f"dmice-imputation-{k}")
         prefix = man.get("data_prefix", "")
         path = posixpath.join(self.url.rstrip("/"), *([prefix] if prefix else []), f"imputation={k}")
         ddf = dd.read_parquet(path, storage_options=self._storage_options)

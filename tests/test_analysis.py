@@ -378,8 +378,14 @@ def test_written_output_read_by_the_fits_equals_statsmodels(cluster_client, tmp_
     out = str(tmp_path / "imp")
     with dmice.impute(ddf, m=3, max_iter=2, seed=2) as imp:
         imp.to_parquet(out)
-    res = dmice.analyze(out, MI_FORMULA)
+    from distributed import get_task_stream
+
+    with get_task_stream(cluster_client) as ts:
+        res = dmice.analyze(out, MI_FORMULA)
     assert len(res._files) == 3 and len(res._files[0]) == 3
+    # the partitions' designs (tasks without inputs) are spread over both workers
+    loads = [t for t in ts.data if str(t["key"]).startswith("_load_group")]
+    assert len(loads) == 3 and len({t["worker"] for t in loads}) == 2
     for k in range(1, 4):
         whole = dd.read_parquet(f"{out}/imputation={k}").compute()
         mine = dmice.open(out).complete(k).compute()
