@@ -133,18 +133,22 @@ def _check_outcome(family: str, y: np.ndarray) -> None:
         raise InputError("a poisson outcome must be a count >= 0")
 
 
-def _outcome_constants(family: str, y: np.ndarray, w: np.ndarray) -> dict[str, float]:
-    """Sums that depend only on the outcome and the weights, computed once per block:
-    ``sum(log w)`` and the parts of the deviance (``cdev``) and of the log-likelihood
-    (``cll``) that do not depend on the means; ``binary`` (1.0 or 0.0) says whether a
-    binomial outcome is 0/1 (its log-likelihood is then one log per row)."""
+def _outcome_constants(family: str, y: np.ndarray, w: np.ndarray | None) -> dict[str, float]:
+    """Sums that depend only on the outcome and the weights (``None``: all 1), computed once
+    per block: ``sum(log w)`` and the parts of the deviance (``cdev``) and of the
+    log-likelihood (``cll``) that do not depend on the means; ``binary`` (1.0 or 0.0) says
+    whether a binomial outcome is 0/1 (its log-likelihood is then one log per row)."""
+    ones = w is None
+    w = np.ones(len(y)) if ones else w
     with np.errstate(divide="ignore", invalid="ignore"):
-        sumlogw = float(np.sum(np.log(w[w > 0])))
+        sumlogw = 0.0 if ones else float(np.sum(np.log(w[w > 0])))
         if family == "binomial":
             inside = (y > 0) & (y < 1)
+            if not np.any(inside):  # 0/1: every term of the entropy is 0
+                return {"sumlogw": sumlogw, "cdev": 0.0, "cll": 0.0, "binary": 1.0}
             ent = np.where(inside, special.xlogy(y, y) + special.xlogy(1 - y, 1 - y), 0.0)
             return {"sumlogw": sumlogw, "cdev": float(np.sum(w * ent)), "cll": 0.0,
-                    "binary": float(not np.any(inside))}
+                    "binary": 0.0}
         if family == "poisson":
             return {"sumlogw": sumlogw, "cdev": float(np.sum(w * (special.xlogy(y, y) - y))),
                     "cll": float(np.sum(w * special.gammaln(y + 1.0))), "binary": 0.0}
@@ -215,7 +219,7 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
     n, p = X.shape
     if grad_only:
         return _score(X, y, w, off, link, beta)
-    c = _outcome_constants(family, y, np.ones(n) if w is None else w) if consts is None else consts
+    c = _outcome_constants(family, y, w) if consts is None else consts
     start = None
     if beta is None:  # the starting means depend on the whole block (poisson: its mean y)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -617,7 +621,9 @@ def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str
             out[k] = _array_stats(X, y, w, off, family, link, betas[k], grad_only=True)
             continue
         if j not in group.consts:  # kept with the group on the worker for the next passes
-            group.consts[j] = _outcome_constants(family, y, np.ones(len(y)) if w is None else w)
+            # imputations that share imputation 1's outcome and weights share their constants
+            same = j > 0 and 0 in group.consts and y is group.base[1] and w is group.base[2]
+            group.consts[j] = group.consts[0] if same else _outcome_constants(family, y, w)
         if group.work is None:
             group.work = np.empty((ROW_BLOCK, group.base[0].shape[1]), order="F")
         out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust, group.consts[j],
