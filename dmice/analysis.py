@@ -671,9 +671,13 @@ def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: n
 def _spread(client: Any, loads: list[Any]) -> list[Any]:
     """Compute the group designs ``loads``, group i preferably on worker i modulo the number
     of workers.  Designs read from files have no input on any worker, and the scheduler may
-    then place every one on the same worker, where all passes would follow them."""
+    then place every one on the same worker, where all passes would follow them.  Designs of
+    data already held on the cluster (results of ``impute``, persisted frames) are left
+    where their data are."""
+    from distributed import futures_of
+
     workers = sorted(client.scheduler_info()["workers"])
-    if len(workers) < 2:
+    if len(workers) < 2 or any(futures_of(ld) for ld in loads):
         return client.compute(loads)
     return [client.compute(ld, workers=[workers[i % len(workers)]], allow_other_workers=True)
             for i, ld in enumerate(loads)]
@@ -1857,7 +1861,9 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     ``C(g, contr.treatment('b'))`` and their interactions) is built directly from the
     columns, after checking on a sample of imputation 1's first partition that the
     result is identical to formulaic's; other formulas are evaluated by formulaic.
-    For an output written by dmice (a path, or a result from :func:`dmice.open`),
+    With such a direct design, imputations 2..m keep only the model columns that read
+    a column they change, patched into imputation 1's matrix a block of rows at a
+    time, instead of a matrix of their own.  For an output written by dmice (a path, or a result from :func:`dmice.open`),
     the task that designs a partition reads its m files itself, and the columns no
     imputation changes only from imputation 1's file (of a ``cells`` output: the
     input file and each variable's cells once for all m imputations).  The designs stay
@@ -1867,8 +1873,9 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     means exactly as a fit on its data alone; with a non-identity link, imputations
     2..m start from imputation 1's estimate once its relative step is at most 1e-2
     (their estimates differ only through the imputed values, so they need fewer
-    passes), and every fit stops at its own convergence (the same criterion, ``tol``).
-    ``iterations`` counts the passes over the data.
+    passes), with a logit or log link by chords (passes computing their score alone,
+    see :func:`_iterate`), and every fit stops at its own convergence on a full pass
+    (the same criterion, ``tol``).  ``iterations`` counts the passes over the data.
 
     Examples
     --------

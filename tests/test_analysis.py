@@ -348,6 +348,10 @@ MI_FORMULA = "y ~ x + z + C(c, contr.treatment('b')) + s"
 
 
 def test_multiple_imputation_path_and_pandas_list(cluster_client, imputed, tmp_path):
+    from distributed import futures_of
+
+    # held on the cluster: its partitions' designs are built where the chains are (not spread)
+    assert futures_of(imputed.complete(1).to_delayed()[0])
     res = dmice.analyze(imputed, MI_FORMULA)
     completed = [imputed.complete(k).compute() for k in range(1, imputed.m + 1)]
     for k, df in enumerate(completed):
