@@ -668,19 +668,31 @@ def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: n
     return _reduce_groups(list(_compute(client, *tasks)), len(frames))
 
 
-def _spread(client: Any, loads: list[Any]) -> list[Any]:
-    """Compute the group designs ``loads``, group i preferably on worker i modulo the number
-    of workers.  Designs read from files have no input on any worker, and the scheduler may
-    then place every one on the same worker, where all passes would follow them.  Designs of
-    data already held on the cluster (results of ``impute``, persisted frames) are left
-    where their data are."""
-    from distributed import futures_of
-
+def _spread(client: Any, loads: list[Any], spread: bool) -> list[Any]:
+    """Compute the group designs ``loads``; with ``spread``, group i preferably on worker i
+    modulo the number of workers.  Designs of data read from files have no input on any
+    worker, and the scheduler may then place every one on the same worker, where all passes
+    would follow them.  Designs of data already held on the cluster (``spread`` False)
+    are left where their data are."""
     workers = sorted(client.scheduler_info()["workers"])
-    if len(workers) < 2 or any(futures_of(ld) for ld in loads):
+    if not spread or len(workers) < 2:
         return client.compute(loads)
     return [client.compute(ld, workers=[workers[i % len(workers)]], allow_other_workers=True)
             for i, ld in enumerate(loads)]
+
+
+def _unplaced(data: Any, frames: list[Any]) -> bool:
+    """Whether none of the data is held on the cluster yet (not a result of ``impute`` held
+    there, no persisted frame): their designs are then placed on the workers in turn."""
+    from dmice.result import MultipleImputation
+
+    if isinstance(data, MultipleImputation) and data._engine is not None:
+        return False
+    try:
+        from distributed import futures_of
+    except ImportError:
+        return False
+    return not any(futures_of(f) for f in frames)
 
 
 def _default_client() -> Any:
@@ -705,7 +717,7 @@ class _Fits:
 
 def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, family: str,
          link: str, cov_type: str = "nonrobust", tol: float = 1e-10, max_iter: int = 50,
-         client: Any = None, files: list[list[_StoredPart]] | None = None) -> _Fits:
+         client: Any = None, files: list[list[Any]] | None = None, spread: bool = False) -> _Fits:
     """Fisher scoring on all m frames at once.
 
     The design of every partition group (the m versions of a partition) is built once,
@@ -718,6 +730,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     m = len(frames)
     groups = _groups(frames, getattr(design, "columns", None), files)
     design_d = delayed(design, pure=True, traverse=False)
+    spread = spread or files is not None
     loads = [delayed(_load_group)(design_d, family, ks, *pts) for ks, pts in groups]
     robust = cov_type != "nonrobust"
     client = client if client is not None else _default_client()
@@ -727,7 +740,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
         from dmice.engine import tune_workers
 
         tune_workers(client)  # numpy temporaries off mmap in the workers, as for impute
-        held = _spread(client, loads)
+        held = _spread(client, loads, spread)
         wait(held)
 
         def one_pass(betas: dict[int, np.ndarray | None], grad: frozenset[int] = frozenset(),
@@ -1896,7 +1909,7 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     spec, terms, design = _build_spec(formula, frames, weights, offset, client)
     p = len(terms)
     fits = _fit(frames, design, p, family=family, link=link, cov_type=cov_type, tol=tol,
-                max_iter=max_iter, client=client, files=files)
+                max_iter=max_iter, client=client, files=files, spread=_unplaced(data, frames))
     n = fits.nobs
     dfc = float(dfcom) if dfcom is not None else float(max(n - p, 1))
     pooled = pool(fits.params, fits.cov, dfcom=dfc, terms=terms)

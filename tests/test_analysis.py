@@ -348,10 +348,12 @@ MI_FORMULA = "y ~ x + z + C(c, contr.treatment('b')) + s"
 
 
 def test_multiple_imputation_path_and_pandas_list(cluster_client, imputed, tmp_path):
-    from distributed import futures_of
+    from dmice.analysis import _unplaced
 
     # held on the cluster: its partitions' designs are built where the chains are (not spread)
-    assert futures_of(imputed.complete(1).to_delayed()[0])
+    frames = [imputed.complete(k) for k in (1, 2, 3)]
+    assert not _unplaced(imputed, frames)
+    assert not _unplaced(frames, [cluster_client.persist(frames[0]), *frames[1:]])
     res = dmice.analyze(imputed, MI_FORMULA)
     completed = [imputed.complete(k).compute() for k in range(1, imputed.m + 1)]
     for k, df in enumerate(completed):
