@@ -215,22 +215,37 @@ def imputed_parts(block: Block, plan: Plan, skip: int | None = None) -> list[tup
     return out
 
 
+def _fill_layout(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray, k: int
+                 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Where variable ``k``'s imputed cells fall in the design of ``rows`` x ``cols``: the
+    design rows ``sel``, their positions in ``imp[k]`` and the pairs (encoded column of ``k``,
+    design column) kept in ``cols``.  Fixed for a block, since the missing cells never change."""
+    a, b = plan.variables[k].cols
+    col_pos = {int(c): i for i, c in enumerate(cols)}
+    local = [(i, col_pos[c]) for i, c in enumerate(range(a, b)) if c in col_pos]
+    pos = block.mis_pos[k][rows]
+    sel = np.nonzero(pos >= 0)[0] if local else np.zeros(0, dtype=np.int64)
+    return sel, pos[sel], local
+
+
+def _layout_cells(layout: tuple[np.ndarray, np.ndarray, list[tuple[int, int]]], V: np.ndarray
+                  ) -> list[tuple[np.ndarray, int, np.ndarray]]:
+    """The cells of a :func:`_fill_layout` with the imputed values ``V`` (m, cells): ``(rows of
+    the design, design column, values (m, rows))`` per design column."""
+    sel, pos, local = layout
+    if not len(sel):
+        return []
+    Vs = V[:, pos]
+    return [(sel, col, Vs[:, :, i]) for i, col in local]
+
+
 def _fills(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray
            ) -> list[tuple[np.ndarray, int, np.ndarray]]:
     """The imputed cells of ``rows`` x ``cols`` as ``(rows of the design, design column, values
     (m, rows))`` per imputed design column (``D0`` is zero in those cells)."""
-    col_pos = {int(c): i for i, c in enumerate(cols)}
     fills = []
     for k, V in imputed_parts(block, plan):
-        a, b = plan.variables[k].cols
-        local = [(i, col_pos[c]) for i, c in enumerate(range(a, b)) if c in col_pos]
-        if not local:
-            continue
-        pos = block.mis_pos[k][rows]
-        sel = np.nonzero(pos >= 0)[0]
-        if len(sel):
-            Vs = V[:, pos[sel]]
-            fills.extend((sel, col, Vs[:, :, i]) for i, col in local)
+        fills.extend(_layout_cells(_fill_layout(block, plan, rows, cols, k), V))
     return fills
 
 
@@ -262,18 +277,6 @@ def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
         yield X
 
 
-def _fill_layout(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray, k: int, a: int, b: int
-                 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
-    """Where variable ``k``'s imputed cells fall in the design of ``rows`` x ``cols``: the
-    design rows ``sel``, their positions in ``imp[k]`` and the pairs (encoded column of ``k``,
-    design column) kept in ``cols``.  Fixed for a block, since the missing cells never change."""
-    where = np.searchsorted(cols, np.arange(a, b))
-    local = [(i, int(w)) for i, w in enumerate(where) if w < len(cols) and cols[w] == a + i]
-    pos = block.mis_pos[k][rows]
-    sel = np.nonzero(pos >= 0)[0] if local else np.zeros(0, dtype=np.int64)
-    return sel, pos[sel], local
-
-
 #: largest design of a model's statistics kept per partition and variable (bytes, ``model_designs``):
 #: larger ones are gathered again each round, so big partitions do not hold a copy of their design
 DESIGN_CACHE_BYTES = 32 * 2**20
@@ -295,9 +298,6 @@ def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.n
     cached = hit is not None and (hit[0] is rows or np.array_equal(hit[0], rows)) \
         and np.array_equal(hit[1], cols)
     if not cached:
-        if not np.all(np.diff(cols) > 0):  # the layout needs sorted columns
-            yield from chain_designs(block, plan, rows, cols)
-            return
         # column-major: each fill writes into one contiguous column, and the kernels'
         # products with X run faster on it
         hit = (rows, cols.copy(), np.asfortranarray(block.D0[rows][:, cols]), {})
@@ -310,11 +310,8 @@ def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.n
     fills = []
     for k, V in imputed_parts(block, plan):
         if k not in layout:
-            layout[k] = _fill_layout(block, plan, rows, cols, k, *plan.variables[k].cols)
-        sel, pos, local = layout[k]
-        if len(sel):
-            Vs = V[:, pos]
-            fills.extend((sel, col, Vs[:, :, i]) for i, col in local)
+            layout[k] = _fill_layout(block, plan, rows, cols, k)
+        fills.extend(_layout_cells(layout[k], V))
     X = base.copy(order="F") if cached else base  # the cached cells stay untouched whatever happens to X
     for c in range(plan.m):
         for sel, col, V in fills:
