@@ -632,7 +632,7 @@ def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str
 
 
 def _groups(frames: list[Any], columns: list[str] | None = None,
-            files: list[list[_StoredPart]] | None = None) -> list[tuple[list[int], list[Any]]]:
+            files: list[list[Any]] | None = None) -> list[tuple[list[int], list[Any]]]:
     """Partition groups: all m versions of partition i together when the m frames have the
     same number of partitions, else one group per (imputation, partition); only the
     ``columns`` (default: all) are read.  With ``files`` (see :func:`_stored_files`), the
@@ -657,7 +657,7 @@ def _reduce_active(outs: list[dict[int, dict[str, Any]]], ks: Any) -> dict[int, 
 
 
 def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: np.ndarray,
-                client: Any = None, files: list[list[_StoredPart]] | None = None
+                client: Any = None, files: list[list[Any]] | None = None
                 ) -> list[dict[str, Any]]:
     """One pass over the data at fixed estimates ``betas[k]`` for imputation k."""
     groups = _groups(frames, getattr(design, "columns", None), files)
@@ -730,7 +730,6 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     m = len(frames)
     groups = _groups(frames, getattr(design, "columns", None), files)
     design_d = delayed(design, pure=True, traverse=False)
-    spread = spread or files is not None
     loads = [delayed(_load_group)(design_d, family, ks, *pts) for ks, pts in groups]
     robust = cov_type != "nonrobust"
     client = client if client is not None else _default_client()
@@ -1112,15 +1111,13 @@ class _FormulaDesign:
 
     def __init__(self, spec: Any, columns: list[str], levels: dict[str, list[Any]],
                  weights: str | None, offset: str | None,
-                 recipes: tuple[str, list[list[_Factor]]] | None = None,
-                 categories: dict[str, list[Any]] | None = None):
+                 recipes: tuple[str, list[list[_Factor]]] | None = None):
         self.spec = spec
         self.columns = columns
         self.levels = levels
         self.weights = weights
         self.offset = offset
         self.recipes = recipes
-        self.categories = categories or {}
 
     def prepare(self, df: pd.DataFrame) -> pd.DataFrame:
         df = df[self.columns]
@@ -1161,7 +1158,7 @@ class _FormulaDesign:
                 if level is None and col not in values:
                     values[col] = df[col].to_numpy(dtype=float)
                 elif level is not None and expr not in codes:
-                    codes[expr] = _codes(df[col], self.categories[expr])
+                    codes[expr] = _codes(df[col], self.spec.rhs.encoder_state[expr][1]["categories"])
         return values, codes
 
     def _direct(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -1210,8 +1207,7 @@ class _PatchedX:
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         out = np.array(self.base[rows], order="F")
-        for j, factors in zip(self.cols, self.recipes):
-            _fill_column(out[:, j], factors, self.values, self.codes, rows)
+        out[:, self.cols] = self.own(rows)
         return out
 
     def own(self, rows: slice) -> np.ndarray:
@@ -1238,10 +1234,6 @@ def _as_frames(data: Any) -> list[Any]:
 
     from dmice.result import MultipleImputation
 
-    if isinstance(data, str):
-        from dmice.api import open as _open
-
-        data = _open(data)
     if isinstance(data, MultipleImputation):
         return [data.complete(k) for k in range(1, data.m + 1)]
     if isinstance(data, (list, tuple)) and data:
@@ -1341,7 +1333,7 @@ class AnalysisResult:
     loglik: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
     _stats: list[dict[str, Any]] = field(default_factory=list, repr=False)
     _frames: list[Any] = field(default_factory=list, repr=False)
-    _files: list[list[_StoredPart]] | None = field(default=None, repr=False)
+    _files: list[list[Any]] | None = field(default=None, repr=False)
     _data: Any = field(default=None, repr=False)  # what analyze() was given (a path opened)
     _design: Any = field(default=None, repr=False)
     _client: Any = field(default=None, repr=False)
@@ -1692,6 +1684,7 @@ DIRECT_CHECK_ROWS = 20_000
 
 def _codes(col: pd.Series, categories: list[Any]) -> np.ndarray:
     """Codes of ``col`` in ``categories`` (-1 elsewhere)."""
+    categories = list(categories)
     if isinstance(col.dtype, pd.CategoricalDtype) and list(col.cat.categories) == categories:
         return col.cat.codes.to_numpy()
     return pd.Categorical(col, categories=categories).codes
@@ -1786,9 +1779,7 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
     design = _FormulaDesign(spec, columns, levels, weights, offset)
     recipes = _column_recipes(spec, columns)
     if recipes is not None:
-        cats = {e: list(st["categories"]) for e, (kind, st) in spec.rhs.encoder_state.items()
-                if getattr(kind, "value", kind) == "categorical"}
-        direct = _FormulaDesign(spec, columns, levels, weights, offset, recipes, cats)
+        direct = _FormulaDesign(spec, columns, levels, weights, offset, recipes)
         sample = probe.prepare(first)
         sample = sample.iloc[::max(1, len(sample) // DIRECT_CHECK_ROWS)]
         if _same_design(direct, design, sample):
@@ -1876,10 +1867,11 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     result is identical to formulaic's; other formulas are evaluated by formulaic.
     With such a direct design, imputations 2..m keep only the model columns that read
     a column they change, patched into imputation 1's matrix a block of rows at a
-    time, instead of a matrix of their own.  For an output written by dmice (a path, or a result from :func:`dmice.open`),
-    the task that designs a partition reads its m files itself, and the columns no
-    imputation changes only from imputation 1's file (of a ``cells`` output: the
-    input file and each variable's cells once for all m imputations).  The designs stay
+    time, instead of a matrix of their own.  For an output written by dmice (a path,
+    or a result from :func:`dmice.open`), the task that designs a partition reads its
+    m files itself, and the columns no imputation changes only from imputation 1's
+    file (of a ``cells`` output: the input file and each variable's cells once for all
+    m imputations).  The designs stay
     in the workers' memory for the whole fit, and each Fisher-scoring pass is one
     task per partition computing the statistics of the fits still iterating; only
     ``p x p`` statistics reach the client.  Imputation 1 iterates from the starting
