@@ -466,10 +466,6 @@ def _read_cells_group(parts: tuple[_CellsPart, ...], columns: list[str] | None
     """The m completed frames of one partition of a ``cells`` output: the input file read
     once (checked against its snapshot checksum), each variable's cells read once and
     filled in for every imputation."""
-    import posixpath
-
-    import pyarrow.parquet as pq
-
     from dmice import store
 
     first = parts[0]
@@ -478,12 +474,8 @@ def _read_cells_group(parts: tuple[_CellsPart, ...], columns: list[str] | None
                                f["sha256"], first.dtypes)
     df = df if columns is None else df[columns]
     df.index = pd.RangeIndex(len(df))
-    fs, root = store.filesystem(first.url, first.storage_options)
-    cells: dict[str, pd.DataFrame] = {}
-    for entry in entries:
-        if entry["variable"] in df.columns:
-            with fs.open(posixpath.join(root, entry["path"]), "rb") as fh:
-                cells[entry["variable"]] = pq.read_table(fh).to_pandas()
+    cells = store.read_cells(first.url, first.storage_options,
+                             [e for e in entries if e["variable"] in df.columns])
     frames = []
     for p in parts:
         frames.append(store.fill_cells(df, {v: c[c["imputation"] == p.k] for v, c in cells.items()},
@@ -503,8 +495,7 @@ def _stored_files(data: Any) -> list[list[Any]] | None:
     man = data.manifest or {}
     if man.get("layout") == "cells" and man.get("input_snapshot"):
         snap = man["input_snapshot"]
-        items = [(f, [e for e in man["files"] if e["partition"] == i])
-                 for i, f in enumerate(snap["files"])]
+        items = store.cells_items(man)
         return [[_CellsPart(item, k, data.url, data._storage_options, snap["url"], snap["format"],
                             man["input_dtypes"]) for item in items] for k in range(1, data.m + 1)]
     files = [store.part_files(man, k) for k in range(1, data.m + 1)]

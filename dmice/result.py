@@ -267,7 +267,7 @@ class MultipleImputation:
         meta = store.input_meta(snap["url"], snap["format"], snap["files"][0]["path"],
                                 self._storage_options)
         meta = store.restore_dtypes(meta, man["input_dtypes"])
-        items = [(f, [e for e in man["files"] if e["partition"] == i]) for i, f in enumerate(snap["files"])]
+        items = store.cells_items(man)
         return dd.from_map(store.complete_cells_partition, items,
                            args=(self.url, self._storage_options, snap["url"], snap["format"],
                                  man["input_dtypes"], k),

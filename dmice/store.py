@@ -531,12 +531,27 @@ def complete_cells_partition(item: tuple[dict[str, Any], list[dict[str, Any]]], 
     ``item[1]`` (manifest entries of that partition) filled in."""
     f, entries = item
     df = read_input_file(snapshot_url, f["path"], fmt, storage_options, f["sha256"], dtypes)
+    return fill_cells(df, read_cells(url, storage_options, entries, k), f["offset"])
+
+
+def cells_items(man: dict[str, Any]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Per partition of a ``cells`` output: its input file (an entry of the input snapshot)
+    and the manifest entries of its cells files."""
+    return [(f, [e for e in man["files"] if e["partition"] == i])
+            for i, f in enumerate(man["input_snapshot"]["files"])]
+
+
+def read_cells(url: str, storage_options: dict[str, Any] | None, entries: list[dict[str, Any]],
+               k: int | None = None) -> dict[str, pd.DataFrame]:
+    """The imputed cells (``row``, ``imputation``, ``value``) of each variable of the cells files
+    ``entries`` (manifest entries): of imputation ``k`` only, or of all imputations."""
     fs, root = filesystem(url, storage_options)
+    filters = None if k is None else [("imputation", "==", k)]
     cells = {}
     for entry in entries:
         with fs.open(posixpath.join(root, entry["path"]), "rb") as fh:
-            cells[entry["variable"]] = pq.read_table(fh, filters=[("imputation", "==", k)]).to_pandas()
-    return fill_cells(df, cells, f["offset"])
+            cells[entry["variable"]] = pq.read_table(fh, filters=filters).to_pandas()
+    return cells
 
 
 def part_files(man: dict[str, Any], k: int) -> list[str] | None:
