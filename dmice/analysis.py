@@ -679,10 +679,8 @@ def _unplaced(data: Any, frames: list[Any]) -> bool:
 
     if isinstance(data, MultipleImputation) and data._engine is not None:
         return False
-    try:
-        from distributed import futures_of
-    except ImportError:
-        return False
+    from distributed import futures_of
+
     return not any(futures_of(f) for f in frames)
 
 
@@ -1752,7 +1750,8 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
     probe = _FormulaDesign(None, columns, levels, weights, offset)
     (first,) = _compute(client, frames[0].get_partition(0))
     try:
-        spec = f.get_model_matrix(probe.prepare(first)).model_spec
+        first = probe.prepare(first)
+        spec = f.get_model_matrix(first).model_spec
         if _has_state(spec) and frames[0].npartitions > 1:
             # stateful transforms (center, scale, poly, bs, ...): fit them on a sample of
             # every partition of imputation 1 instead of the first partition alone
@@ -1771,8 +1770,7 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
     recipes = _column_recipes(spec, columns)
     if recipes is not None:
         direct = _FormulaDesign(spec, columns, levels, weights, offset, recipes)
-        sample = probe.prepare(first)
-        sample = sample.iloc[::max(1, len(sample) // DIRECT_CHECK_ROWS)]
+        sample = first.iloc[::max(1, len(first) // DIRECT_CHECK_ROWS)]
         if _same_design(direct, design, sample):
             design = direct
     return spec, terms, design
