@@ -256,7 +256,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     and a donor sample reach the client.  Parameters are drawn from their posterior
     (``norm``, ``pmm``) or its normal approximation (``logreg``, ``polyreg``), so the
     imputations are proper.  Logistic and multinomial fits are warm-started from the
-    previous iteration; Newton steps stop once the remaining error is predicted below
+    previous iteration; each chain's Newton steps stop once its remaining error is predicted below
     0.05 standard errors (Newton's quadratic contraction constant is measured on the
     first, cold-started fit of each variable) or a step is below 0.2 standard errors.
     Predictive mean matching matches against a sample of up to ``donor_pool`` observed

@@ -282,18 +282,21 @@ def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
 DESIGN_CACHE_BYTES = 32 * 2**20
 
 
-def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.ndarray):
-    """:func:`chain_designs` of ``rows`` x ``cols`` for the statistics of variable ``j``.  Every
-    chain's design is written into the same array, only its imputed cells changing: a design
-    is valid until the next one is yielded.
+def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.ndarray,
+                  key: str = "obs", chains: Any = None):
+    """:func:`chain_designs` of ``rows`` x ``cols`` for variable ``j``'s model: its statistics
+    (``key="obs"``, the fitting rows) or its imputation (``key="mis"``).  Every chain's design is
+    written into the same array, only its imputed cells changing: a design is valid until the
+    next one is yielded.  ``chains`` (default: all, in order) are the chains whose designs
+    are yielded.
 
     The part that never changes, the designs' fixed cells (``D0``) and the layout of the
     imputed cells, is kept in ``block.cache`` when it takes at most ``DESIGN_CACHE_BYTES``:
-    one entry per variable (its last ``rows`` and ``cols``), so a model whose predictors
-    change (screening) replaces its entry instead of adding one.
+    one entry per variable and key (its last ``rows`` and ``cols``), so a model whose
+    predictors change (screening) replaces its entry instead of adding one.
     """
     cols = np.asarray(cols)
-    ck = ("mdesign", j)
+    ck = ("mdesign", j, key)
     hit = block.cache.get(ck)
     cached = hit is not None and (hit[0] is rows or np.array_equal(hit[0], rows)) \
         and np.array_equal(hit[1], cols)
@@ -313,7 +316,7 @@ def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.n
             layout[k] = _fill_layout(block, plan, rows, cols, k)
         fills.extend(_layout_cells(layout[k], V))
     X = base.copy(order="F") if cached else base  # the cached cells stay untouched whatever happens to X
-    for c in range(plan.m):
+    for c in range(plan.m) if chains is None else chains:
         for sel, col, V in fills:
             X[:, col][sel] = V[c]
         yield X
@@ -580,21 +583,28 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
     # observed rows is built once and the kernels of dmice.stats run on it directly
     y = block.values[j][obs]
     beta = request["beta"]
-    designs = (lambda: (X[:, xcols] for X in formula_designs(block, plan, j, obs, "obs"))) \
-        if j in plan.formulas else (lambda: model_designs(block, plan, j, obs, xcols))
+    chains = request.get("chains")  # the chains whose fits still iterate (default: all)
+    chains = range(plan.m) if chains is None else [int(c) for c in chains]
+
+    def designs():
+        """``(chain, design)`` of each chain asked for."""
+        if j in plan.formulas:
+            return ((c, X[:, xcols]) for c, X in enumerate(formula_designs(block, plan, j, obs, "obs"))
+                    if c in chains)
+        return zip(chains, model_designs(block, plan, j, obs, xcols, chains=chains))
     if kind in ("logistic", "multinomial", "poisson"):
         kernel = {"logistic": stats.logistic, "multinomial": stats.multinomial,
                   "poisson": stats.poisson}[kind]
-        res = [kernel(X, y, beta[c]) for c, X in enumerate(designs())]
+        res = [kernel(X, y, beta[c]) for c, X in designs()]
     elif kind == "firth":
         inv = request.get("inv_info")
         res = [stats.logistic_firth(X, y, beta[c], None if inv is None else inv[c])
-               for c, X in enumerate(designs())]
+               for c, X in designs()]
     elif kind == "polr":
         keep = np.asarray(xcols) != 0  # the cutpoints take the intercept's place
         km1 = v.n_levels - 1
         res = [stats.polr(X[:, keep], y, beta[c][:km1], beta[c][km1:])
-               for c, X in enumerate(designs())]
+               for c, X in designs()]
     else:
         raise ValueError(f"unknown statistics {kind!r}")
     for key in res[0] if res else ():
@@ -626,8 +636,8 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
                 eta = np.stack([X[:, order["xcols"]] @ order["beta"][c]
                                 for c, X in enumerate(formula_designs(block, plan, j, rows, "mis"))])
             elif order["method"] != "sample":
-                eta = linear_predictor(block, plan, _full_coef(plan, order["xcols"], order["beta"]),
-                                       rows=rows)
+                eta = np.stack([X @ order["beta"][c] for c, X in
+                                enumerate(model_designs(block, plan, j, rows, order["xcols"], "mis"))])
             for c in range(plan.m):
                 g = _rng.generator(plan.seed, _rng.WORKER, plan.chain0 + c, order["iteration"], j,
                                    block.part)

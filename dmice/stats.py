@@ -54,39 +54,43 @@ def multinomial(X: np.ndarray, codes: np.ndarray, B: np.ndarray, loglik: bool = 
     Parameters are stacked level by level (``vec`` of ``B`` in column order):
     ``g`` is ``(K-1)q`` and ``H`` is ``((K-1)q, (K-1)q)`` with blocks
     ``H_ab = X' diag(p_a (delta_ab - p_b)) X``.  Probabilities are kept level-major
-    (``(K-1, n)``, contiguous rows), so every elementwise step runs on long vectors.
+    (``(K-1, n)``, contiguous rows), so every elementwise step runs on long vectors, and
+    the distinct blocks of ``H`` come from one matrix product.
     """
     n, q = X.shape
     km1 = B.shape[1]
     eta = np.dot(B.T, X.T)  # (K-1, n)
     if eta.size and eta.max() < _SAFE_ETA:
         top = None
-        E = np.exp(eta)
-        den = E.sum(axis=0) + 1.0
+        P = np.exp(eta)
+        den = P.sum(axis=0)
+        den += 1.0
     else:
         top = np.maximum(eta.max(axis=0), 0.0)  # level 0 has eta = 0
-        E = np.exp(eta - top)
-        den = E.sum(axis=0) + np.exp(-top)
-    P = E / den  # P(level a + 1), rows a = 0..K-2
+        P = np.exp(eta - top)
+        den = P.sum(axis=0) + np.exp(-top)
+    P /= den  # P(level a + 1), rows a = 0..K-2
     c = codes.astype(np.int64)
     rows = np.nonzero(c > 0)[0]
-    lev = c[rows] - 1
-    R = -P
-    R[lev, rows] += 1.0  # indicator of the observed level minus its probability
+    at = (c[rows] - 1) * n + rows  # flat positions of the observed levels in (K-1, n)
+    R = np.negative(P)
+    R.reshape(-1)[at] += 1.0  # indicator of the observed level minus its probability
     out = {"g": (R @ X).reshape(-1)}  # level-major
+    pairs = [(a, b) for a in range(km1) for b in range(a, km1)]
+    XW = np.empty((n, len(pairs) * q), order="F")
+    for i, (a, b) in enumerate(pairs):
+        w = P[a] * (1.0 - P[a]) if a == b else np.negative(P[a] * P[b])
+        np.multiply(X, w[:, None], out=XW[:, i * q:(i + 1) * q])
+    blocks = X.T @ XW
     H = np.empty((km1 * q, km1 * q))
-    Xw = np.empty_like(X)
-    for a in range(km1):
-        for b in range(a, km1):
-            w = P[a] * (1.0 - P[a]) if a == b else -(P[a] * P[b])
-            np.multiply(X, w[:, None], out=Xw)
-            Hab = X.T @ Xw
-            H[a * q:(a + 1) * q, b * q:(b + 1) * q] = Hab
-            if b != a:
-                H[b * q:(b + 1) * q, a * q:(a + 1) * q] = Hab.T
+    for i, (a, b) in enumerate(pairs):
+        Hab = blocks[:, i * q:(i + 1) * q]
+        H[a * q:(a + 1) * q, b * q:(b + 1) * q] = Hab
+        if b != a:
+            H[b * q:(b + 1) * q, a * q:(a + 1) * q] = Hab.T
     out["H"] = H
     if loglik:
-        out["ll"] = np.array(eta[lev, rows].sum() - np.log(den).sum()
+        out["ll"] = np.array(eta.reshape(-1)[at].sum() - np.log(den).sum()
                              - (0.0 if top is None else top.sum()))
     return out
 

@@ -106,7 +106,7 @@ def test_model_designs_follow_imputations_predictors_and_rows():
 
     rows = blk.obs[j]
     check(blk, rows, cols)
-    assert ("mdesign", j) in blk.cache
+    assert ("mdesign", j, "obs") in blk.cache
     # a later round: new imputations of x and c (new arrays, as a visit makes), same cache
     g = np.random.default_rng(5)
     new = B.replace(blk, imp={**blk.imp, 0: g.normal(size=blk.imp[0].shape),
@@ -121,6 +121,36 @@ def test_model_designs_follow_imputations_predictors_and_rows():
     check(new, rows[::3], cols)
     # unsorted columns are served uncached
     check(new, rows, cols[::-1])
+
+
+def test_model_designs_of_some_chains_and_of_the_missing_rows():
+    """``chains`` yields only those chains' designs, and the designs of a variable's missing
+    rows (its imputation) are kept beside those of its fitting rows."""
+    _, plan, blk = _block()
+    j = 1
+    v = plan.variables[j]
+    cols = np.array([c for c in range(plan.n_cols) if not (v.cols[0] <= c < v.cols[1])])
+    for key, rows in (("obs", blk.obs[j]), ("mis", blk.mis[j])):
+        got = [X.copy() for X in B.model_designs(blk, plan, j, rows, cols, key, chains=[2, 0])]
+        assert len(got) == 2
+        for c, X in zip([2, 0], got):
+            np.testing.assert_array_equal(X, _reference_design(plan, blk, rows, cols, c))
+    assert ("mdesign", j, "obs") in blk.cache and ("mdesign", j, "mis") in blk.cache
+
+
+def test_newton_statistics_of_some_chains_are_those_chains_statistics():
+    """A request naming chains gets exactly those chains' rows of the full statistics."""
+    _, plan, blk = _block()
+    j = 1  # binary target: logistic statistics
+    v = plan.variables[j]
+    xcols = np.array([c for c in range(plan.n_cols) if not (v.cols[0] <= c < v.cols[1])])
+    beta = np.random.default_rng(3).normal(scale=0.1, size=(plan.m, len(xcols)))
+    req = {"var": j, "stat": "logistic", "xcols": xcols, "beta": beta}
+    full = B.model_stats(blk, plan, req)["sum"]
+    some = B.model_stats(blk, plan, {**req, "chains": np.array([2, 0])})["sum"]
+    for key in ("g", "H"):
+        np.testing.assert_array_equal(some[key], full[key][[2, 0]])
+    assert some["n"] == full["n"]
 
 
 def test_model_designs_beyond_the_cache_limit_are_built_each_time(monkeypatch):
@@ -142,13 +172,13 @@ def test_model_designs_beyond_the_cache_limit_are_built_each_time(monkeypatch):
     monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1000)
     check(cols)
     check(cols)
-    assert ("mdesign", j) not in blk.cache
+    assert ("mdesign", j, "obs") not in blk.cache
     monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1 << 30)
     check(cols)
-    assert ("mdesign", j) in blk.cache
+    assert ("mdesign", j, "obs") in blk.cache
     monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1000)
     check(cols[cols != cat.cols[0]])
-    assert ("mdesign", j) not in blk.cache
+    assert ("mdesign", j, "obs") not in blk.cache
 
 
 def test_donor_cells_complete_the_kept_design_over_partitions():

@@ -241,6 +241,37 @@ def test_newton_warm_start_rule_lands_on_the_mle():
     assert steps <= 2
 
 
+def test_newton_chains_stop_on_their_own():
+    """Each chain's fit stops by the rule on its own steps: a round after a visit's first asks
+    only for the chains still iterating, and every chain ends within the accuracy of its MLE."""
+    df = _data()
+    g = np.random.default_rng(4)
+    df.loc[g.random(len(df)) < 0.25, "k"] = np.nan
+    df.loc[g.random(len(df)) < 0.3, "x1"] = np.nan  # imputed predictor: each chain has its own MLE
+    model, plan, blocks, xcols, _ = fit_target(df, "k", m=3, newton_tol=1e-10, newton_accuracy=0.0)
+    mle = model.beta.copy()
+    se = model._unflat(np.stack([np.sqrt(np.diag(f.cov)) for f in model._fits]))
+    model.newton_tol, model.newton_accuracy = 0.2, 0.05
+    model._curvature = 0.05  # the rule then takes one step for errors up to 1 SE
+    start = mle + 0.05 * se
+    start[0] = mle[0] + 2.5 * se[0]  # chain 0 starts far from its MLE, the others near theirs
+    model.beta = start
+    asked, rounds = [], 0
+    while True:
+        req = model.request()
+        asked.append(req.get("chains"))
+        outs = [B.get_out(B.visit(b, plan, None, req)) for b in blocks]
+        if "chains" in req:
+            assert B.combine(outs)["sum"]["H"].shape[0] == len(req["chains"])
+        rounds += 1
+        if model.update(B.combine(outs), 2, []):
+            break
+    assert asked[0] is None and list(asked[1]) == [0]
+    assert rounds >= 2
+    for c in range(3):
+        np.testing.assert_array_less(np.abs(model.beta[c] - mle[c]) / se[c], 0.05)
+
+
 def test_ridge_fallback_with_too_few_observations():
     df = _data(200)
     df.loc[5:, "y"] = np.nan  # 5 observed rows for 8 parameters

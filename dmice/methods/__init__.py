@@ -107,7 +107,8 @@ class TargetModel:
         self._pool_xcols: np.ndarray | None = None  # ... and the predictors of its columns
         self._rounds = 0
         self.last_rounds = 0
-        self._last_step = np.inf
+        self._last_step = np.full(m, np.inf)  # each chain's last Newton step (standard errors)
+        self._active: np.ndarray | None = None  # chains still iterating (None: all)
         self._curvature = 0.0  # largest observed Newton contraction constant M
         self.labels = labels  # names of the encoded design columns, for logged events
         self.screen = screen  # drop constant and collinear predictors before each fit
@@ -176,6 +177,8 @@ class TargetModel:
             req["beta"] = self._current_beta()
         if self.stat == "firth":
             req["inv_info"] = self.inv_info
+        if self._active is not None:
+            req["chains"] = np.nonzero(self._active)[0]
         return req
 
     def _current_beta(self) -> np.ndarray:
@@ -261,7 +264,8 @@ class TargetModel:
         self.beta = None
         self._init_pending = False
         self._rounds = 0
-        self._last_step = np.inf
+        self._last_step = np.full(self.m, np.inf)
+        self._active = None
         self._curvature = 0.0
         self._prev_delta = None
 
@@ -348,38 +352,50 @@ class TargetModel:
         if self.stat == "firth" and self.inv_info is None:
             return self._firth_information(s, penalty)
         score = s["gf"] if self.stat == "firth" else s["g"]
-        worst = 0.0
-        fits = []
-        deltas = []
-        for c in range(self.m):
+        # chains still iterating: the statistics come for these only (all in a visit's first round)
+        computed = np.ones(self.m, dtype=bool) if self._active is None else self._active
+        fits = list(self._fits) if self._active is not None else [None] * self.m
+        steps = np.zeros(self.m)
+        deltas = np.zeros((self.m, self.n_params))
+        for i, c in enumerate(np.nonzero(computed)[0]):
             b = self._flat(beta[c])
-            H = s["H"][c]
+            H = s["H"][i]
             if self.stat == "firth":
                 H = self._firth_hessian(s, c)
-            st = newton.step(b, score[c], H, self._penalty_matrix(penalty, c))
+            st = newton.step(b, score[i], H, self._penalty_matrix(penalty, c))
             if self.stat == "firth":
                 st.cov = self._firth["inv"][c]  # draws and hat values use the Fisher information
             if self.method == "polr":
                 st.beta = _ordered_cuts(b, st.beta, self.var.n_levels - 1)
-            fits.append(st)
-            deltas.append(st.beta - b)
-            worst = max(worst, st.step_se)
+            fits[c] = st
+            deltas[c] = st.beta - b
+            steps[c] = st.step_se
+        worst = float(steps.max())
         self.beta = self._unflat(np.stack([f.beta for f in fits]))
         if self.stat == "firth":
             self.inv_info = None  # the next round computes the information at the new estimate
         self._fits = fits
         self._rounds += 1
-        delta = np.stack(deltas)
+        delta = deltas
         prev_delta, self._prev_delta = self._prev_delta, delta
         prior_moved = self._update_prior()
         # Newton converges quadratically: e_next ~ M e^2 (in standard errors).  M is measured on
-        # consecutive steps of the same fit; once known, a step d leaves an error of about M d^2.
-        prev, self._last_step = self._last_step, worst
-        if self._rounds > 1 and 0.05 <= prev <= 2.0:
-            self._curvature = max(self._curvature, worst / prev**2)
-        predicted = self._curvature * worst**2 if self._curvature > 0 else np.inf
-        done = worst <= self.newton_tol or (worst <= 3.0 and predicted <= self.newton_accuracy)
-        done = done and not prior_moved
+        # consecutive steps of the same chain's fit; once known, a step d leaves an error of about
+        # M d^2.  Each chain stops on its own; the others keep iterating.
+        prev = self._last_step
+        self._last_step = np.where(computed, steps, np.inf)
+        if self._rounds > 1:
+            measured = computed & (prev >= 0.05) & (prev <= 2.0)
+            if measured.any():
+                self._curvature = max(self._curvature,
+                                      float(np.max(steps[measured] / prev[measured] ** 2)))
+        predicted = self._curvature * steps**2 if self._curvature > 0 else np.full(self.m, np.inf)
+        chain_done = (steps <= self.newton_tol) | ((steps <= 3.0) & (predicted <= self.newton_accuracy))
+        chain_done |= ~computed
+        done = bool(chain_done.all()) and not prior_moved
+        # per-chain rounds for the kernels whose rounds carry no state shared by the chains
+        # (Firth's rounds alternate information and score; a moving prior refits every chain)
+        self._active = None if (done or prior_moved or self.stat == "firth") else ~chain_done
         if (done or worst <= 1.0 or self._rounds >= self.max_newton) \
                 and self._check_separation(done, delta, prev_delta, iteration, events):
             return False
@@ -447,7 +463,8 @@ class TargetModel:
         self._firth = {}
         self.last_rounds = self._rounds
         self._rounds = 0
-        self._last_step = np.inf
+        self._last_step = np.full(self.m, np.inf)
+        self._active = None
         self._prev_delta = None
 
     def _update_prior(self) -> bool:
@@ -511,7 +528,8 @@ class TargetModel:
         self.inv_info = None
         self._firth = {}
         self._rounds = 0
-        self._last_step = np.inf
+        self._last_step = np.full(self.m, np.inf)
+        self._active = None
         self._curvature = 0.0
         self._prev_delta = None
         return True
