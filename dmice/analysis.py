@@ -36,6 +36,7 @@ from dask import delayed
 from scipy import special
 from scipy.special import expit, ndtr, ndtri
 
+from dmice._gc import frozen
 from dmice.errors import InputError
 
 Design = Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]]
@@ -1776,6 +1777,7 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
     return spec, terms, design
 
 
+@frozen
 def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | None = None,
             weights: str | None = None, offset: str | None = None, cov_type: str = "nonrobust",
             dfcom: float | None = None, client: Any = None, tol: float = 1e-10,

@@ -25,6 +25,7 @@ from dmice import predictors as _pred
 from dmice import progress as _progress
 from dmice import rng as _rng
 from dmice import store
+from dmice._gc import frozen
 from dmice.errors import InputError, OutputError
 from dmice.methods import SEPARATION, TargetModel
 from dmice.methods.stratified import StratifiedModel
@@ -90,6 +91,7 @@ def _visit_sequence(schema: Schema, visit_sequence: str | list[str]) -> list[int
     return seq
 
 
+@frozen
 def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None,
            method: dict[str, str] | None = None, visit_sequence: str | list[str] = "roman",
            donors: int = 5, donor_pool: int = 10_000, ridge: float = 1e-5,

@@ -230,3 +230,53 @@ def test_lost_worker_stops_the_loop_with_a_clear_error():
 
         with pytest.raises(RuntimeError, match="was lost .* cannot continue"):
             dmice.impute(ddf, m=2, max_iter=6, seed=1, client=c, progress=progress)
+
+
+def test_calls_keep_older_objects_out_of_collections_until_they_return():
+    """dmice._gc.frozen: objects older than the call are not traversed (nor collected) by
+    collections during it, nested calls included, and are collected again once it returns,
+    even when it raises."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    assert gc.get_freeze_count() == 0
+    gc.disable()  # no automatic collection between the garbage made here and the call
+    try:
+        old = cycle()  # unreachable garbage made before the call
+        seen = []
+        _call_frozen(cycle, seen, old)
+    finally:
+        gc.enable()
+    (old_alive, new_collected, frozen_count), = seen
+    assert old_alive and new_collected and frozen_count > 0
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert old() is None
+
+
+def _call_frozen(cycle, seen, old):
+    import gc
+
+    from dmice._gc import frozen
+
+    @frozen
+    def inner():
+        new = cycle()
+        gc.collect()
+        seen.append((old() is not None, new() is None, gc.get_freeze_count()))
+
+    @frozen
+    def outer():
+        inner()
+        raise ValueError("stop")
+
+    with pytest.raises(ValueError):
+        outer()
