@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -397,6 +398,17 @@ class _Group:
     diffs: list[tuple[np.ndarray | None, tuple] | None]
     consts: dict[int, dict[str, float]] = field(default_factory=dict)
     work: np.ndarray | None = None  # scratch space of the passes (see _array_stats)
+    #: imputations whose files are read when first needed (see :func:`_load_group`):
+    #: position -> its :class:`_StoredPart`, and what reading them needs
+    later: dict[int, Any] = field(default_factory=dict)
+    source: tuple | None = None  # (design, family, first's raw frame, its prepared frame, its path)
+    lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:  # a lock does not travel
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, lock=threading.Lock())
 
     def __sizeof__(self) -> int:  # the arrays' bytes, for dask's memory and transfer costs
         arrays = [*self.base, self.work]
@@ -405,7 +417,32 @@ class _Group:
                 arrays += [d[0], *d[1]]
         return 1000 + sum(a.nbytes for a in arrays if isinstance(a, (np.ndarray, _PatchedX)))
 
+    def load(self, j: int) -> None:
+        """Read and design imputation ``j``'s file if it was deferred (once, whichever task
+        asks first: a pass that needs it or the prefetch that fills the worker's idle time)."""
+        if j not in self.later:
+            return
+        with self.lock:
+            part = self.later.get(j)
+            if part is None:
+                return
+            design, family, raw, first, path = self.source
+            mine = [c for c in raw.columns if c not in part.shared]
+            df = part.read(mine)
+            if len(df) != len(raw):
+                raise InputError(f"the imputations' files {path!r} and {part.path!r} have "
+                                 "different numbers of rows")
+            full = raw.copy(deep=False)
+            for c in mine:
+                full[c] = df[c].array
+            prepare = getattr(design, "prepare", lambda d: d)
+            self.diffs[j] = _design_diff(design, family, self.base, first, prepare(full), mine)
+            del self.later[j]
+            if not self.later:
+                self.source = None
+
     def arrays(self, j: int) -> tuple:
+        self.load(j)
         if j == 0 or self.diffs[j] is None:
             return self.base
         rows, arr = self.diffs[j]
@@ -533,7 +570,8 @@ def _read_parts(parts: tuple[Any, ...], columns: list[str] | None
     return frames, own
 
 
-def _load_group(design: Any, family: str, ks: list[int], *parts: Any) -> _Group:
+def _load_group(design: Any, family: str, ks: list[int], *parts: Any, defer: bool = False
+                ) -> _Group:
     """Build the design of one partition for the imputations ``ks`` (one pandas frame or
     :class:`_StoredPart` each).
 
@@ -541,38 +579,59 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: Any) -> _Group:
     other imputation, only on the rows whose analysis columns differ from it (the
     imputed cells): completed data sets share their observed values.  When more than
     half of the rows differ, it is evaluated on the whole partition instead.
+
+    With ``defer`` and stored parts, only the first imputation's file is read here; the
+    others are read when first needed (:meth:`_Group.load`), so that their reading can
+    fill the worker's idle time between the first imputation's passes (see :func:`_fit`).
     """
     prepare = getattr(design, "prepare", lambda d: d)
+    if defer and len(parts) > 1 and isinstance(parts[0], _StoredPart):
+        dfs, _ = _read_parts(parts[:1], getattr(design, "columns", None))
+        first = prepare(dfs[0])
+        base = _arrays(design(first))
+        _check_outcome(family, base[1])
+        return _Group(list(ks), base, [None] * len(parts),
+                      later={j: p for j, p in enumerate(parts) if j},
+                      source=(design, family, dfs[0], first, parts[0].path))
     dfs, own = _read_parts(parts, getattr(design, "columns", None))
     frames = [prepare(p) for p in dfs]
     base = _arrays(design(frames[0]))
     _check_outcome(family, base[1])
     diffs: list[tuple[np.ndarray | None, tuple] | None] = [None]
     for df in frames[1:]:
-        if len(df) != len(frames[0]):
-            arr = _arrays(design(df))
-            _check_outcome(family, arr[1])
-            diffs.append((None, arr))
-            continue
-        differ = None if own is None else [c for c in df.columns if c in own]
-        if getattr(design, "recipes", None) is not None:
-            diffs.append(_patched(design, family, base, frames[0], df, differ))
-            continue
-        rows = np.flatnonzero(_rows_differ(df, frames[0], differ))
-        if not len(rows):
-            diffs.append(None)
-            continue
-        if 2 * len(rows) > len(df):
-            # most rows differ: the whole partition's arrays (at most twice the memory of the
-            # differing rows alone), so that a pass does not rebuild them
-            arr = _arrays(design(df))
-            _check_outcome(family, arr[1])
-            diffs.append((None, arr))
-            continue
-        arr = _arrays(design(df.iloc[rows]))
-        _check_outcome(family, arr[1])
-        diffs.append((rows, arr))
+        diffs.append(_design_diff(design, family, base, frames[0], df, own))
     return _Group(list(ks), base, diffs)
+
+
+def _prefetch(group: _Group, j: int) -> None:
+    """Task: read and design the group's imputation at position ``j`` now (see :func:`_fit`)."""
+    group.load(j)
+
+
+def _design_diff(design: Any, family: str, base: tuple, first: pd.DataFrame, df: pd.DataFrame,
+                 own: list[str] | None) -> tuple[np.ndarray | None, tuple] | None:
+    """The entry of :attr:`_Group.diffs` of the prepared frame ``df`` against the first
+    imputation's ``first`` (arrays ``base``); ``own``: the columns that can differ (``None``:
+    any)."""
+    if len(df) != len(first):
+        arr = _arrays(design(df))
+        _check_outcome(family, arr[1])
+        return None, arr
+    differ = None if own is None else [c for c in df.columns if c in own]
+    if getattr(design, "recipes", None) is not None:
+        return _patched(design, family, base, first, df, differ)
+    rows = np.flatnonzero(_rows_differ(df, first, differ))
+    if not len(rows):
+        return None
+    if 2 * len(rows) > len(df):
+        # most rows differ: the whole partition's arrays (at most twice the memory of the
+        # differing rows alone), so that a pass does not rebuild them
+        arr = _arrays(design(df))
+        _check_outcome(family, arr[1])
+        return None, arr
+    arr = _arrays(design(df.iloc[rows]))
+    _check_outcome(family, arr[1])
+    return rows, arr
 
 
 def _patched(design: Any, family: str, base: tuple, first: pd.DataFrame, df: pd.DataFrame,
@@ -720,9 +779,13 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     m = len(frames)
     groups = _groups(frames, getattr(design, "columns", None), files)
     design_d = delayed(design, pure=True, traverse=False)
-    loads = [delayed(_load_group)(design_d, family, ks, *pts) for ks, pts in groups]
     robust = cov_type != "nonrobust"
     client = client if client is not None else _default_client()
+    # imputations 2..m of written files are read by low-priority tasks after the first pass
+    # is on its way (see below), not before it
+    defer = client is not None and files is not None and m > 1
+    loads = [delayed(_load_group)(design_d, family, ks, *pts, defer=defer) for ks, pts in groups]
+    prefetch: list[Any] = []
     if client is not None:
         from distributed import wait
 
@@ -741,6 +804,14 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
                                   family, link, robust, grad, lean, pure=False,
                                   workers=list(where.get(g.key, ())) or None)
                     for g, (ks, _) in zip(held, groups) if any(k in betas for k in ks)]
+            if defer and not prefetch:
+                # Reading imputations 2..m: tasks queued behind this pass (lower priority),
+                # on the worker holding the group, so that they run in its idle time between
+                # imputation 1's passes, while the client takes its Newton steps.  A pass
+                # that needs an imputation not read yet reads it itself (_Group.load).
+                prefetch.extend(client.submit(_prefetch, g, j, pure=False, priority=-1,
+                                              workers=list(where.get(g.key, ())) or None)
+                                for g, (ks, _) in zip(held, groups) for j in range(1, len(ks)))
             return _reduce_active(client.gather(futs), betas)
     else:
         held = list(dask.compute(*loads))
@@ -756,7 +827,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
         beta, res, it = _iterate(one_pass, m, p, link, tol, max_iter)
     finally:
         if client is not None:
-            client.cancel(held)  # release the designs held on the workers
+            client.cancel(prefetch + held)  # release the designs held on the workers
     n = int(res[0]["n"])
     # covariance from the last pass (its step was below tol, so the change is negligible)
     df_resid = n - p

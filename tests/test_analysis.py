@@ -171,6 +171,64 @@ def test_imputations_with_their_own_columns_patch_imputation_one(frames, monkeyp
             np.testing.assert_allclose(got[key], ref[key], rtol=1e-12, atol=1e-12)
 
 
+def test_deferred_imputations_are_read_once_when_first_needed(frames, tmp_path):
+    """With defer, a group reads only imputation 1's file; the others are read (once, from
+    whichever thread asks first, also after the group travelled between processes) into
+    the arrays the group reads at once."""
+    import pickle
+    import threading
+
+    import dmice.analysis as A
+
+    base = _typed(frames[0])
+    comp = [base]
+    for k in (1, 2):
+        f = base.copy()
+        redo = np.random.default_rng(k).random(N) < 0.3  # "imputed" cells of x and grp
+        f.loc[redo, ["x", "grp"]] = frames[k].loc[redo, ["x", "grp"]]
+        comp.append(f)
+    dtypes = {c: str(t) for c, t in base.dtypes.items()}
+    parts = []
+    for k, f in enumerate(comp):
+        f.to_parquet(tmp_path / f"{k}.parquet")
+        shared = () if k == 0 else tuple(c for c in base.columns if c not in ("x", "grp"))
+        parts.append(A._StoredPart(str(tmp_path), f"{k}.parquet", None, dtypes, shared))
+    formula = "e ~ x + z + C(grp) + flag + x:flag"
+    ddfs = [dd.from_pandas(f, npartitions=1, sort=False) for f in comp]
+    _, terms, design = A._build_spec(formula, ddfs, None, "off")
+    eager = A._load_group(design, "binomial", [0, 1, 2], *parts)
+    lazy = A._load_group(design, "binomial", [0, 1, 2], *parts, defer=True)
+    assert sorted(lazy.later) == [1, 2] and lazy.diffs == [None, None, None]
+    travelled = pickle.loads(pickle.dumps(lazy))  # as a worker would spill or send it
+    reads = []
+    orig = A._StoredPart.read
+
+    def counted(self, columns):
+        reads.append(self.path)
+        return orig(self, columns)
+
+    A._StoredPart.read = counted
+    try:
+        threads = [threading.Thread(target=lazy.load, args=(1,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert reads == ["1.parquet"] and sorted(lazy.later) == [2]
+        for group in (lazy, travelled):
+            for j in range(3):
+                for got, want in zip(group.arrays(j), eager.arrays(j)):
+                    if want is None:
+                        assert got is None
+                    else:
+                        Xg = got[slice(0, N)] if isinstance(got, A._PatchedX) else got
+                        Xw = want[slice(0, N)] if isinstance(want, A._PatchedX) else want
+                        np.testing.assert_array_equal(Xg, Xw)
+        assert not lazy.later and lazy.source is None
+    finally:
+        A._StoredPart.read = orig
+
+
 @pytest.mark.parametrize("rhs", ["x + I(x ** 2)", "C(grp, contr.sum) + x", "bs(x, df=3) + z",
                                  "C(grp, levels=['c', 'b', 'a', 'd'])"])
 def test_other_formulas_keep_formulaic(frames, rhs):
