@@ -227,9 +227,10 @@ def main() -> None:
         f"(rtol 1e-6): {sm_same}.",
         "- dmice peak memory: client/scheduler + worker processes (the cluster's baseline included); "
         "statsmodels: its spawned process (interpreter, libraries, the pandas frame and model matrix).",
-        "- dmice's analyze (m = 5, given the result of `dmice.open`) reads the 5 Parquet files of "
-        "each partition in the task that designs them (the analysis columns of imputation 1, only "
-        "the imputed ones of imputations 2-5), builds imputation 1's model matrix directly from the "
+        "- dmice's analyze (m = 5, given the result of `dmice.open`) reads imputation 1's Parquet "
+        "file of each partition in the task that designs it (its analysis columns) and the files of "
+        "imputations 2-5 (their imputed columns only) in low-priority tasks on the same worker "
+        "that run between imputation 1's passes, builds imputation 1's model matrix directly from the "
         "columns (the formula has plain numeric and treatment-coded terms; checked identical to "
         "formulaic's) and, for imputations 2-5, only their own columns, patched into imputation "
         "1's matrix a row block at a time; it keeps them on the workers (partition i on worker i "

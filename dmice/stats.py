@@ -41,6 +41,9 @@ def softmax0(eta: np.ndarray) -> np.ndarray:
     return full
 
 
+#: rows per block of the multinomial information (its weighted copies of X stay in the caches)
+ROW_BLOCK = 8192
+
 #: below this largest linear predictor the multinomial probabilities are computed without
 #: shifting by the row maximum (exp cannot overflow; the shift costs a third of the kernel)
 _SAFE_ETA = 300.0
@@ -55,7 +58,7 @@ def multinomial(X: np.ndarray, codes: np.ndarray, B: np.ndarray, loglik: bool = 
     ``g`` is ``(K-1)q`` and ``H`` is ``((K-1)q, (K-1)q)`` with blocks
     ``H_ab = X' diag(p_a (delta_ab - p_b)) X``.  Probabilities are kept level-major
     (``(K-1, n)``, contiguous rows), so every elementwise step runs on long vectors, and
-    the distinct blocks of ``H`` come from one matrix product.
+    the distinct blocks of ``H`` come from one matrix product per block of rows.
     """
     n, q = X.shape
     km1 = B.shape[1]
@@ -77,11 +80,16 @@ def multinomial(X: np.ndarray, codes: np.ndarray, B: np.ndarray, loglik: bool = 
     R.reshape(-1)[at] += 1.0  # indicator of the observed level minus its probability
     out = {"g": (R @ X).reshape(-1)}  # level-major
     pairs = [(a, b) for a in range(km1) for b in range(a, km1)]
-    XW = np.empty((n, len(pairs) * q), order="F")
-    for i, (a, b) in enumerate(pairs):
-        w = P[a] * (1.0 - P[a]) if a == b else np.negative(P[a] * P[b])
-        np.multiply(X, w[:, None], out=XW[:, i * q:(i + 1) * q])
-    blocks = X.T @ XW
+    W = np.stack([P[a] * (1.0 - P[a]) if a == b else np.negative(P[a] * P[b]) for a, b in pairs])
+    # rows a block at a time: the weighted copies of a block of X stay in the CPU caches
+    work = np.empty((min(n, ROW_BLOCK), len(pairs) * q), order="F")
+    blocks = np.zeros((q, len(pairs) * q))
+    for s in range(0, n, ROW_BLOCK):
+        Xb = X[s:s + ROW_BLOCK]
+        Wk = work[:len(Xb)]
+        for i in range(len(pairs)):
+            np.multiply(Xb, W[i, s:s + ROW_BLOCK, None], out=Wk[:, i * q:(i + 1) * q])
+        blocks += Xb.T @ Wk
     H = np.empty((km1 * q, km1 * q))
     for i, (a, b) in enumerate(pairs):
         Hab = blocks[:, i * q:(i + 1) * q]

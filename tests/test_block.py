@@ -123,9 +123,9 @@ def test_model_designs_follow_imputations_predictors_and_rows():
     check(new, rows, cols[::-1])
 
 
-def test_model_designs_of_some_chains_and_of_the_missing_rows():
+def test_model_designs_of_some_chains_and_of_the_missing_rows(monkeypatch):
     """``chains`` yields only those chains' designs, and the designs of a variable's missing
-    rows (its imputation) are kept beside those of its fitting rows."""
+    rows (its imputation) are kept beside those of its fitting rows, below their own limit."""
     _, plan, blk = _block()
     j = 1
     v = plan.variables[j]
@@ -136,6 +136,14 @@ def test_model_designs_of_some_chains_and_of_the_missing_rows():
         for c, X in zip([2, 0], got):
             np.testing.assert_array_equal(X, _reference_design(plan, blk, rows, cols, c))
     assert ("mdesign", j, "obs") in blk.cache and ("mdesign", j, "mis") in blk.cache
+    monkeypatch.setattr(B, "MIS_DESIGN_CACHE_BYTES", 1000)
+    _, plan, blk = _block()
+    rows = blk.mis[j]
+    for _ in range(2):  # built again each time, the same designs
+        got = [X.copy() for X in B.model_designs(blk, plan, j, rows, cols, "mis")]
+        for c, X in enumerate(got):
+            np.testing.assert_array_equal(X, _reference_design(plan, blk, rows, cols, c))
+    assert ("mdesign", j, "mis") not in blk.cache
 
 
 def test_newton_statistics_of_some_chains_are_those_chains_statistics():

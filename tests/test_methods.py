@@ -179,6 +179,7 @@ def test_multinomial_and_logistic_kernels_equal_statsmodels(shifted, monkeypatch
 
     if shifted:
         monkeypatch.setattr(stats, "_SAFE_ETA", -np.inf)
+    monkeypatch.setattr(stats, "ROW_BLOCK", 700)  # several blocks of rows, the last one partial
     g = np.random.default_rng(8)
     n, q = 3000, 4
     X = np.column_stack([np.ones(n), g.normal(size=(n, q - 1))])
