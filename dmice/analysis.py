@@ -783,7 +783,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     client = client if client is not None else _default_client()
     # imputations 2..m of written files are read by low-priority tasks after the first pass
     # is on its way (see below), not before it
-    defer = client is not None and files is not None and m > 1
+    defer = client is not None and files is not None and m > 1 and isinstance(files[0][0], _StoredPart)
     loads = [delayed(_load_group)(design_d, family, ks, *pts, defer=defer) for ks, pts in groups]
     prefetch: list[Any] = []
     if client is not None:
