@@ -427,14 +427,7 @@ class _Group:
             if part is None:
                 return
             design, family, raw, first, path = self.source
-            mine = [c for c in raw.columns if c not in part.shared]
-            df = part.read(mine)
-            if len(df) != len(raw):
-                raise InputError(f"the imputations' files {path!r} and {part.path!r} have "
-                                 "different numbers of rows")
-            full = raw.copy(deep=False)
-            for c in mine:
-                full[c] = df[c].array
+            full, mine = part.onto(raw, path)
             prepare = getattr(design, "prepare", lambda d: d)
             self.diffs[j] = _design_diff(design, family, self.base, first, prepare(full), mine)
             del self.later[j]
@@ -481,6 +474,20 @@ class _StoredPart:
         from dmice import store
 
         return store.read_part(self.path, self.url, self.storage_options, self.dtypes, columns)
+
+    def onto(self, first: pd.DataFrame, first_path: str) -> tuple[pd.DataFrame, list[str]]:
+        """This imputation's frame of the partition: ``first`` (the first imputation's, read
+        from ``first_path``) with the columns this file does not share replaced by its own,
+        which alone are read; and those columns."""
+        mine = [c for c in first.columns if c not in self.shared]
+        df = self.read(mine)
+        if len(df) != len(first):
+            raise InputError(f"the imputations' files {first_path!r} and {self.path!r} have "
+                             "different numbers of rows")
+        full = first.copy(deep=False)
+        for c in mine:
+            full[c] = df[c].array
+        return full, mine
 
 
 @dataclass(frozen=True)
@@ -554,19 +561,10 @@ def _read_parts(parts: tuple[Any, ...], columns: list[str] | None
     if not parts or not isinstance(parts[0], _StoredPart):
         return list(parts), None
     first = parts[0].read(columns)
-    cols = list(first.columns)
     frames, own = [first], None
     for p in parts[1:]:
-        mine = [c for c in cols if c not in p.shared]
-        df = p.read(mine)
-        if len(df) != len(first):
-            raise InputError(f"the imputations' files {parts[0].path!r} and {p.path!r} have "
-                             "different numbers of rows")
-        full = first.copy(deep=False)
-        for c in mine:
-            full[c] = df[c].array
+        full, own = p.onto(first, parts[0].path)
         frames.append(full)
-        own = mine
     return frames, own
 
 

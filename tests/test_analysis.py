@@ -229,6 +229,26 @@ def test_deferred_imputations_are_read_once_when_first_needed(frames, tmp_path):
         A._StoredPart.read = orig
 
 
+@pytest.mark.parametrize("defer", [False, True])
+def test_imputation_files_of_different_lengths_are_refused(frames, tmp_path, defer):
+    """Two imputations' files of one partition with different row counts: a clear error naming
+    both files, whether they are read together or the second one later."""
+    import dmice.analysis as A
+
+    base = _typed(frames[0])
+    dtypes = {c: str(t) for c, t in base.dtypes.items()}
+    base.to_parquet(tmp_path / "1.parquet")
+    base.iloc[:-3].to_parquet(tmp_path / "2.parquet")
+    shared = tuple(c for c in base.columns if c != "x")
+    parts = [A._StoredPart(str(tmp_path), "1.parquet", None, dtypes),
+             A._StoredPart(str(tmp_path), "2.parquet", None, dtypes, shared)]
+    ddfs = [dd.from_pandas(base, npartitions=1, sort=False)] * 2
+    _, _, design = A._build_spec("e ~ x + z", ddfs, None, "off")
+    with pytest.raises(InputError, match=r"'1\.parquet' and '2\.parquet' have different numbers of rows"):
+        group = A._load_group(design, "binomial", [0, 1], *parts, defer=defer)
+        group.arrays(1)
+
+
 @pytest.mark.parametrize("rhs", ["x + I(x ** 2)", "C(grp, contr.sum) + x", "bs(x, df=3) + z",
                                  "C(grp, levels=['c', 'b', 'a', 'd'])"])
 def test_other_formulas_keep_formulaic(frames, rhs):
