@@ -76,6 +76,15 @@ def _inverse_link(link: str, eta: np.ndarray,
     raise AssertionError(link)
 
 
+def _mean(link: str, eta: np.ndarray) -> np.ndarray:
+    """``mu`` alone at ``eta`` (a score needs no derivative of the mean)."""
+    if link == "logit":
+        return expit(eta)
+    if link == "log":
+        return np.exp(eta)
+    return _inverse_link(link, eta, second=False)[0]
+
+
 def _link(link: str, mu: np.ndarray) -> np.ndarray:
     """The link function ``eta = g(mu)``."""
     if link == "identity":
@@ -257,32 +266,25 @@ def _score(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray |
     n = X.shape[0]
     g = np.zeros(X.shape[1])
     patched = isinstance(X, _PatchedX)
-    if patched:  # imputation 1's columns where they apply, this imputation's own columns apart
-        base, cols = X.base, X.cols
-        b_base = beta.copy()
-        b_base[cols] = 0.0
-        b_own = beta[cols]
     for s in range(0, n, ROW_BLOCK):
         rows = slice(s, s + ROW_BLOCK)
-        if patched:
-            own = X.own(rows)
-            eta = base[rows] @ b_base
-            eta += own @ b_own
+        if patched:  # this imputation's own columns, and imputation 1's where they apply
+            parts = [(X.own(rows), X.cols)] + [(X.base[rows, c], c) for c in X.keep]
         else:
-            Xb = X[rows]
-            eta = Xb @ beta
+            parts = [(X[rows], slice(None))]
+        eta = None
+        for A, c in parts:
+            # a product with a single column as a vector's (numpy's matrix product is slow
+            # on an (n, 1) view)
+            t = A[:, 0] * beta[c][0] if A.shape[1] == 1 else A @ beta[c]
+            eta = t if eta is None else np.add(eta, t, out=eta)
         if off is not None:
             eta += off[rows]
-        mu = _inverse_link(link, eta, second=False)[0]
-        u = y[rows] - mu
+        u = np.subtract(y[rows], _mean(link, eta), out=eta)
         if w is not None:
             u *= w[rows]
-        if patched:
-            gb = base[rows].T @ u
-            gb[cols] = own.T @ u
-            g += gb
-        else:
-            g += Xb.T @ u
+        for A, c in parts:
+            g[c] += A.T @ u
     return {"g": g, "n": np.array(float(n))}
 
 
@@ -645,8 +647,13 @@ def _patched(design: Any, family: str, base: tuple, first: pd.DataFrame, df: pd.
     ycol, recipes = design.recipes
     js = [j for j, factors in enumerate(recipes) if any(f[0] in changed for f in factors)]
     needed = {f[0] for j in js for f in recipes[j]}
-    values, codes = design.sources(df, needed)
-    X = _PatchedX(base[0], js, [recipes[j] for j in js], values, codes) if js else base[0]
+    X = base[0]
+    if js:
+        values, codes = design.sources(df, needed)
+        own = np.empty((len(df), len(js)), order="F")
+        for i, j in enumerate(js):
+            _fill_column(own[:, i], recipes[j], values, codes)
+        X = _PatchedX(base[0], js, own)
     own = []
     for arr, col in zip(base[1:], (ycol, design.weights, design.offset)):
         own.append(df[col].to_numpy(dtype=float) if col is not None and col in changed else arr)
@@ -1226,18 +1233,18 @@ class _FormulaDesign:
         values, codes = self.sources(df)
         X = np.empty((len(df), len(recipes)), order="F")
         for j, factors in enumerate(recipes):
-            _fill_column(X[:, j], factors, values, codes, slice(None))
+            _fill_column(X[:, j], factors, values, codes)
         return X, df[ycol].to_numpy(dtype=float)
 
 
 def _fill_column(out: np.ndarray, factors: list[_Factor], values: dict[str, np.ndarray],
-                 codes: dict[str, np.ndarray], rows: slice) -> None:
-    """Write the ``rows`` of the model-matrix column made of ``factors`` into ``out``."""
+                 codes: dict[str, np.ndarray]) -> None:
+    """Write the model-matrix column made of ``factors`` into ``out``."""
     if not factors:
         out.fill(1.0)
         return
     for i, (col, expr, level) in enumerate(factors):
-        v = values[col][rows] if level is None else codes[expr][rows] == level
+        v = values[col] if level is None else codes[expr] == level
         if i == 0:
             out[:] = v
         else:
@@ -1247,35 +1254,42 @@ def _fill_column(out: np.ndarray, factors: list[_Factor], values: dict[str, np.n
 class _PatchedX:
     """The model matrix of an imputation whose analysis columns differ from imputation 1's
     in some columns only (a direct design, see :func:`_column_recipes`): imputation 1's
-    matrix with the model columns that read a differing column recomputed from this
-    imputation's columns, a block of rows at a time (``X[rows]``), so that its full matrix
-    is never stored."""
+    matrix ``base`` with the model columns ``cols`` replaced by this imputation's ``own``
+    (rows by ``len(cols)``, column-major), so that its full matrix is never stored.
+    ``keep``: the runs of ``base``'s other columns, as slices (their products with a
+    block are views of ``base``, not copies)."""
 
-    def __init__(self, base: np.ndarray, cols: list[int], recipes: list[list[_Factor]],
-                 values: dict[str, np.ndarray], codes: dict[str, np.ndarray]):
+    def __init__(self, base: np.ndarray, cols: list[int], own: np.ndarray):
         self.base = base
         self.cols = cols
-        self.recipes = recipes
-        self.values = values
-        self.codes = codes
+        self._own = own
         self.shape = base.shape
+        mine = set(cols)
+        self.keep = [slice(a, b) for a, b in _runs([j for j in range(base.shape[1]) if j not in mine])]
 
     @property
-    def nbytes(self) -> int:  # its own arrays (the base is imputation 1's)
-        return sum(a.nbytes for a in [*self.values.values(), *self.codes.values()])
+    def nbytes(self) -> int:  # its own array (the base is imputation 1's)
+        return self._own.nbytes
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         out = np.array(self.base[rows], order="F")
-        out[:, self.cols] = self.own(rows)
+        out[:, self.cols] = self._own[rows]
         return out
 
     def own(self, rows: slice) -> np.ndarray:
-        """The recomputed columns (:attr:`cols`) of the block ``rows``."""
-        n = len(range(*rows.indices(self.shape[0])))
-        out = np.empty((n, len(self.cols)), order="F")
-        for i, factors in enumerate(self.recipes):
-            _fill_column(out[:, i], factors, self.values, self.codes, rows)
-        return out
+        """The replaced columns (:attr:`cols`) of the block ``rows`` (a view)."""
+        return self._own[rows]
+
+
+def _runs(js: list[int]) -> list[tuple[int, int]]:
+    """The runs of consecutive integers in the sorted ``js``, as ``(first, last + 1)``."""
+    out: list[tuple[int, int]] = []
+    for j in js:
+        if out and out[-1][1] == j:
+            out[-1] = (out[-1][0], j + 1)
+        else:
+            out.append((j, j + 1))
+    return out
 
 
 def _float_columns(df: pd.DataFrame) -> np.ndarray:
@@ -1926,8 +1940,8 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     columns, after checking on a sample of imputation 1's first partition that the
     result is identical to formulaic's; other formulas are evaluated by formulaic.
     With such a direct design, imputations 2..m keep only the model columns that read
-    a column they change, patched into imputation 1's matrix a block of rows at a
-    time, instead of a matrix of their own.  For an output written by dmice (a path,
+    a column they change, used with imputation 1's other columns instead of a matrix
+    of their own.  For an output written by dmice (a path,
     or a result from :func:`dmice.open`), the task that designs a partition reads its
     m files itself, and the columns no imputation changes only from imputation 1's
     file (of a ``cells`` output: the input file and each variable's cells once for all

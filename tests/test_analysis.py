@@ -139,7 +139,12 @@ def test_direct_design_equals_formulaic_on_every_partition(frames, rhs):
     assert "d" in set(df["grp"])
 
 
-def test_imputations_with_their_own_columns_patch_imputation_one(frames, monkeypatch):
+@pytest.mark.parametrize("formula,imputed", [
+    ("e ~ x + z + C(grp, contr.treatment('b')) + flag + x:flag + z:C(grp)", ["x", "grp"]),
+    ("e ~ z + x + flag", ["x"]),  # one own column between runs of imputation 1's
+])
+def test_imputations_with_their_own_columns_patch_imputation_one(frames, monkeypatch, formula,
+                                                                 imputed):
     """With a direct design, imputations 2..m keep only their own columns: over row blocks,
     their model matrix (shared, own and mixed interaction columns), its score and its full
     statistics equal those of the dense matrix formulaic builds on their data."""
@@ -148,10 +153,8 @@ def test_imputations_with_their_own_columns_patch_imputation_one(frames, monkeyp
     monkeypatch.setattr(A, "ROW_BLOCK", 97)  # many blocks, the last one partial
     base = _typed(frames[0])
     other = base.copy()
-    redo = np.random.default_rng(3).random(N) < 0.4  # "imputed" cells of x and grp
-    other.loc[redo, "x"] = frames[1].loc[redo, "x"]
-    other.loc[redo, "grp"] = frames[1].loc[redo, "grp"]
-    formula = "e ~ x + z + C(grp, contr.treatment('b')) + flag + x:flag + z:C(grp)"
+    redo = np.random.default_rng(3).random(N) < 0.4  # "imputed" cells
+    other.loc[redo, imputed] = frames[1].loc[redo, imputed]
     ddfs = [dd.from_pandas(f, npartitions=1, sort=False) for f in (base, other)]
     _, terms, design = A._build_spec(formula, ddfs, None, "off")
     assert design.recipes is not None
@@ -159,6 +162,8 @@ def test_imputations_with_their_own_columns_patch_imputation_one(frames, monkeyp
     X, y, w, off = group.arrays(1)
     assert isinstance(X, A._PatchedX) and y is group.base[1] and off is group.base[3]
     assert [terms[j] for j in X.cols] == [t for t in terms if "x" in t.split(":") or "grp" in t]
+    assert sorted(set(X.cols) | {j for c in X.keep for j in range(len(terms))[c]}) == \
+        list(range(len(terms)))
     dense, yd, _, offd = design.formulaic()(design.prepare(other))
     blocks = np.vstack([X[slice(s, s + 97)] for s in range(0, N, 97)])
     np.testing.assert_array_equal(blocks, dense)
