@@ -384,6 +384,14 @@ def _rows_differ(a: pd.DataFrame, b: pd.DataFrame, columns: list[str] | None = N
     return mask
 
 
+def _differs(a: pd.DataFrame, b: pd.DataFrame, column: str, head: int = 4096) -> bool:
+    """Whether the ``column`` of ``a`` differs from ``b``'s in any row; its first ``head`` rows
+    are compared first (an imputed column usually differs there)."""
+    if _rows_differ(a.iloc[:head], b.iloc[:head], [column]).any():
+        return True
+    return len(a) > head and bool(_rows_differ(a, b, [column]).any())
+
+
 @dataclass
 class _Group:
     """Design arrays of one partition in every imputation of the group.
@@ -403,7 +411,7 @@ class _Group:
     #: imputations whose files are read when first needed (see :func:`_load_group`):
     #: position -> its :class:`_StoredPart`, and what reading them needs
     later: dict[int, Any] = field(default_factory=dict)
-    source: tuple | None = None  # (design, family, first's raw frame, its prepared frame, its path)
+    source: tuple | None = None  # (design, family, first's prepared frame, its file's path)
     lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:  # a lock does not travel
@@ -428,10 +436,13 @@ class _Group:
             part = self.later.get(j)
             if part is None:
                 return
-            design, family, raw, first, path = self.source
-            full, mine = part.onto(raw, path)
-            prepare = getattr(design, "prepare", lambda d: d)
-            self.diffs[j] = _design_diff(design, family, self.base, first, prepare(full), mine)
+            design, family, first, path = self.source
+            # this imputation's own columns laid onto imputation 1's prepared frame: only
+            # they are checked and cast
+            full, mine = part.onto(first, path)
+            if hasattr(design, "prepare"):
+                full = design.prepare(full, only=mine)
+            self.diffs[j] = _design_diff(design, family, self.base, first, full, mine)
             del self.later[j]
             if not self.later:
                 self.source = None
@@ -486,9 +497,8 @@ class _StoredPart:
         if len(df) != len(first):
             raise InputError(f"the imputations' files {first_path!r} and {self.path!r} have "
                              "different numbers of rows")
-        full = first.copy(deep=False)
-        for c in mine:
-            full[c] = df[c].array
+        full = pd.DataFrame({c: (df if c in mine else first)[c].array for c in first.columns},
+                            index=first.index, copy=False)  # no column copied
         return full, mine
 
 
@@ -592,7 +602,7 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: Any, defer: boo
         _check_outcome(family, base[1])
         return _Group(list(ks), base, [None] * len(parts),
                       later={j: p for j, p in enumerate(parts) if j},
-                      source=(design, family, dfs[0], first, parts[0].path))
+                      source=(design, family, first, parts[0].path))
     dfs, own = _read_parts(parts, getattr(design, "columns", None))
     frames = [prepare(p) for p in dfs]
     base = _arrays(design(frames[0]))
@@ -641,7 +651,7 @@ def _patched(design: Any, family: str, base: tuple, first: pd.DataFrame, df: pd.
     the outcome, weights and offset are ``df``'s own where they differ (``None``: nothing
     differs)."""
     cols = df.columns if differ is None else differ
-    changed = [c for c in cols if _rows_differ(df, first, [c]).any()]
+    changed = [c for c in cols if _differs(df, first, c)]
     if not changed:
         return None
     ycol, recipes = design.recipes
@@ -1185,14 +1195,17 @@ class _FormulaDesign:
         self.offset = offset
         self.recipes = recipes
 
-    def prepare(self, df: pd.DataFrame) -> pd.DataFrame:
+    def prepare(self, df: pd.DataFrame, only: Any = None) -> pd.DataFrame:
+        """The analysis columns of ``df``, checked for missing values and with string columns
+        cast to Categorical with the global levels; with ``only``, the other columns are
+        taken as already prepared (those of imputation 1, see :meth:`_Group.load`)."""
         df = df[self.columns]
-        missing = [c for c in self.columns if df[c].isna().any()]
+        todo = self.columns if only is None else [c for c in self.columns if c in only]
+        missing = [c for c in todo if df[c].isna().any()]
         if missing:
             raise InputError(f"the analysis columns {missing} have missing values")
-        if self.levels:
-            df = df.assign(**{c: pd.Categorical(df[c], categories=lv) for c, lv in self.levels.items()})
-        return df
+        cast = {c: pd.Categorical(df[c], categories=lv) for c, lv in self.levels.items() if c in todo}
+        return df.assign(**cast) if cast else df
 
     def __call__(self, df: pd.DataFrame) -> tuple:
         """Design arrays ``(X, y, w, offset)`` of a frame returned by :meth:`prepare`."""

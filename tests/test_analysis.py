@@ -185,7 +185,7 @@ def test_deferred_imputations_are_read_once_when_first_needed(frames, tmp_path):
 
     import dmice.analysis as A
 
-    base = _typed(frames[0])
+    base = _typed(frames[0]).assign(g2=frames[2]["grp"])  # a string column no imputation changes
     comp = [base]
     for k in (1, 2):
         f = base.copy()
@@ -198,7 +198,7 @@ def test_deferred_imputations_are_read_once_when_first_needed(frames, tmp_path):
         f.to_parquet(tmp_path / f"{k}.parquet")
         shared = () if k == 0 else tuple(c for c in base.columns if c not in ("x", "grp"))
         parts.append(A._StoredPart(str(tmp_path), f"{k}.parquet", None, dtypes, shared))
-    formula = "e ~ x + z + C(grp) + flag + x:flag"
+    formula = "e ~ x + z + C(grp) + flag + x:flag + C(g2)"
     ddfs = [dd.from_pandas(f, npartitions=1, sort=False) for f in comp]
     _, terms, design = A._build_spec(formula, ddfs, None, "off")
     eager = A._load_group(design, "binomial", [0, 1, 2], *parts)
