@@ -240,9 +240,12 @@ def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.nda
     sums = {"XtWX": np.zeros((p, p)), "g": np.zeros(p), "Hobs": np.zeros((p, p)),
             "meat": np.zeros((p, p)), "pearson": 0.0, "kern": 0.0, "sw": 0.0, "swy": 0.0,
             "swe": 0.0, "swe2": 0.0}
+    # a patched matrix's blocks are assembled in one buffer (see _PatchedX.block)
+    xbuf = np.empty((ROW_BLOCK, p), order="F") if isinstance(X, _PatchedX) else None
     for s in range(0, n, ROW_BLOCK):
         rows = slice(s, s + ROW_BLOCK)
-        _row_block_stats(sums, X[rows], y[rows], None if w is None else w[rows],
+        Xb = X[rows] if xbuf is None else X.block(rows, xbuf[:min(ROW_BLOCK, n - s)])
+        _row_block_stats(sums, Xb, y[rows], None if w is None else w[rows],
                          None if off is None else off[rows], family, link, beta,
                          None if start is None else start[rows], robust and not lean,
                          c["binary"] > 0, work[:min(ROW_BLOCK, n - s)], lean)
@@ -1279,14 +1282,26 @@ class _PatchedX:
         self.shape = base.shape
         mine = set(cols)
         self.keep = [slice(a, b) for a, b in _runs([j for j in range(base.shape[1]) if j not in mine])]
+        # the runs of cols: (columns of the matrix, columns of own)
+        self.own_runs, i = [], 0
+        for a, b in _runs(cols):
+            self.own_runs.append((slice(a, b), slice(i, i + b - a)))
+            i += b - a
 
     @property
     def nbytes(self) -> int:  # its own array (the base is imputation 1's)
         return self._own.nbytes
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        out = np.array(self.base[rows], order="F")
-        out[:, self.cols] = self._own[rows]
+        n = len(range(*rows.indices(self.shape[0])))
+        return self.block(rows, np.empty((n, self.shape[1]), order="F"))
+
+    def block(self, rows: slice, out: np.ndarray) -> np.ndarray:
+        """The block ``rows`` of the matrix, written into ``out`` (one copy of each column)."""
+        for c in self.keep:
+            out[:, c] = self.base[rows, c]
+        for c, o in self.own_runs:
+            out[:, c] = self._own[rows, o]
         return out
 
     def own(self, rows: slice) -> np.ndarray:
