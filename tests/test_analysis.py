@@ -370,6 +370,42 @@ def test_chord_passes_reach_the_newton_estimates_and_end_on_a_full_pass(frames, 
         np.testing.assert_allclose(res[k]["loglik"], newton[k][1]["loglik"], rtol=1e-12)
 
 
+def test_chord_matrix_follows_broyden_and_solves_a_linear_score_in_2p_steps():
+    """Each chord's matrix is Broyden's update of the one before: it maps the last step onto
+    the change of the score that step caused (the secant equation), and on a linear score
+    it finds the root in at most 2p steps (Gay, 1979), where the fixed first matrix alone
+    still converges linearly at its rate."""
+    from dmice.analysis import _chord_step
+
+    rng = np.random.default_rng(5)
+    p = 3
+    A = rng.normal(size=(p, p))
+    H = A @ A.T + p * np.eye(p)  # the score's true (negated) Jacobian
+    info0 = H + 0.3 * np.diag(np.diag(H))  # a chord matrix 30% off
+    root = np.array([0.5, -1.0, 2.0])
+
+    def score(b):
+        return {"g": H @ (root - b)}
+
+    errors = {}
+    for broyden in (True, False):
+        beta, secant, chord = [np.zeros(p)], {}, {}
+        last = None  # the step before and the score before it
+        for _ in range(2 * p):
+            chord[0] = np.inf  # keep chording
+            before, g = beta[0].copy(), score(beta[0])["g"]
+            _chord_step(0, {"g": g}, beta, chord, info0, 0.0, secant)
+            if not broyden:
+                secant.clear()
+            elif last is not None:  # the matrix of this step: the secant equation of the last
+                np.testing.assert_allclose(secant[0][0] @ last[0], last[1] - g, rtol=1e-10,
+                                           atol=1e-12)
+            last = (beta[0] - before, g)
+        errors[broyden] = np.max(np.abs(beta[0] - root))
+    assert errors[True] < 1e-10
+    assert errors[False] > 1e-4  # 0.3 ** 6 of the start's distance, and more
+
+
 def test_max_iter_during_chords_ends_on_a_full_pass(frames):
     from dmice.analysis import _group_stats, _iterate
 
