@@ -237,7 +237,7 @@ def main() -> None:
         "mod 2) and then runs every IRLS pass as one task per "
         "partition (pinned to the worker holding its design) computing the fits still iterating: "
         "imputation 1 from the starting means, imputations 2-5 from imputation 1's estimate once "
-        "its relative step is at most 1e-2, by chords (score-only passes against imputation 1's "
+        "its relative step is at most 0.1, by chords (score-only passes against imputation 1's "
         "information, Broyden-updated after each chord) until a full pass confirms convergence, each fit stopping at its own "
         "convergence (same criterion as one fit). The one-fit run is `dmice.analyze` on "
         "`[dmice.open(out).complete(1)]` (one dask read task per file, then the same code with "

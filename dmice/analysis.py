@@ -866,7 +866,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
 
 #: warm start of imputations 2..m: they start from imputation 1's estimate once its relative
 #: step is at most this (or it has converged, or after WARM_MAX_LEAD passes)
-WARM_START_STEP = 1e-2
+WARM_START_STEP = 1e-1
 WARM_MAX_LEAD = 6
 #: a chord step larger than this fraction of the one before returns the fit to full passes
 CHORD_MAX_RATE = 0.25
@@ -1993,7 +1993,7 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     task per partition computing the statistics of the fits still iterating; only
     ``p x p`` statistics reach the client.  Imputation 1 iterates from the starting
     means exactly as a fit on its data alone; with a non-identity link, imputations
-    2..m start from imputation 1's estimate once its relative step is at most 1e-2
+    2..m start from imputation 1's estimate once its relative step is at most 0.1
     (their estimates differ only through the imputed values, so they need fewer
     passes), with a logit or log link by chords (passes computing their score alone,
     see :func:`_iterate`), and every fit stops at its own convergence on a full pass
