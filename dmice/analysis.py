@@ -726,15 +726,19 @@ def _reduce_active(outs: list[dict[int, dict[str, Any]]], ks: Any) -> dict[int, 
 
 
 def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: np.ndarray,
-                client: Any = None, files: list[list[Any]] | None = None
+                client: Any = None, files: list[list[Any]] | None = None, spread: bool = False
                 ) -> list[dict[str, Any]]:
-    """One pass over the data at fixed estimates ``betas[k]`` for imputation k."""
+    """One pass over the data at fixed estimates ``betas[k]`` for imputation k (with
+    ``spread``, partition i preferably on worker i modulo their number, see :func:`_spread`)."""
     groups = _groups(frames, getattr(design, "columns", None), files)
     design_d = delayed(design, pure=True, traverse=False)
     tasks = [delayed(_group_stats)(delayed(_load_group)(design_d, family, ks, *pts),
                                    {k: betas[k] for k in ks}, family, link, False)
              for ks, pts in groups]
-    return _reduce_groups(list(_compute(client, *tasks)), len(frames))
+    client = client if client is not None else _default_client()
+    if client is None:
+        return _reduce_groups(list(_compute(None, *tasks)), len(frames))
+    return _reduce_groups(list(client.gather(_spread(client, tasks, spread))), len(frames))
 
 
 def _spread(client: Any, loads: list[Any], spread: bool) -> list[Any]:
@@ -1560,7 +1564,7 @@ class AnalysisResult:
             raise InputError("this result holds no data to evaluate likelihoods on")
         betas = np.tile(np.asarray(params, dtype=float), (self.m, 1))
         stats = _fixed_pass(self._frames, self._design, self.family, self.link, betas, self._client,
-                            self._files)
+                            self._files, spread=_unplaced(self._data, self._frames))
         if self.family != "gaussian":
             return np.array([float(s["loglik"]) for s in stats])
         n = self.nobs

@@ -521,6 +521,15 @@ def test_written_output_read_by_the_fits_equals_statsmodels(cluster_client, tmp_
         fit = sm.GLM(np.asarray(mm.lhs)[:, 0], np.asarray(mm.rhs)).fit()
         np.testing.assert_allclose(res.fits[k - 1].params.to_numpy(), fit.params, rtol=1e-6)
         np.testing.assert_allclose(res.fits[k - 1].bse.to_numpy(), fit.bse, rtol=1e-6)
+    # D3's pass at fixed estimates spreads the partitions over the workers too, and reads the
+    # files as the fits did: the same log-likelihoods as from dask's reader
+    at = res.pooled["estimate"].to_numpy()
+    with get_task_stream(cluster_client) as ts:
+        got = res._loglik_at(at)
+    loads = [t for t in ts.data if str(t["key"]).startswith("_load_group")]
+    assert len(loads) == 3 and len({t["worker"] for t in loads}) == 2
+    frames = [dd.read_parquet(f"{out}/imputation={k}") for k in range(1, 4)]
+    np.testing.assert_allclose(dmice.analyze(frames, MI_FORMULA)._loglik_at(at), got, rtol=1e-10)
     # a model of complete columns only: every imputation's files add no column to read
     flat = dmice.analyze(out, "y ~ 1")
     assert all(f.params["Intercept"] == flat.fits[0].params["Intercept"] for f in flat.fits)
