@@ -4,7 +4,7 @@
 Usage::
 
     python benchmarks/bench_impute.py [--rows 100000] [--scale 1000000 10000000]
-                                      [--out benchmarks/RESULTS.md] [--skip-peers]
+                                      [--out benchmarks/RESULTS.md] [--skip-peers] [--skip-r]
 
 1. Head to head at ``--rows`` rows of the demo cohort (``dmice.demo.make_cohort`` then
    ``ampute``; m = 5 imputations, 10 iterations), all engines on the same amputed data:
@@ -14,7 +14,8 @@ Usage::
      data onto the workers are timed and reported separately.
    * statsmodels ``MICEData`` on the numeric-encoded frame.
    * scikit-learn ``IterativeImputer(sample_posterior=True)`` on the numeric-encoded frame.
-   * R mice 3.x through ``Rscript`` (skipped with a note when Rscript or mice is missing).
+   * R mice 3.x through ``Rscript`` (skipped with a note when Rscript or mice is missing,
+     or with ``--skip-r``: it takes minutes, more than all the others together).
 
 2. dmice alone at each ``--scale`` size; the data are built chunk by chunk on the workers
    (one delayed pandas chunk per partition) so they never exist as one pandas frame.
@@ -471,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="markdown file the dated section is appended to")
     parser.add_argument("--skip-peers", action="store_true",
                         help="run dmice only (no statsmodels, scikit-learn or R)")
+    parser.add_argument("--skip-r", action="store_true",
+                        help="no R mice (the Python peers still run)")
     parser.add_argument("--workers", type=int, default=2, help="dmice LocalCluster worker processes")
     parser.add_argument("--partition-rows", type=int, default=None,
                         help="rows per dask partition given to dmice (default: rows / workers, "
@@ -569,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
              "categorical and binary codes are imputed as unrounded continuous values"
              + ("" if r.get("error") else f"; missing values left: {r['missing_left']}") + ".")
 
-        why = r_available()
+        why = "`--skip-r`" if args.skip_r else r_available()
         if why:
             _say(f"R mice skipped: {why}")
             notes.append(f"R mice skipped: {why}.")
