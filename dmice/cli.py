@@ -111,8 +111,10 @@ def _verify(args: argparse.Namespace) -> int:
 def _vacuum(args: argparse.Namespace) -> int:
     import datetime as _dt
 
-    from dmice.store import vacuum
+    from dmice.store import VACUUM_RETAIN_HOURS, vacuum
 
+    if args.retain_hours is None:
+        args.retain_hours = VACUUM_RETAIN_HOURS
     recs = vacuum(args.output, _storage_options(args), args.retain_hours, args.dry_run)
     for r in recs:
         when = _dt.datetime.fromtimestamp(r["newest"], _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -248,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("vacuum", help="remove the uncommitted run prefixes of killed or superseded "
                        "job runs (older than --retain-hours) below an output's runs/")
     w.add_argument("output", help="output directory of a job (fsspec URL)")
-    w.add_argument("--retain-hours", type=float, default=168.0, help="keep prefixes with a file "
+    w.add_argument("--retain-hours", type=float, default=None, help="keep prefixes with a file "
                    "written in the last this many hours: a run may still be writing them, or a retry "
-                   "resume from its checkpoint (default 168, one week)")
+                   "resume from its checkpoint (default: one week)")
     w.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     w.add_argument("--storage-options", default=None, help="JSON object passed to fsspec (default: "
                    "$DMICE_OUTPUT_STORAGE_OPTIONS)")
