@@ -191,15 +191,20 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         Boolean cells to impute besides the missing ones: a pandas or dask DataFrame of
         booleans with some of the data's columns (a dask frame must have the same
         partitions; a pandas one is aligned by row position), or a dict column ->
-        boolean array / Series of the data's length.  Observed cells marked True are
+        boolean array / Series of the data's length, or column -> name of a boolean
+        column of the data (``{"bmi": "bmi_recheck"}``).  Observed cells marked True are
         imputed too (over-imputation) and are left out of the fitting rows of their
         column's model.  Missing cells are always imputed; use ``method={col: ""}`` to
         leave a column alone.
-    ignore : array-like of bool, optional
+    ignore : array-like of bool or str, optional
         Rows left out of every model fit (mice's ``ignore``), e.g. a validation set;
         their missing cells are still imputed and their observed values still serve
-        as predictors.  A boolean array / pandas Series of the data's length, or a dask
-        Series with the data's partitions.
+        as predictors.  A boolean array / pandas Series of the data's length, a dask
+        Series with the data's partitions, or the name of a boolean column of the data.
+
+        A column named by ``where`` or ``ignore`` is a marker: it must be boolean without
+        missing values, it is kept in the completed data as it is, and it is no
+        predictor of any model.
     post : dict, optional
         Column -> function (or list of functions) applied to the new imputed values of
         that continuous column after each visit, on the workers: numpy array in, array
@@ -320,8 +325,9 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
               "predictors": _pred.as_json(predictors), "delta": dict(delta or {}), "by": by,
               "min_level_count": min_level_count, "collapse": collapse, "separation": separation,
               "shrinkage": shrinkage,
-              # not stored, only fingerprinted: a checkpoint must come from the same masks and functions
-              "where": _fingerprint(where), "ignore": _fingerprint(ignore), "post": _fingerprint(post)}
+              # masks by marker columns are stored; others only fingerprinted: a checkpoint must come
+              # from the same masks and functions
+              "where": _mask_param(where), "ignore": _mask_param(ignore), "post": _fingerprint(post)}
 
     cluster = None
     if client is None:
@@ -331,6 +337,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         _engine.tune_workers(client)
         parts = ddf.to_delayed()
         if where is not None or ignore is not None:
+            _check_markers(ddf, where, ignore)
             parts = _masked_parts(client, ddf, parts, where, ignore)
         summaries = _engine.summarize(client, parts)
         variables = combine_summaries(summaries, ddf.dtypes)
@@ -340,7 +347,9 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         _check_where_methods(variables, where)
         events += [{"iteration": 0, **e} for e in collapse_levels(variables, min_level_count, collapse)]
         n_cols = layout(variables)
-        sets, pred_events = _pred.resolve(predictors, variables, exclude=[] if by_j is None else [by_j])
+        names = [v.name for v in variables]
+        exclude = ([] if by_j is None else [by_j]) + [names.index(c) for c in _markers(where, ignore)]
+        sets, pred_events = _pred.resolve(predictors, variables, exclude=exclude)
         events += [{"iteration": 0, **e} for e in pred_events]
         post_funcs = _post_plan(variables, post, delta)
         rows = [next(iter(s.values()))["n"] if s else 0 for s in summaries]  # any column's count
@@ -637,6 +646,17 @@ def _add_chains(result: MultipleImputation, k: int, progress: Any) -> None:
     result._chain = eng.chain_stats
 
 
+def _mask_param(mask: Any) -> Any:
+    """The manifest's entry of ``where`` or ``ignore``: the names of marker columns, which a
+    continued run can apply again (``{"column": ...}`` or ``{"columns": {...}}``), else a
+    fingerprint of the data given."""
+    if isinstance(mask, str):
+        return {"column": mask}
+    if isinstance(mask, dict) and mask and all(isinstance(v, str) for v in mask.values()):
+        return {"columns": {str(k): v for k, v in mask.items()}}
+    return _fingerprint(mask)
+
+
 def _fingerprint(obj: Any) -> str | None:
     """A deterministic token of an argument that cannot be stored in the manifest (None if unset)."""
     if obj is None:
@@ -674,11 +694,14 @@ def _reopen(result: MultipleImputation, iterations: int, progress: Any, until_rh
     if not params or not man.get("state"):
         raise InputError(f"the output {result.url!r} holds no chain state to continue from (written "
                          "by an older version, or without state)")
-    kept = [k for k in ("where", "ignore", "post") if params.get(k)]
+    named = {k: params[k] for k in ("where", "ignore") if isinstance(params.get(k), dict)}
+    kept = [k for k in ("where", "ignore", "post") if params.get(k) and k not in named]
     if kept:
         raise InputError(f"the output {result.url!r} was imputed with {kept}, which are not stored with "
                          "it; continue the chains in the session that made them")
     params = {k: v for k, v in params.items() if k not in ("where", "ignore", "post")}
+    # masks by marker columns: the same columns of the written data
+    params.update({k: v.get("column", v.get("columns")) for k, v in named.items()})
     state_url = posixpath.join(result.url.rstrip("/"), man["state"])
     first = result.complete(1)
     parts = [delayed(store.incomplete_partition)(p, state_url, i, result.columns, result._storage_options)
@@ -713,6 +736,39 @@ def _check_by(variables: list[Any], by: str | None, method: dict[str, str] | Non
     return j
 
 
+def _markers(where: Any, ignore: Any) -> list[str]:
+    """The columns of the data that ``where`` and ``ignore`` name (marker columns)."""
+    out = [ignore] if isinstance(ignore, str) else []
+    if isinstance(where, dict):
+        out += [v for v in where.values() if isinstance(v, str) and v not in out]
+    return out
+
+
+def _check_markers(ddf: Any, where: Any, ignore: Any) -> None:
+    """Marker columns exist and are boolean (their values are checked where they are read)."""
+    names = [str(c) for c in ddf.columns]
+    for c in _markers(where, ignore):
+        if c not in names:
+            raise InputError(f"where or ignore names unknown column {c!r}; columns are {names}")
+        dt = ddf.dtypes[c]
+        if not pd.api.types.is_bool_dtype(dt):
+            raise InputError(f"where or ignore names column {c!r} of dtype {dt}; a marker column must "
+                             "be boolean")
+    if isinstance(where, dict):
+        bad = [k for k, v in where.items() if isinstance(v, str) and str(k) == v]
+        if bad:
+            raise InputError(f"where marks the cells of {bad} by the column itself; name a boolean "
+                             "marker column")
+
+
+def _marker(df: pd.DataFrame, name: str, what: str) -> np.ndarray:
+    """The values of the boolean marker column ``name`` of a partition."""
+    col = df[name]
+    if col.isna().any():
+        raise InputError(f"{what}: marker column {name!r} has missing values; it must be boolean")
+    return col.to_numpy(dtype=bool)
+
+
 def _check_where_methods(variables: list[Any], where: Any) -> None:
     if where is None:
         return
@@ -725,7 +781,8 @@ def _check_where_methods(variables: list[Any], where: Any) -> None:
         marked = v.n_missing > 0  # a dask frame: marked cells would have made the column incomplete
         if not isinstance(where, dd.DataFrame):
             key = next(c for c in (where.columns if hasattr(where, "columns") else where) if str(c) == v.name)
-            marked = bool(np.asarray(where[key]).any())
+            if not isinstance(where[key], str):  # a marker column: as a dask frame (above)
+                marked = bool(np.asarray(where[key]).any())
         if marked:
             raise InputError(f"where marks cells of column {v.name!r}, which is not imputed "
                              f"(method {v.method!r}, kind {v.kind})")
@@ -780,7 +837,7 @@ def _mask_partition(df: pd.DataFrame, where: Any, ignore: Any) -> pd.DataFrame:
     if where is not None:
         items = where.items()
         for col, w in items:
-            w = np.asarray(w)
+            w = _marker(df, w, f"where[{col!r}]") if isinstance(w, str) else np.asarray(w)
             if len(w) != len(df):
                 raise InputError(f"where column {col!r} has {len(w)} rows in partition where the data "
                                  f"have {len(df)}; give where with the data's partitions")
@@ -789,7 +846,7 @@ def _mask_partition(df: pd.DataFrame, where: Any, ignore: Any) -> pd.DataFrame:
             if w.any():
                 out[col] = out[col].mask(w)
     if ignore is not None:
-        ign = np.asarray(ignore)
+        ign = _marker(df, ignore, "ignore") if isinstance(ignore, str) else np.asarray(ignore)
         if len(ign) != len(df) or ign.dtype != bool:
             raise InputError(f"ignore must be boolean with the data's rows and partitions; a partition "
                              f"has {len(df)} rows and ignore {len(ign)} of dtype {ign.dtype}")
@@ -828,11 +885,16 @@ def _masked_parts(client: Any, ddf: Any, parts: list[Any], where: Any, ignore: A
                 raise InputError(f"where has {where.npartitions} partitions; the data have {npart}")
             w_parts = list(where.to_delayed())
         else:
-            n = sum(offsets())
-            arrays = {str(c): _bool_array(where[c], f"where[{c!r}]", n) for c in cols}
-            start = np.cumsum([0] + offsets())
-            w_parts = [{c: a[start[i]:start[i + 1]] for c, a in arrays.items()} for i in range(npart)]
-    if ignore is not None:
+            named = {str(c): where[c] for c in cols if isinstance(where[c], str)}  # marker columns
+            given = [c for c in cols if str(c) not in named]
+            n = sum(offsets()) if given else None
+            arrays = {str(c): _bool_array(where[c], f"where[{c!r}]", n) for c in given}
+            start = np.cumsum([0] + offsets()) if given else None
+            w_parts = [{**named, **{c: a[start[i]:start[i + 1]] for c, a in arrays.items()}}
+                       for i in range(npart)]
+    if isinstance(ignore, str):
+        i_parts = [ignore] * npart  # a marker column, read in each partition
+    elif ignore is not None:
         if isinstance(ignore, dd.Series):
             if ignore.npartitions != npart:
                 raise InputError(f"ignore has {ignore.npartitions} partitions; the data have {npart}")

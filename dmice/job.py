@@ -151,6 +151,12 @@ class ImputationSpec(_Strict):
         None, description="analysis model whose continuous covariates are imputed compatibly (SMC-FCS)")
     substantive_family: Literal["gaussian", "binomial"] = "gaussian"
     by: str | None = Field(None, description="complete categorical column: models fitted within each level")
+    where: dict[str, str] = Field(
+        default_factory=dict, description="{column: boolean marker column}: observed cells of the "
+                                          "column marked true are imputed too (over-imputation)")
+    ignore: str | None = Field(
+        None, description="boolean marker column: rows marked true are left out of every model fit "
+                          "(e.g. a validation set); their missing cells are still imputed")
     delta: dict[str, float] = Field(
         default_factory=dict, description="shift added to a column's imputed values (MNAR sensitivity)")
     post: dict[str, PostSpec] = Field(default_factory=dict,
@@ -173,6 +179,7 @@ class ImputationSpec(_Strict):
                     formulas=dict(self.formulas) or None, passive=dict(self.passive) or None,
                     substantive=self.substantive, substantive_family=self.substantive_family,
                     by=self.by, delta=dict(self.delta) or None,
+                    where=dict(self.where) or None, ignore=self.ignore,
                     post={c: p.functions() for c, p in self.post.items()} or None,
                     min_level_count=self.min_level_count,
                     collapse={c: dict(m) for c, m in self.collapse.items()} or None,
@@ -182,7 +189,7 @@ class ImputationSpec(_Strict):
 #: imputation settings added after the first job files were written: left out of the
 #: configuration hash while at their defaults, so existing jobs keep their hash (and outputs)
 _LATER_SETTINGS = ("formulas", "passive", "substantive", "substantive_family", "by", "delta", "post",
-                   "min_level_count", "collapse", "separation", "shrinkage")
+                   "min_level_count", "collapse", "separation", "shrinkage", "where", "ignore")
 
 
 class AnalysisSpec(_Strict):
@@ -434,6 +441,11 @@ def check_against_input(job: JobSpec, info: InputInfo) -> None:
     if isinstance(imp.visit_sequence, list):
         for name in imp.visit_sequence:
             need("imputation.visit_sequence", name)
+    for name, marker in imp.where.items():
+        need(f"imputation.where.{name}", name)
+        need(f"imputation.where.{name}", marker)
+    if imp.ignore:
+        need("imputation.ignore", imp.ignore)
     for i, a in enumerate(job.analysis):
         for key in ("weights", "offset"):
             if getattr(a, key):

@@ -231,6 +231,37 @@ def test_ignored_rows_do_not_change_the_fitted_models(cluster_client):
     assert not a.complete(1).compute()["x"].isna().any()  # ignored rows are still imputed
 
 
+def test_marker_columns_name_where_and_ignore(cluster_client):
+    """where and ignore given as boolean columns of the data: the same masks as arrays, the
+    marker columns no predictor of any model (the default predictors equal an explicit list
+    without them) and kept unchanged in the completed data."""
+    df = _xyz(seed=7)
+    n = len(df)
+    g = np.random.default_rng(3)
+    over = df["x"].notna().to_numpy() & (g.random(n) < 0.1)
+    hold = np.arange(n) % 5 == 0
+    df["recheck"], df["holdout"] = over, pd.array(hold, dtype="boolean")
+    ddf = dd.from_pandas(df, npartitions=3)
+    kw = dict(m=2, max_iter=2, seed=4, method={"x": "norm"}, ridge=0.0)
+    named = dmice.impute(ddf, where={"x": "recheck"}, ignore="holdout", **kw)
+    listed = dmice.impute(ddf, where={"x": over}, ignore=hold, predictors={"x": ["y", "z"]}, **kw)
+    marker_cols = {named.schema[c].cols[0] for c in ("recheck", "holdout")}
+    assert not marker_cols & set(np.asarray(named._engine.models[0].xcols).tolist())
+    for k in (1, 2):
+        a, b = named.complete(k).compute(), listed.complete(k).compute()
+        np.testing.assert_array_equal(a["x"].to_numpy(), b["x"].to_numpy())
+        assert a["recheck"].tolist() == over.tolist() and a["holdout"].tolist() == hold.tolist()
+        assert np.mean(a["x"].to_numpy()[over] != df["x"].to_numpy()[over]) > 0.9
+    assert named.n_missing["x"] == int(df["x"].isna().sum() + over.sum())
+    bad = df.assign(holdout=pd.array(np.where(hold, True, None), dtype="boolean"))
+    with pytest.raises(InputError, match="marker column 'holdout' has missing values"):
+        dmice.impute(dd.from_pandas(bad, npartitions=3), ignore="holdout", **kw)
+    with pytest.raises(InputError, match="column 'y' of dtype float64; a marker column must be boolean"):
+        dmice.impute(ddf, where={"x": "y"}, **kw)
+    with pytest.raises(InputError, match="unknown column 'nope'"):
+        dmice.impute(ddf, ignore="nope", **kw)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"where": {"nope": np.zeros(200, bool)}}, "where names unknown columns"),
     ({"where": {"x": np.zeros(10, bool)}}, "where\\['x'\\] has 10 rows"),

@@ -57,6 +57,26 @@ def test_continue_from_disk_equals_one_run(cluster_client, tmp_path):
     assert cont.dtypes == ref.dtypes
 
 
+def test_continue_from_disk_with_marker_columns_equals_one_run(cluster_client, tmp_path):
+    """where and ignore by marker columns are stored with the output, so its chains continue
+    from disk (masks given as arrays are not, and are refused there)."""
+    df = mixed_frame(2000, seed=3)
+    g = np.random.default_rng(4)
+    df["recheck"] = df["x"].notna().to_numpy() & (g.random(len(df)) < 0.1)
+    df["holdout"] = g.random(len(df)) < 0.2
+    ddf = dd.from_pandas(df, npartitions=3)
+    kw = dict(m=2, seed=9, progress=False, where={"x": "recheck"}, ignore="holdout")
+    ref = dmice.impute(ddf, max_iter=4, **kw)
+    dmice.impute(ddf, max_iter=2, **kw).to_parquet(str(tmp_path / "out"))
+    opened = dmice.open(str(tmp_path / "out"))
+    assert opened.manifest["parameters"]["ignore"] == {"column": "holdout"}
+    _same(_cells(ref), _cells(opened.iterate(2, progress=False)))
+    arrays = dmice.impute(ddf, m=2, max_iter=2, seed=9, progress=False, ignore=df["holdout"].to_numpy())
+    arrays.to_parquet(str(tmp_path / "arrays"))
+    with pytest.raises(InputError, match=r"imputed with \['ignore'\], which are not stored"):
+        dmice.open(str(tmp_path / "arrays")).iterate(1, progress=False)
+
+
 def test_add_imputations_appends_independent_chains(cluster_client):
     ddf = _ddf()
     imp = dmice.impute(ddf, m=2, max_iter=4, seed=2, progress=False)

@@ -8,6 +8,7 @@ import os
 import posixpath
 from pathlib import Path
 
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
@@ -83,6 +84,10 @@ INVALID = {
                                  "imputation.method.bmi: unknown column 'bmi'"),
     "unknown column in formula": (lambda j: j.update(analysis=[{"formula": "y ~ x + age"}]),
                                   "analysis.0.formula: unknown column 'age'"),
+    "unknown marker column": (lambda j: j["imputation"].update(where={"x": "recheck"}),
+                              "imputation.where.x: unknown column 'recheck'"),
+    "unknown ignore column": (lambda j: j["imputation"].update(ignore="holdout"),
+                              "imputation.ignore: unknown column 'holdout'"),
     "bad layout": (lambda j: j["output"].update(layout="compact"), "output.layout: expected 'full' or 'cells'"),
     "secret in file": (lambda j: j["input"].update(storage_options={"secret": "x"}),
                        "input.storage_options.secret: credentials do not belong in the job file"),
@@ -472,6 +477,39 @@ def test_job_file_takes_the_model_settings_of_impute(cluster_client, tmp_path):
     params = imp.manifest["parameters"]
     assert params["formulas"] == {"x": "x ~ y * z"} and params["separation"] == "ridge"
     assert imp.manifest["collapse"]["c"]
+
+
+def test_job_file_marks_where_and_ignore_by_columns(cluster_client, tmp_path):
+    """where and ignore name boolean marker columns of the input: the marked observed cells of
+    x are imputed too, the markers stay as they were, and the run equals dmice.impute given
+    the same columns on the same files."""
+    inp = write_input(tmp_path / "in", n_files=2, rows=300)
+    g = np.random.default_rng(5)
+    for i in range(2):
+        f = inp / f"part-{i}.parquet"
+        part = pd.read_parquet(f)
+        part["recheck"] = part["x"].notna().to_numpy() & (g.random(len(part)) < 0.2)
+        part["holdout"] = g.random(len(part)) < 0.25
+        part.to_parquet(f)
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB.format(inp=inp, out=tmp_path / "out", layout="full", m=2, fmt="parquet", extra="")
+                    .replace("method: {x: norm}}", "method: {x: norm}, where: {x: recheck}, ignore: holdout}"))
+    assert jobmod.load_job(str(path), environ={}).imputation.where == {"x": "recheck"}
+    assert main(["run", str(path)]) == 0
+    imp = dmice.open(str(tmp_path / "out"))
+    src = pd.concat([pd.read_parquet(inp / f"part-{i}.parquet") for i in range(2)], ignore_index=True)
+    over, miss = src["recheck"].to_numpy(), src["x"].isna().to_numpy()
+    direct = dmice.impute(dd.read_parquet([str(inp / f"part-{i}.parquet") for i in range(2)]), m=2,
+                          max_iter=2, seed=11, method={"x": "norm"}, where={"x": "recheck"},
+                          ignore="holdout")
+    assert imp.n_missing["x"] == int(miss.sum() + over.sum())
+    for k in (1, 2):
+        done = imp.complete(k).compute().reset_index(drop=True)
+        assert done[["recheck", "holdout"]].equals(src[["recheck", "holdout"]])
+        np.testing.assert_array_equal(done["x"].to_numpy()[~over & ~miss], src["x"].to_numpy()[~over & ~miss])
+        assert np.mean(done["x"].to_numpy()[over] != src["x"].to_numpy()[over]) > 0.9
+        np.testing.assert_array_equal(done["x"].to_numpy(),
+                                      direct.complete(k).compute().reset_index(drop=True)["x"].to_numpy())
 
 
 def test_vacuum_removes_old_uncommitted_run_prefixes_only(lake, tmp_path, monkeypatch, capsys):
