@@ -1879,7 +1879,8 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
                 vals.update(d[c])
             levels[c] = _sorted_levels(vals)
     probe = _FormulaDesign(None, columns, levels, weights, offset)
-    (first,) = _compute(client, frames[0].get_partition(0))
+    # only the analysis columns of the partition travel to the client
+    (first,) = _compute(client, frames[0][columns].get_partition(0))
     try:
         first = probe.prepare(first)
         spec = f.get_model_matrix(first).model_spec

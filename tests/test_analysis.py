@@ -422,6 +422,29 @@ def test_max_iter_during_chords_ends_on_a_full_pass(frames):
     assert all("XtWX" in r and "loglik" in r for r in res)
 
 
+def test_model_spec_reads_only_the_analysis_columns(cluster_client, frames, monkeypatch):
+    """The partition the model spec is built from reaches the client with the analysis
+    columns only (wide data would otherwise travel whole)."""
+    import dmice.analysis as A
+
+    wide = [dd.from_pandas(f.assign(**{f"extra{i}": 1.0 for i in range(20)}), npartitions=2, sort=False)
+            for f in frames]
+    seen = []
+    orig = A._compute
+
+    def spy(client, *objs):
+        out = orig(client, *objs)
+        seen.extend(o for o in out if isinstance(o, pd.DataFrame))
+        return out
+
+    monkeypatch.setattr(A, "_compute", spy)
+    res = dmice.analyze(wide, "y ~ x + z + C(grp)", weights="w")
+    assert seen and all(sorted(df.columns) == ["grp", "w", "x", "y", "z"] for df in seen)
+    ref = dmice.analyze([dd.from_pandas(f, npartitions=2, sort=False) for f in frames],
+                        "y ~ x + z + C(grp)", weights="w")
+    np.testing.assert_allclose(res.pooled["estimate"], ref.pooled["estimate"], rtol=1e-12)
+
+
 def test_formula_terms_reference_level_interaction_and_transform(cluster_client, dask_frames):
     res = dmice.analyze(dask_frames, f"y ~ {FORMULA_RHS}")
     assert res.terms == ["Intercept", "x", "z", "C(grp, contr.treatment('b'))[T.a]",
