@@ -441,11 +441,19 @@ def check_against_input(job: JobSpec, info: InputInfo) -> None:
     if isinstance(imp.visit_sequence, list):
         for name in imp.visit_sequence:
             need("imputation.visit_sequence", name)
-    for name, marker in imp.where.items():
+    def marker(key: str, name: str) -> None:
+        from pandas.api.types import is_bool_dtype
+
+        need(key, name)
+        dtype = info.meta.dtypes[name]
+        if not is_bool_dtype(dtype):
+            raise JobError(f"{key}: column {name!r} has dtype {dtype}; a marker column must be boolean")
+
+    for name, mark in imp.where.items():
         need(f"imputation.where.{name}", name)
-        need(f"imputation.where.{name}", marker)
+        marker(f"imputation.where.{name}", mark)
     if imp.ignore:
-        need("imputation.ignore", imp.ignore)
+        marker("imputation.ignore", imp.ignore)
     for i, a in enumerate(job.analysis):
         for key in ("weights", "offset"):
             if getattr(a, key):

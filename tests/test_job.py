@@ -88,6 +88,9 @@ INVALID = {
                               "imputation.where.x: unknown column 'recheck'"),
     "unknown ignore column": (lambda j: j["imputation"].update(ignore="holdout"),
                               "imputation.ignore: unknown column 'holdout'"),
+    "marker column not boolean": (lambda j: j["imputation"].update(where={"x": "y"}),
+                                  "imputation.where.x: column 'y' has dtype float64; a marker column "
+                                  "must be boolean"),
     "bad layout": (lambda j: j["output"].update(layout="compact"), "output.layout: expected 'full' or 'cells'"),
     "secret in file": (lambda j: j["input"].update(storage_options={"secret": "x"}),
                        "input.storage_options.secret: credentials do not belong in the job file"),
