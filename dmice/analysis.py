@@ -663,10 +663,10 @@ def _patched(design: Any, family: str, base: tuple, first: pd.DataFrame, df: pd.
     X = base[0]
     if js:
         values, codes = design.sources(df, needed)
-        own = np.empty((len(df), len(js)), order="F")
+        columns = np.empty((len(df), len(js)), order="F")
         for i, j in enumerate(js):
-            _fill_column(own[:, i], recipes[j], values, codes)
-        X = _PatchedX(base[0], js, own)
+            _fill_column(columns[:, i], recipes[j], values, codes)
+        X = _PatchedX(base[0], js, columns)
     own = []
     for arr, col in zip(base[1:], (ycol, design.weights, design.offset)):
         own.append(df[col].to_numpy(dtype=float) if col is not None and col in changed else arr)

@@ -356,7 +356,7 @@ class TargetModel:
         computed = np.ones(self.m, dtype=bool) if self._active is None else self._active
         fits = list(self._fits) if self._active is not None else [None] * self.m
         steps = np.zeros(self.m)
-        deltas = np.zeros((self.m, self.n_params))
+        delta = np.zeros((self.m, self.n_params))
         for i, c in enumerate(np.nonzero(computed)[0]):
             b = self._flat(beta[c])
             H = s["H"][i]
@@ -368,7 +368,7 @@ class TargetModel:
             if self.method == "polr":
                 st.beta = _ordered_cuts(b, st.beta, self.var.n_levels - 1)
             fits[c] = st
-            deltas[c] = st.beta - b
+            delta[c] = st.beta - b
             steps[c] = st.step_se
         worst = float(steps.max())
         self.beta = self._unflat(np.stack([f.beta for f in fits]))
@@ -376,7 +376,6 @@ class TargetModel:
             self.inv_info = None  # the next round computes the information at the new estimate
         self._fits = fits
         self._rounds += 1
-        delta = deltas
         prev_delta, self._prev_delta = self._prev_delta, delta
         prior_moved = self._update_prior()
         # Newton converges quadratically: e_next ~ M e^2 (in standard errors).  M is measured on
