@@ -382,7 +382,8 @@ def gather_pools(client: Client, blocks: list[Future], plan: _block.Plan) -> dic
 
 def init_fill(client: Client, blocks: list[Future], plan: _block.Plan,
               pools: dict[int, np.ndarray]) -> list[Future]:
-    pools_f = client.scatter(pools, broadcast=True) if len(blocks) > 1 else pools
+    # nothing to scatter when no column is imputed (distributed refuses an empty scatter)
+    pools_f = client.scatter(pools, broadcast=True) if len(blocks) > 1 and pools else pools
     return [client.submit(_block.init_fill, b, plan, pools_f, pure=False) for b in blocks]
 
 

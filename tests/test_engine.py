@@ -213,6 +213,18 @@ def test_parquet_input_with_unknown_categories(cluster_client, tmp_path):
     assert set(out["c"].astype(str)) == {"a", "b", "c"}
 
 
+def test_complete_data_in_several_partitions(cluster_client):
+    """Nothing to impute in a frame of several partitions (one of them empty): the data come back
+    unchanged (distributed refused the empty scatter of sampling pools)."""
+    g = np.random.default_rng(2)
+    df = pd.DataFrame({"x": g.normal(size=40), "y": g.normal(size=40)})
+    ddf = dd.from_pandas(df, npartitions=2, sort=False)
+    ddf = dd.concat([ddf.head(0, compute=False), ddf])
+    with dmice.impute(ddf, m=2, max_iter=2, seed=1) as imp:
+        assert not imp.method or set(imp.method.values()) <= {""}
+        pd.testing.assert_frame_equal(imp.complete(2).compute().reset_index(drop=True), df)
+
+
 def test_lost_worker_stops_the_loop_with_a_clear_error():
     """A worker killed while the chains run: the run stops with an error naming the lost chains."""
     import os
