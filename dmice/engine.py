@@ -129,8 +129,8 @@ class Engine:
         self._reside()
         workers = sorted(set(self._where.values()))
         try:
-            got = self.client.run(_visit_resident, self._key, self._done + 1, order, request,
-                                  workers=workers)
+            got = self.client.run(_visit_resident, self._key, self._done + 1, Sealed(order),
+                                  Sealed(request), workers=workers)
         except OSError as e:  # distributed's CommClosedError is an OSError too
             if not self._gone():
                 raise  # an error of the visit itself
@@ -329,13 +329,32 @@ def _drop(key: str, dask_worker: Any = None) -> None:
     _RESIDENT.pop((key, dask_worker.address), None)
 
 
-async def _visit_resident(key: str, rnd: int, order: dict[str, Any] | None,
-                          request: dict[str, Any] | list[dict[str, Any]] | None,
+class Sealed:
+    """An argument of a call on the workers whose text shows no content.
+
+    distributed logs the arguments of a failed ``Client.run`` call as text on the worker; an
+    order carries the donors' observed values and a request draws made from the data, so they
+    travel sealed and a log line shows only their type."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"<sealed {type(self.value).__name__}>"
+
+    __str__ = __repr__
+
+
+async def _visit_resident(key: str, rnd: int, order: Sealed, request: Sealed,
                           dask_worker: Any = None) -> dict[int, dict[str, Any]]:
     """Round ``rnd`` on this worker: :func:`dmice.block.visit` on each of its partitions, in its
     task thread pool; returns each partition's statistics.  The registry moves to the new blocks
     only when every partition succeeded (a failed round leaves the previous state in place) and
-    keeps the previous ones, for a client that never took this round in."""
+    keeps the previous ones, for a client that never took this round in.  ``order`` and
+    ``request`` arrive :class:`Sealed`."""
+    order, request = order.value, request.value
     entry = _RESIDENT[(key, dask_worker.address)]
     if entry["round"] != rnd - 1:
         raise RuntimeError(f"round {rnd} of the chains asked of a worker that holds round {entry['round']}")

@@ -292,3 +292,38 @@ def _call_frozen(cycle, seen, old):
 
     with pytest.raises(ValueError):
         outer()
+
+
+def test_a_failed_round_logs_no_data_values(monkeypatch, caplog):
+    """A round that fails on a worker is logged by distributed with its arguments: the donors'
+    values and the draws travel sealed, so the log holds no value of the data."""
+    import logging
+
+    import dmice.block as B
+
+    g = np.random.default_rng(3)
+    n = 80
+    x = g.normal(size=n)
+    y = np.round(5000 + 1000 * g.random(n), 3) + 0.123  # every value ends in .123
+    df = pd.DataFrame({"x": x, "y": y})
+    df.loc[::4, "y"] = np.nan
+    calls = {"n": 0}
+    visit = B.visit
+
+    def failing(block, plan, order, request):
+        if order:
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise RuntimeError("visit failed")
+        return visit(block, plan, order, request)
+
+    monkeypatch.setattr(B, "visit", failing)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cl, \
+            Client(cl) as c, caplog.at_level(logging.WARNING, logger="distributed"):
+        with pytest.raises(RuntimeError, match="visit failed"):
+            dmice.impute(dd.from_pandas(df, npartitions=2), m=2, max_iter=3, seed=1, client=c)
+    text = caplog.text
+    assert "Run Failed" in text  # the failure was logged, with its arguments
+    # the order (the drawn coefficients, the donors' predicted means and values) is not shown
+    assert "donor" not in text and "array(" not in text and ".123" not in text
+    assert "<sealed dict>" in text
