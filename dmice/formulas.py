@@ -69,6 +69,10 @@ _NODE_NAMES = {ast.Attribute: "attribute access", ast.Subscript: "subscript", as
                ast.Yield: "yield", ast.YieldFrom: "yield", ast.Dict: "dict", ast.Set: "set"}
 #: a constant power whose value would exceed this is refused (``9 ** 9 ** 9`` would not finish)
 _MAX_CONSTANT = 1e300
+#: formula-level powers ``(a + b + c) ** k``: formulaic's expansion takes time exponential in k
+#: (``(x + z + g) ** 10`` took 4 s, ``** 100`` does not finish), so k and terms ** k are bounded
+MAX_POWER = 10
+MAX_POWER_EXPANSION = 50_000
 
 
 class _Refused(Exception):
@@ -164,7 +168,9 @@ class _Checker:
                     raise _Refused(f"`{sub.func.id}`", "is not an allowed function; allowed: "
                                                        f"{', '.join(FUNCTIONS)}")
         if isinstance(node, ast.Attribute):
-            raise _Refused(f"`.{node.attr}`", "(attribute access) is not allowed in a formula")
+            dotted = ast.unparse(node)
+            hint = f"; write the column `{dotted}` in backticks" if dotted in self.columns else ""
+            raise _Refused(f"`.{node.attr}`", f"(attribute access) is not allowed in a formula{hint}")
         if isinstance(node, ast.Subscript):
             raise _Refused(f"`[{_short(node.slice, 40)}]`", "(subscript) is not allowed in a formula")
         kind = _NODE_NAMES.get(type(node), type(node).__name__)
@@ -332,6 +338,10 @@ def check(formula: Any, columns: Any, *, label: str = "formula") -> Checked:
     if not isinstance(formula, str):
         raise InputError(f"{label} must be a string, got {type(formula).__name__}")
     try:
+        _check_powers(formula)
+    except _Refused as r:
+        raise InputError(f"{label} {formula!r}: {r.token} {r.why}") from None
+    try:
         parsed = Formula(formula)
     except Exception as e:  # noqa: BLE001 - formulaic raises several types
         raise InputError(f"{label} {formula!r} is not valid: {error_text(e)}") from None
@@ -343,6 +353,39 @@ def check(formula: Any, columns: Any, *, label: str = "formula") -> Checked:
     except _Refused as r:
         raise InputError(f"{label} {formula!r}: {r.token} {r.why}") from None
     return out
+
+
+def _check_powers(formula: str) -> None:
+    """Refuse a formula-level power ``(terms) ** k`` (or ``^ k``) too large to expand, before
+    formulaic's parser expands it."""
+    from formulaic.parser import DefaultFormulaParser
+
+    try:
+        tokens = list(DefaultFormulaParser().get_tokens(formula))
+    except Exception:  # noqa: BLE001 - formulaic's parse reports it
+        return
+    operands = ("name", "python", "value")
+    opened: list[int] = []  # operand count where each open parenthesis started
+    count = 0  # operands so far
+    group = 1  # operands of the group just closed (or 1 after a single operand)
+    for i, tok in enumerate(tokens):
+        kind, text = tok.kind.value, str(tok)
+        if kind in operands:
+            count += 1
+            group = 1
+        elif kind == "context" and text == "(":
+            opened.append(count)
+        elif kind == "context" and text == ")" and opened:
+            group = max(count - opened.pop(), 1)
+        elif kind == "operator" and text in ("**", "^") and i + 1 < len(tokens):
+            try:
+                k = int(str(tokens[i + 1]))
+            except ValueError:
+                continue
+            if k > MAX_POWER or group ** k > MAX_POWER_EXPANSION:
+                raise _Refused(f"`{text}{k}`", f"is too large a power of {group} term(s) (interactions "
+                                               f"up to order {MAX_POWER}, at most "
+                                               f"{MAX_POWER_EXPANSION:,} products)")
 
 
 @functools.lru_cache(maxsize=256)

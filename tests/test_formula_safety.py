@@ -230,6 +230,9 @@ REFUSED = {
     "C(g, contr.treatment.__class__)": "`.__class__`",
     "C(g, Treatment(z))": "literals only",
     "{z.values}": "`.values`",
+    "I(c.d * 2)": "write the column `c.d` in backticks",
+    "(x + z + g) ** 1000000000": "`**1000000000` is too large a power of 3 term(s)",  # hung the parser
+    "(x + z + g) ^ 12": "`^12`",
 }
 
 
