@@ -37,6 +37,7 @@ from dask import delayed
 from scipy import special
 from scipy.special import expit, ndtr, ndtri
 
+from dmice import formulas as _formulas
 from dmice._gc import frozen
 from dmice.errors import InputError
 
@@ -1234,7 +1235,7 @@ class _FormulaDesign:
         if self.recipes is not None:
             X, y = self._direct(df)
         else:
-            mm = self.spec.get_model_matrix(df)
+            mm = _formulas.replay(self.spec, df)
             X = _float_columns(mm.rhs)
             y = mm.lhs.iloc[:, 0].to_numpy(dtype=float)
             if len(y) != len(df):
@@ -1785,13 +1786,7 @@ def _sorted_levels(values: set) -> list[Any]:
         return sorted(values, key=lambda v: (type(v).__name__, str(v)))
 
 
-def _formula_error(e: Exception) -> str:
-    """formulaic's message without the wrapped exception's text (which could quote data)."""
-    msg = str(e).strip().splitlines()[0].split(" [", 1)[0].strip() if str(e).strip() else type(e).__name__
-    cause = e.__cause__ or e.__context__
-    if isinstance(cause, NameError) and getattr(cause, "name", None):
-        return f"{msg} (unknown name {cause.name!r})"  # a name in the formula, not data
-    return f"{msg} ({type(cause).__name__})" if cause is not None else msg
+_formula_error = _formulas.error_text
 
 
 #: rows sampled over all partitions of imputation 1 to fit a formula's stateful transforms
@@ -1841,25 +1836,19 @@ def _spec_sample(df: pd.DataFrame, probe: _FormulaDesign, rows: int) -> pd.DataF
 
 def _build_spec(formula: str, frames: list[Any], weights: str | None,
                 offset: str | None, client: Any = None) -> tuple[Any, list[str], _FormulaDesign]:
-    from formulaic import Formula
     from formulaic.errors import FormulaicError
 
     if not isinstance(formula, str) or "~" not in formula:
         raise InputError(f"formula must be a string 'outcome ~ terms', got {formula!r}")
-    try:
-        f = Formula(formula)
-    except FormulaicError as e:
-        raise InputError(f"cannot parse formula {formula!r}: {_formula_error(e)}") from None
-    if not hasattr(f, "lhs") or not hasattr(f, "rhs"):
-        raise InputError(f"formula {formula!r} must have an outcome and terms: 'outcome ~ terms'")
     meta = frames[0]._meta
     names = [str(c) for c in meta.columns]
-    needed = sorted(str(v) for v in f.required_variables)
-    # formulaic leaves the arguments of stateful transforms (center(x), bs(x)) out of
-    # required_variables: add every column named in the formula
-    named = set(re.findall(r"`([^`]+)`|([A-Za-z_][A-Za-z0-9_.]*)", formula))
-    needed = sorted(set(needed) | {a or b for a, b in named if (a or b) in names})
-    unknown = [v for v in needed if v not in names]
+    # formulaic parses; every term is checked against the formula rules (nothing is evaluated)
+    checked = _formulas.check(formula, names, label="formula")
+    f = checked.formula
+    if not hasattr(f, "lhs") or not hasattr(f, "rhs"):
+        raise InputError(f"formula {formula!r} must have an outcome and terms: 'outcome ~ terms'")
+    needed = sorted(checked.columns)
+    unknown = sorted(checked.unknown)
     for arg, col in (("weights", weights), ("offset", offset)):
         if col is not None and col not in names:
             raise InputError(f"{arg} column {col!r} is not a column of the data")
@@ -1883,15 +1872,17 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
     (first,) = _compute(client, frames[0][columns].get_partition(0))
     try:
         first = probe.prepare(first)
-        spec = f.get_model_matrix(first).model_spec
+        spec = _formulas.model_matrix(f, first).model_spec
         if _has_state(spec) and frames[0].npartitions > 1:
             # stateful transforms (center, scale, poly, bs, ...): fit them on a sample of
             # every partition of imputation 1 instead of the first partition alone
             per_part = math.ceil(SPEC_SAMPLE_ROWS / frames[0].npartitions)
             parts = frames[0].to_delayed()
             samples = _compute(client, *[delayed(_spec_sample)(p, probe, per_part) for p in parts])
-            spec = f.get_model_matrix(pd.concat(samples, ignore_index=True)).model_spec
-    except FormulaicError as e:
+            spec = _formulas.model_matrix(f, pd.concat(samples, ignore_index=True)).model_spec
+    except InputError:
+        raise
+    except (FormulaicError, ValueError, TypeError) as e:  # formulaic's encoding raises ValueError too
         raise InputError(f"cannot evaluate formula {formula!r}: {_formula_error(e)}") from None
     lhs_cols = list(spec.lhs.column_names)
     if len(lhs_cols) != 1:

@@ -35,6 +35,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dmice import formulas as _formulas
 from dmice import store
 from dmice.errors import InputError, OutputError
 from dmice.schema import ALL_METHODS, MIN_LEVEL_COUNT
@@ -458,45 +459,26 @@ def check_against_input(job: JobSpec, info: InputInfo) -> None:
         for key in ("weights", "offset"):
             if getattr(a, key):
                 need(f"analysis.{i}.{key}", getattr(a, key))
-        for name in _formula_columns(a.formula, f"analysis.{i}.formula"):
+        for name in _formula_columns(a.formula, f"analysis.{i}.formula", info.columns):
             need(f"analysis.{i}.formula", name)
+    # every formula is checked against the formula rules here, before a cluster starts
+    for name, text in imp.formulas.items():
+        try:
+            _formulas.parse({name: text}, info.columns)
+        except InputError as e:
+            raise JobError(f"imputation.formulas.{name}: {e}") from None
+    if imp.substantive is not None:
+        for name in _formula_columns(imp.substantive, "imputation.substantive", info.columns):
+            need("imputation.substantive", name)
 
 
-def _formula_columns(formula: str, key: str) -> list[str]:
-    from formulaic import Formula
-
+def _formula_columns(formula: str, key: str, columns: list[str]) -> list[str]:
+    """The columns a formula names (the unknown ones last), after :func:`dmice.formulas.check`."""
     try:
-        f = Formula(formula)
-    except Exception:  # noqa: BLE001 - formulaic raises many kinds
-        raise JobError(f"{key}: not a valid formula") from None
-    names: list[str] = []
-    for side in ([f.lhs, f.rhs] if hasattr(f, "lhs") else [f]):
-        for term in side:
-            for factor in term.factors:
-                for v in _variables(factor):
-                    if v not in names:
-                        names.append(v)
-    return names
-
-
-def _variables(factor: Any) -> list[str]:
-    from formulaic.parser.types import Factor
-
-    if factor.eval_method == Factor.EvalMethod.LOOKUP:
-        return [factor.expr]
-    if factor.eval_method == Factor.EvalMethod.LITERAL:
-        return []
-    # a Python expression such as C(g) or np.log(x): its free names that are not callables
-    import ast
-
-    try:
-        tree = ast.parse(factor.expr, mode="eval")
-    except SyntaxError:
-        return []
-    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
-    attrs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
-    return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in called
-            and id(n) not in attrs and n.id not in ("contr", "np", "True", "False", "None")]
+        checked = _formulas.check(formula, columns, label=key)
+    except InputError as e:
+        raise JobError(str(e)) from None
+    return checked.columns + checked.unknown
 
 
 def validate(path: str, environ: dict[str, str] | None = None) -> tuple[JobSpec, InputInfo]:
