@@ -26,12 +26,16 @@ commits by writing one small object last::
       runs/<run_id>/analysis/<name>.csv, .json      pooled tables of the job's analyses
       runs/<run_id>/_manifest.json                  every file with its size and SHA-256
       _SUCCESS                                      {"run_id", "manifest", "sha256"}: the commit
+      _LOCK                                         the running job's lock (see acquire_lock)
 
 Object stores have no atomic rename, but a single object is replaced atomically: a reader sees
 the old ``_SUCCESS`` or the new one, never a mix.  Files of a run are never modified after the
 run's manifest is written, so the pointer always names a complete, immutable set of files.  A
 failed run leaves only its own staging prefix (never named by ``_SUCCESS``); a forced re-run
-writes a new prefix, swaps the pointer, then deletes the prefix it replaced.
+writes a new prefix, swaps the pointer, then deletes the prefix it replaced.  Run ids are one path
+segment (:func:`check_run_id`), every path read from ``_SUCCESS`` or a manifest must lie below the
+output root (:func:`below_root`), and only entries directly below ``runs/`` are ever deleted
+(:func:`remove_run_prefix`).
 
 Paths are fsspec URLs; ``storage_options`` are passed through unchanged.
 """

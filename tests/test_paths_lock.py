@@ -143,6 +143,23 @@ def test_urls_are_checked_after_normalisation(committed, tmp_path):
     assert store.verify(f"file://{tmp_path}/a/b/../b/out")["run_id"] == "r1"
 
 
+def test_s3_commit_records_are_checked(s3, capsys):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3)
+    out = "s3://lake/hostile/out"
+    opts = ["--storage-options", json.dumps(s3)]
+    record = {"run_id": "../../victim", "manifest": "runs/x/_manifest.json", "sha256": "0" * 64}
+    fs.pipe(f"{out}/_SUCCESS", json.dumps(record).encode())
+    assert main(["verify", out, *opts]) == 4
+    assert "invalid run id" in errors(capsys.readouterr().err)[0]
+    record.update(run_id="x", manifest="runs/x/../../../other/_manifest.json")
+    fs.pipe(f"{out}/_SUCCESS", json.dumps(record).encode())
+    assert main(["verify", out, *opts]) == 4
+    assert "outside the output" in errors(capsys.readouterr().err)[0]
+    assert main(["vacuum", out, "--retain-hours", "0", *opts]) == 3
+
+
 def test_force_and_vacuum_delete_only_below_runs(committed, tmp_path, monkeypatch):
     out, _ = _copy(committed, tmp_path)
     fs, root = store.filesystem(str(out))
