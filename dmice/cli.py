@@ -20,8 +20,7 @@ def _read(path: str, fmt: str | None, storage_options: dict[str, Any] | None) ->
 
     from dmice import store
 
-    fmt = fmt or ("csv" if path.rstrip("/").endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", "*"))
-                  else "parquet")
+    fmt = fmt or ("csv" if path.rstrip("/").endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")) else "parquet")
     if fmt == "csv":
         return store.read_csv(path, storage_options)
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))

@@ -931,8 +931,8 @@ def coerce_columns(df: pd.DataFrame, dtypes: dict[str, str], name: str) -> pd.Da
             try:
                 df[c] = df[c].astype(dt)
             except (TypeError, ValueError):
-                raise InputError(f"column {c!r} of input file {name!r} cannot be read as {dt}, its "
-                                 "dtype in the first input file") from None
+                raise InputError(f"column {c!r} of input file {name!r} cannot be read as {dt}, the "
+                                 "dtype of its first rows in the first input file") from None
     return df
 
 
