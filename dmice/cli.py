@@ -63,7 +63,7 @@ def _analyze(args: argparse.Namespace) -> int:
     import dmice.analysis
 
     res = dmice.analysis.analyze(args.output_dir, args.formula, family=args.family, link=args.link,
-                  weights=args.weights, offset=args.offset, cov_type=args.cov_type)
+                                 weights=args.weights, offset=args.offset, cov_type=args.cov_type)
     table = res.table(exponentiate=args.exponentiate)
     full = table.merge(res.pooled.drop(columns=["estimate", "fmi"]), on="term")
     print(repr(res))

@@ -127,8 +127,8 @@ def remove_run_prefix(fs: Any, root: str, path: str) -> None:
     if ok and isinstance(fs, LocalFileSystem):
         import os
 
-        real_runs = os.path.realpath(runs)
-        ok = (os.path.realpath(runs) == os.path.join(os.path.realpath(root), RUNS)
+        real_runs = os.path.realpath(runs)  # runs/ itself no link out of the root, nor the entry
+        ok = (real_runs == os.path.join(os.path.realpath(root), RUNS)
               and os.path.dirname(os.path.realpath(norm)) == real_runs)
     if not ok:
         raise OutputError(f"refusing to delete {path!r}: a run deletes only entries directly below "

@@ -167,6 +167,12 @@ def test_force_and_vacuum_delete_only_below_runs(committed, tmp_path, monkeypatc
                 store.posixpath.join(root, "_SUCCESS"), str(tmp_path)):
         with pytest.raises(OutputError, match="runs/"):
             store.remove_run_prefix(fs, root, bad)
+    # an entry of runs/ that links out of the output
+    victim = _victim(tmp_path / "victim")
+    os.symlink(victim, out / "runs" / "link")
+    with pytest.raises(OutputError, match="runs/"):
+        store.remove_run_prefix(fs, root, store.posixpath.join(root, "runs/link"))
+    assert (victim / "precious.txt").exists()
     store.remove_run_prefix(fs, root, store.posixpath.join(root, "runs/r1"))
     assert not (out / "runs" / "r1").exists()
 
