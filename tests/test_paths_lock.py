@@ -247,6 +247,27 @@ def test_overwrite_on_s3_keeps_the_old_output_on_failure(small_imp, s3, monkeypa
     assert fs.ls("s3://lake/overwrite/", detail=False) == ["lake/overwrite/out"]
 
 
+def test_s3_replacement_failing_names_the_complete_staged_output(small_imp, s3, monkeypatch):
+    """On an object store the replacement copies the staged output in: if that fails, the error
+    names the staging URL, where the new output is complete and readable."""
+    import s3fs
+
+    out = "s3://lake/overwrite2/out"
+    small_imp.to_parquet(out, storage_options=s3)
+
+    async def broken(self, *a, **k):
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cp_file", broken)
+    with pytest.raises(OutputError, match="the new output is complete at") as e:
+        small_imp.to_parquet(out, overwrite=True, storage_options=s3)
+    monkeypatch.undo()
+    staged = str(e.value).split("complete at ")[1].strip("'")
+    assert "/.out.dmice-new-" in staged
+    assert store.verify(staged, s3)["m"] == 2
+    assert dmice.open(staged, storage_options=s3).complete(1).compute().isna().sum().sum() == 0
+
+
 def test_cli_refuses_a_non_empty_output_before_imputing(tmp_path, monkeypatch, capsys):
     import dmice.api
 
