@@ -16,21 +16,41 @@ CONFLICT, VERIFY_FAILED = 3, 4
 
 def _read(path: str, fmt: str | None, storage_options: dict[str, Any] | None) -> Any:
     import dask.dataframe as dd
+    import fsspec
 
-    fmt = fmt or ("csv" if path.rstrip("/").endswith((".csv", ".csv.gz")) else "parquet")
+    from dmice import store
+
+    fmt = fmt or ("csv" if path.rstrip("/").endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")) else "parquet")
     if fmt == "csv":
-        return dd.read_csv(path, storage_options=storage_options)
+        return store.read_csv(path, storage_options)
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    found = fs.glob(root) if fsspec.core.has_magic(root) else fs.exists(root)
+    if not found:
+        raise InputError(f"input: no file found at {path!r}")
     return dd.read_parquet(path, storage_options=storage_options)
 
 
-def _impute(args: argparse.Namespace) -> int:
-    from dmice.api import impute
+def _methods(items: list[str] | None) -> dict[str, str] | None:
+    out = {}
+    for kv in items or []:
+        name, eq, method = kv.partition("=")
+        if not eq or not name or not method:
+            raise InputError("--method: expected COLUMN=METHOD, e.g. --method bmi=norm")
+        out[name] = method
+    return out or None
 
+
+def _impute(args: argparse.Namespace) -> int:
+    import dmice.api
+    from dmice import store
+
+    method = _methods(args.method)
+    # a non-empty output is refused before anything is read or imputed
+    store.check_target(args.output, None, args.overwrite)
     ddf = _read(args.input, args.format, None)
-    method = dict(kv.split("=", 1) for kv in args.method or [])
     logging.getLogger("dmice").setLevel(logging.INFO)  # one key=value line per iteration
-    with impute(ddf, m=args.m, max_iter=args.max_iter, seed=args.seed, method=method or None,
-                until_rhat=args.until_rhat, progress="auto") as imp:
+    with dmice.api.impute(ddf, m=args.m, max_iter=args.max_iter, seed=args.seed, method=method,
+                          until_rhat=args.until_rhat, progress="auto") as imp:
         print(imp, file=sys.stderr)
         imp.to_parquet(args.output, overwrite=args.overwrite)
     print(args.output)
@@ -40,10 +60,10 @@ def _impute(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     import json
 
-    from dmice.analysis import analyze
+    import dmice.analysis
 
-    res = analyze(args.output_dir, args.formula, family=args.family, link=args.link,
-                  weights=args.weights, offset=args.offset, cov_type=args.cov_type)
+    res = dmice.analysis.analyze(args.output_dir, args.formula, family=args.family, link=args.link,
+                                 weights=args.weights, offset=args.offset, cov_type=args.cov_type)
     table = res.table(exponentiate=args.exponentiate)
     full = table.merge(res.pooled.drop(columns=["estimate", "fmi"]), on="term")
     print(repr(res))
@@ -270,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "job_command", False):
             return INVALID_INPUT
         return _exit_code(e)
-    except Exception as e:  # noqa: BLE001 - the job commands promise an exit code and one line
-        if not getattr(args, "job_command", False):
-            raise
+    except Exception as e:  # noqa: BLE001 - every command promises an exit code and one line
         import os
 
         if os.environ.get("DMICE_DEBUG"):

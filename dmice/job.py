@@ -46,7 +46,7 @@ log = logging.getLogger("dmice")
 EXIT_OK = 0  # done, or nothing to do (the output is already complete)
 EXIT_UNEXPECTED = 1  # a bug or an infrastructure failure (storage, cluster)
 EXIT_INVALID = 2  # the job file or the input is not valid
-EXIT_CONFLICT = 3  # the output belongs to another configuration or changed input
+EXIT_CONFLICT = 3  # the output belongs to another configuration or changed input, or is locked by a run
 EXIT_VERIFY = 4  # the output does not match its manifest
 
 #: environment variables overriding keys of the job file (applied before validation)
@@ -61,7 +61,6 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|account_key|sas_|private|"
                          r"^key$)", re.I)
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class JobError(InputError):
@@ -516,7 +515,7 @@ def output_state(job: JobSpec) -> tuple[dict[str, Any] | None, dict[str, Any] | 
         fs, root = store.filesystem(url, so)
         if fs.exists(root):
             names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
-            other = names - {store.RUNS}
+            other = {n for n in names - {store.RUNS} if not n.startswith(store.LOCK)}
             if other:
                 raise ConflictError(f"output.url: {url!r} is not empty ({len(other)} entries other "
                                     f"than {store.RUNS}/) and holds no committed dmice job output")
@@ -556,9 +555,9 @@ def run_job(job: JobSpec, run_id: str | None = None, force: bool = False) -> Run
     job : JobSpec
         A validated job (:func:`load_job`).
     run_id : str, optional
-        Name of the run's prefix ``runs/<run_id>/`` (letters, digits, ``._-``).  Default: UTC
-        time and a random suffix.  A retry with the same run id replaces that run's
-        uncommitted files.
+        Name of the run's prefix ``runs/<run_id>/``: letters, digits, ``._-`` (at most 128),
+        starting with a letter or digit, without ``..``.  Default: UTC time and a random
+        suffix.  A retry with the same run id replaces that run's uncommitted files.
     force : bool, default False
         Recompute a committed output of the same job.
 
@@ -572,14 +571,20 @@ def run_job(job: JobSpec, run_id: str | None = None, force: bool = False) -> Run
         Invalid job or input (exit code 2).
     ConflictError
         The output holds another configuration, or the input changed (exit code 3).
+    dmice.store.LockedError
+        Another run holds the output's lock (exit code 3); nothing is changed.
     """
-    run_id = run_id or new_run_id()
-    if not _RUN_ID.match(run_id):
-        raise JobError("--run-id: expected letters, digits, '.', '_' or '-' (at most 128), "
-                       "starting with a letter or digit")
+    run_id = store.check_run_id(run_id or new_run_id(), "--run-id")
     url, so = job.output.url, job.output.storage_options
     info = inspect_input(job)
     check_against_input(job, info)
+    with store.output_lock(url, so, run_id) as lock:
+        return _run_locked(job, info, run_id, force, lock)
+
+
+def _run_locked(job: JobSpec, info: InputInfo, run_id: str, force: bool,
+                lock: store.OutputLock) -> RunOutcome:
+    url, so = job.output.url, job.output.storage_options
     pointer, manifest = output_state(job)
     if manifest is not None and _check_committed(job, manifest, info.files, force):
         log.info("%s is already complete (run %s); nothing to do", url, pointer["run_id"])
@@ -594,17 +599,19 @@ def run_job(job: JobSpec, run_id: str | None = None, force: bool = False) -> Run
         # an earlier, uncommitted attempt of this run id: its files are rewritten (the chains
         # resume from the job's checkpoint, which lives outside the run prefix)
         log.info("replacing the uncommitted files of an earlier attempt of run %s", run_id)
-        fs.rm(staging, recursive=True)
+        store.remove_run_prefix(fs, root, staging)
     written = _compute_and_write(job, info, run_id, prefix)
+    if not lock.held():
+        raise ConflictError(f"output.url: the lock of {url!r} was taken over while run {run_id!r} "
+                            "was computing (no heartbeat for longer than its TTL); nothing committed")
     store.commit(url, so, written, run_id=run_id)
     if pointer and pointer.get("run_id") != run_id:
         old = posixpath.join(root, store.run_prefix(pointer["run_id"]))
         if fs.exists(old):
-            fs.rm(old, recursive=True)  # superseded: nothing names it any more
-    ck = checkpoint_url(job)
-    cfs, croot = store.filesystem(ck, so)
+            store.remove_run_prefix(fs, root, old)  # superseded: nothing names it any more
+    cfs, croot = store.filesystem(checkpoint_url(job), so)
     if cfs.exists(croot):
-        cfs.rm(croot, recursive=True)  # the committed output supersedes it
+        store.remove_run_prefix(cfs, root, croot)  # the committed output supersedes it
     log.info("committed run %s to %s", run_id, url)
     return RunOutcome("done", run_id, url)
 

@@ -355,7 +355,9 @@ class MultipleImputation:
         """Write the m completed data sets as partitioned Parquet (``imputation=k/part.N.parquet``).
 
         The manifest and the ``_SUCCESS`` marker are written last.  A non-empty target is
-        refused unless ``overwrite=True``.  With ``distributions`` (default), binned counts
+        refused unless ``overwrite=True``; an overwrite writes the new output completely in a
+        directory beside the old one and only then replaces it, so a write that fails leaves
+        the old output as it was.  With ``distributions`` (default), binned counts
         of the observed and imputed values and the missing-data pattern are computed (one
         more pass over the input and one over the completed data) and kept in the manifest, so that density and pattern
         plots of the opened output need no pass over the data (see :mod:`dmice.plots`).
@@ -365,15 +367,23 @@ class MultipleImputation:
         if self._engine is None:
             raise InputError("this result was read from disk; it is already written at "
                              f"{self.url!r}")
-        store.prepare(url, storage_options, overwrite)
-        files, diag = self.write_data(url, storage_options=storage_options)
-        manifest = self.manifest_dict(files, self._ddf.npartitions)
-        manifest["aux_files"] = [diag] + self.state_files
-        if distributions:
-            from dmice.plots import stored_summaries
+        # an overwrite writes the new output completely beside the old one, then replaces it
+        target = store.prepare(url, storage_options, overwrite)
+        try:
+            files, diag = self.write_data(target, storage_options=storage_options)
+            manifest = self.manifest_dict(files, self._ddf.npartitions)
+            manifest["aux_files"] = [diag] + self.state_files
+            if distributions:
+                from dmice.plots import stored_summaries
 
-            manifest.update(stored_summaries(self))
-        store.commit(url, storage_options, manifest)
+                manifest.update(stored_summaries(self))
+            store.commit(target, storage_options, manifest)
+        except BaseException:
+            if target != url:
+                store.discard(target, storage_options)
+            raise
+        if target != url:
+            store.replace(target, url, storage_options)
         return url
 
     # -- lifetime ----------------------------------------------------------------------------

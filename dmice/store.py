@@ -26,12 +26,16 @@ commits by writing one small object last::
       runs/<run_id>/analysis/<name>.csv, .json      pooled tables of the job's analyses
       runs/<run_id>/_manifest.json                  every file with its size and SHA-256
       _SUCCESS                                      {"run_id", "manifest", "sha256"}: the commit
+      _LOCK                                         the running job's lock (see acquire_lock)
 
 Object stores have no atomic rename, but a single object is replaced atomically: a reader sees
 the old ``_SUCCESS`` or the new one, never a mix.  Files of a run are never modified after the
 run's manifest is written, so the pointer always names a complete, immutable set of files.  A
 failed run leaves only its own staging prefix (never named by ``_SUCCESS``); a forced re-run
-writes a new prefix, swaps the pointer, then deletes the prefix it replaced.
+writes a new prefix, swaps the pointer, then deletes the prefix it replaced.  Run ids are one path
+segment (:func:`check_run_id`), every path read from ``_SUCCESS`` or a manifest must lie below the
+output root (:func:`below_root`), and only entries directly below ``runs/`` are ever deleted
+(:func:`remove_run_prefix`).
 
 Paths are fsspec URLs; ``storage_options`` are passed through unchanged.
 """
@@ -74,8 +78,62 @@ class VerifyError(OutputError):
     """A written output does not match its manifest."""
 
 
+#: a run id is one path segment: letters, digits, ``._-``, starting with a letter or digit, no ``..``
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RUN_ID_RULE = ("letters, digits, '.', '_' or '-' (at most 128), starting with a letter or digit, "
+                "without '..'")
+
+
+def valid_run_id(run_id: Any) -> bool:
+    return isinstance(run_id, str) and bool(RUN_ID.match(run_id)) and ".." not in run_id
+
+
+def check_run_id(run_id: Any, what: str = "run id") -> str:
+    """``run_id`` when it is a valid run id, else an :class:`InputError` naming ``what``."""
+    if not valid_run_id(run_id):
+        raise InputError(f"{what}: expected a run id of {_RUN_ID_RULE}")
+    return run_id
+
+
 def run_prefix(run_id: str) -> str:
-    return f"{RUNS}/{run_id}"
+    return f"{RUNS}/{check_run_id(run_id)}"
+
+
+def below_root(rel: Any, url: str, what: str, allow_empty: bool = False) -> str:
+    """``rel``, a path read from a commit record or a manifest, when it names something below the
+    output root ``url``: relative, no URL scheme, no ``..`` leaving the root once normalised.
+    Anything else is an :class:`OutputError` (``dmice verify``: exit 4)."""
+    if allow_empty and rel == "":
+        return rel
+    ok = isinstance(rel, str) and rel and "://" not in rel and "\\" not in rel and "\0" not in rel
+    if ok:
+        norm = posixpath.normpath(rel)
+        ok = not rel.startswith(("/", "~")) and norm not in (".", "..") and not norm.startswith("../")
+    if not ok:
+        shown = repr(rel)[:200] if isinstance(rel, str) else type(rel).__name__
+        raise OutputError(f"{url!r}: {what} {shown} points outside the output")
+    return rel
+
+
+def remove_run_prefix(fs: Any, root: str, path: str) -> None:
+    """Delete ``path`` recursively, refusing anything that is not one entry directly below
+    ``runs/`` of the output root ``root`` (after normalisation, and on a local disk after
+    resolving symbolic links): the only things a job run or ``vacuum`` deletes."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    runs = posixpath.normpath(posixpath.join(root, RUNS))
+    norm = posixpath.normpath(path)
+    ok = posixpath.dirname(norm) == runs and posixpath.basename(norm) not in ("", ".", "..")
+    if ok and isinstance(fs, LocalFileSystem):
+        import os
+
+        real_runs = os.path.realpath(runs)  # runs/ itself no link out of the root, nor the entry
+        ok = (real_runs == os.path.join(os.path.realpath(root), RUNS)
+              and os.path.dirname(os.path.realpath(norm)) == real_runs)
+    if not ok:
+        raise OutputError(f"refusing to delete {path!r}: a run deletes only entries directly below "
+                          f"{RUNS}/ of its output")
+    fs.rm(norm, recursive=True)
 
 
 def sha256_file(fs: Any, path: str) -> str:
@@ -203,21 +261,96 @@ def fill_cells(df: pd.DataFrame, cells: dict[str, pd.DataFrame], offset: int) ->
     return out
 
 
-def prepare(url: str, storage_options: dict[str, Any] | None, overwrite: bool) -> None:
-    """Refuse a non-empty target unless ``overwrite``; then clear it, commit marker first."""
+def _entries(fs: Any, root: str) -> list[str]:
+    return fs.ls(root, detail=False) if fs.exists(root) else []
+
+
+def check_target(url: str, storage_options: dict[str, Any] | None, overwrite: bool) -> bool:
+    """Refuse a non-empty target unless ``overwrite`` (nothing is changed); returns whether it
+    holds anything.  Called before an imputation starts, so that a refusal costs nothing."""
     fs, root = filesystem(url, storage_options)
-    if fs.exists(root):
-        entries = fs.ls(root, detail=False)
-        if entries and not overwrite:
-            raise OutputError(f"output {url!r} exists and is not empty ({len(entries)} entries); "
-                              "pass overwrite=True to replace it")
-        if entries:
-            marker = posixpath.join(root, SUCCESS)
-            if fs.exists(marker):
-                fs.rm(marker)  # readers stop trusting the old output before anything is removed
-            for e in fs.ls(root, detail=False):
-                fs.rm(e, recursive=True)
-    fs.makedirs(root, exist_ok=True)
+    entries = _entries(fs, root)
+    if entries and not overwrite:
+        raise OutputError(f"output {url!r} exists and is not empty ({len(entries)} entries); "
+                          "pass overwrite=True (--overwrite) to replace it")
+    return bool(entries)
+
+
+def _sibling(fs: Any, root: str, kind: str) -> str:
+    parent, base = posixpath.dirname(root), posixpath.basename(root)
+    if not parent or not base or parent == root:
+        raise OutputError(f"cannot replace {root!r} atomically: it has no parent directory to stage "
+                          "the new output in; write into a sub-directory")
+    # dot-prefixed: dask's read_parquet of the parent and dmice's input listing skip it
+    return posixpath.join(parent, f".{base}.dmice-{kind}-{uuid.uuid4().hex[:12]}")
+
+
+def prepare(url: str, storage_options: dict[str, Any] | None, overwrite: bool) -> str:
+    """Where to write an output for ``url``: ``url`` itself when it is absent or empty, else (with
+    ``overwrite``; refused without) a new directory beside it, which :func:`replace` moves into
+    place once the new output is complete and :func:`discard` removes after a failed write.
+    The old output stays complete and readable until then."""
+    fs, root = filesystem(url, storage_options)
+    if not check_target(url, storage_options, overwrite):
+        fs.makedirs(root, exist_ok=True)
+        return url
+    staged = _sibling(fs, root, "new")
+    fs.makedirs(staged, exist_ok=True)
+    return fs.unstrip_protocol(staged)
+
+
+def discard(staged_url: str, storage_options: dict[str, Any] | None) -> None:
+    """Remove the staging directory of a failed overwrite (best effort: the error that made the
+    write fail is the one to report)."""
+    fs, staged = filesystem(staged_url, storage_options)
+    try:
+        if fs.exists(staged):
+            fs.rm(staged, recursive=True)
+    except OSError:
+        pass
+
+
+def replace(staged_url: str, url: str, storage_options: dict[str, Any] | None) -> None:
+    """Replace the output at ``url`` by the complete output staged at ``staged_url``.
+
+    On a local disk: two renames (old output aside, new one into place), then the old output is
+    deleted; a reader sees the old output, the new one, or (for the instant between the renames)
+    no output, never a mix.  On object stores, which cannot rename: the old ``_SUCCESS`` is
+    removed first (readers stop trusting the old output), the old objects are deleted, the new
+    ones copied in (server-side) and ``_SUCCESS`` last; if that copy fails the error names the
+    staging URL, where the new output is still complete.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = filesystem(url, storage_options)
+    _, staged = filesystem(staged_url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        import os
+        import shutil
+
+        old = _sibling(fs, root, "old")
+        os.rename(root, old)
+        try:
+            os.rename(staged, root)
+        except BaseException:
+            os.rename(old, root)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        marker = posixpath.join(root, SUCCESS)
+        if fs.exists(marker):
+            fs.rm(marker)
+        for e in _entries(fs, root):
+            fs.rm(e, recursive=True)
+        files = sorted(fs.find(staged))
+        last = posixpath.join(staged, SUCCESS)
+        for p in [f for f in files if f != last] + [last]:
+            fs.copy(p, posixpath.join(root, posixpath.relpath(p, staged)))
+    except Exception as e:
+        raise OutputError(f"replacing {url!r} failed ({type(e).__name__}); the new output is complete "
+                          f"at {staged_url!r}") from e
+    fs.rm(staged, recursive=True)
 
 
 def commit(url: str, storage_options: dict[str, Any] | None, manifest: dict[str, Any],
@@ -258,7 +391,30 @@ def read_pointer(url: str, storage_options: dict[str, Any] | None = None) -> dic
         raise OutputError(f"{url!r}: {SUCCESS} is neither empty nor a dmice commit record") from None
     if not isinstance(pointer, dict) or not {"run_id", "manifest", "sha256"} <= set(pointer):
         raise OutputError(f"{url!r}: {SUCCESS} is neither empty nor a dmice commit record")
+    if not valid_run_id(pointer["run_id"]):
+        raise OutputError(f"{url!r}: {SUCCESS} names an invalid run id (expected {_RUN_ID_RULE})")
+    below_root(pointer["manifest"], url, f"the manifest named by {SUCCESS}")
     return pointer
+
+
+def check_manifest_paths(url: str, man: dict[str, Any]) -> dict[str, Any]:
+    """``man`` when every path it names lies below the output root (and every input file below
+    the input snapshot's URL); else an :class:`OutputError`."""
+    for key in ("files", "aux_files"):
+        for i, f in enumerate(man.get(key) or []):
+            below_root(f.get("path") if isinstance(f, dict) else f, url, f"{key}[{i}]")
+    for key in ("data_prefix", "state"):
+        if man.get(key):
+            below_root(man[key], url, key)
+    for i, a in enumerate(man.get("analysis") or []):
+        for key in ("csv", "json"):
+            if isinstance(a, dict) and a.get(key):
+                below_root(a[key], url, f"analysis[{i}].{key}")
+    snap = man.get("input_snapshot") or {}
+    for i, f in enumerate(snap.get("files") or []):
+        below_root(f.get("path") if isinstance(f, dict) else f, url, f"input_snapshot.files[{i}]",
+                   allow_empty=True)
+    return man
 
 
 #: ``vacuum``'s default: uncommitted run prefixes are kept while anything in them is younger
@@ -294,20 +450,32 @@ def vacuum(url: str, storage_options: dict[str, Any] | None = None,
     when its newest file is older than ``retain_hours``: uncommitted attempts of killed runs,
     and checkpoints of runs never retried.  Younger prefixes are kept, since a run may still
     be writing them (or a retry may resume from its checkpoint).  The committed run and the
-    files outside ``runs/`` are never touched.  Returns one record per uncommitted prefix:
+    files outside ``runs/`` are never touched, and nothing is removed while a run holds the
+    output's lock (:class:`LockedError`).  Returns one record per uncommitted prefix:
     ``prefix``, ``files``, ``bytes``, ``newest`` (POSIX seconds), ``expired`` (older than
     ``retain_hours``) and ``removed`` (expired, and not ``dry_run``).
     """
-    import time
-
     if not retain_hours >= 0:
         raise InputError(f"retain_hours must be a number of hours >= 0, got {retain_hours!r}")
+    fs, root = filesystem(url, storage_options)
+    if not fs.exists(posixpath.join(root, RUNS)):
+        read_pointer(url, storage_options)  # raises on a _SUCCESS that is not dmice's
+        return []
+    if dry_run:
+        return _vacuum(url, storage_options, retain_hours, dry_run, now)
+    # no run may start (or resume a checkpoint), or commit, while prefixes are removed
+    with output_lock(url, storage_options, "vacuum"):
+        return _vacuum(url, storage_options, retain_hours, dry_run, now)
+
+
+def _vacuum(url: str, storage_options: dict[str, Any] | None, retain_hours: float, dry_run: bool,
+            now: float | None) -> list[dict[str, Any]]:
+    import time
+
     fs, root = filesystem(url, storage_options)
     pointer = read_pointer(url, storage_options)  # raises on a _SUCCESS that is not dmice's
     committed = pointer.get("run_id") if pointer else None
     runs = posixpath.join(root, RUNS)
-    if not fs.exists(runs):
-        return []
     now = time.time() if now is None else now
     out = []
     for entry in sorted(fs.ls(runs, detail=False)):
@@ -322,9 +490,245 @@ def vacuum(url: str, storage_options: dict[str, Any] | None = None,
                "bytes": int(sum(i.get("size") or 0 for i in infos)), "newest": newest,
                "expired": bool(old), "removed": bool(old and not dry_run)}
         if rec["removed"]:
-            fs.rm(entry, recursive=True)
+            remove_run_prefix(fs, root, entry)
         out.append(rec)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# one run per output: the lock
+#
+#   <output>/_LOCK   {"run_id", "host", "pid", "started", "heartbeat", "ttl", "token"}
+#
+# Created atomically: a hard link of a complete temporary file on a local disk (fails if the lock
+# exists), a conditional PUT (If-None-Match: *) on S3, mode "xb" elsewhere.  A heartbeat rewrites
+# it every ttl/4 seconds while the run lives; a lock whose heartbeat is older than its ttl, or whose
+# process no longer exists on this host, is stale and broken by the next run.
+
+LOCK = "_LOCK"
+#: seconds without a heartbeat after which a lock is stale (``DMICE_LOCK_TTL`` overrides)
+LOCK_TTL = 600.0
+
+
+class LockedError(OutputError):
+    """Another run holds the output's lock (``dmice run``: exit 3)."""
+
+
+def lock_ttl() -> float:
+    import os
+
+    raw = os.environ.get("DMICE_LOCK_TTL")
+    if raw is None:
+        return LOCK_TTL
+    try:
+        ttl = float(raw)
+    except ValueError:
+        ttl = -1.0
+    if not ttl > 0:
+        raise InputError("DMICE_LOCK_TTL: expected a number of seconds > 0")
+    return ttl
+
+
+def _utc(t: Any) -> str:
+    import datetime as _dt
+
+    try:
+        return _dt.datetime.fromtimestamp(float(t), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "at an unknown time"
+
+
+def _pid_alive(pid: Any) -> bool:
+    import os
+
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True
+    return True
+
+
+def _read_lock(fs: Any, path: str) -> dict[str, Any] | None:
+    """The lock record, ``None`` when there is no lock; an unreadable lock is returned as a record
+    of an unknown run whose heartbeat is the file's modification time."""
+    try:
+        raw = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        rec = json.loads(raw)
+        if isinstance(rec, dict):
+            return rec
+    except ValueError:
+        pass
+    try:
+        mtime = _modified(fs, fs.info(path))
+    except FileNotFoundError:
+        return None
+    return {"run_id": "(unreadable lock)", "started": mtime, "heartbeat": mtime}
+
+
+def _stale(rec: dict[str, Any], now: float) -> str | None:
+    """Why the lock ``rec`` is stale, or ``None`` while it is held."""
+    import socket
+
+    if rec.get("host") == socket.gethostname() and rec.get("pid") is not None and not _pid_alive(rec["pid"]):
+        return f"its process {rec['pid']} on this host no longer exists"
+    try:
+        ttl = float(rec.get("ttl", LOCK_TTL))
+        age = now - float(rec.get("heartbeat"))
+    except (TypeError, ValueError):
+        return None
+    if age > ttl:
+        return f"no heartbeat for {age:.0f} s, longer than its TTL of {ttl:g} s"
+    return None
+
+
+def _create_exclusive(fs: Any, path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` unless it exists (``FileExistsError``).  Returns whether the
+    file system made that atomic; where it cannot (a file system without exclusive create), an
+    existence check precedes the write and a warning is logged."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        import os
+
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)  # atomic, and the lock is complete the moment it exists
+        finally:
+            os.unlink(tmp)
+        return True
+    try:
+        with fs.open(path, "xb") as f:  # s3fs: PUT with If-None-Match: *
+            f.write(data)
+        return True
+    except (ValueError, NotImplementedError, TypeError):
+        pass
+    import logging
+
+    logging.getLogger("dmice").warning("%s cannot create files exclusively; the output lock is "
+                                       "checked, then written (not atomic)", type(fs).__name__)
+    if fs.exists(path):
+        raise FileExistsError(path)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+    return False
+
+
+class OutputLock:
+    """The lock of one output, held by this process: refreshed by a heartbeat thread until
+    :meth:`release`."""
+
+    def __init__(self, fs: Any, path: str, url: str, record: dict[str, Any], atomic: bool):
+        import threading
+
+        self.fs, self.path, self.url, self.record, self.atomic = fs, path, url, record, atomic
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="dmice-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def held(self) -> bool:
+        """Whether the lock on storage is still this one."""
+        rec = _read_lock(self.fs, self.path)
+        return bool(rec) and rec.get("token") == self.record["token"]
+
+    def _beat(self) -> None:
+        import logging
+        import time
+
+        interval = max(0.05, self.record["ttl"] / 4)
+        while not self._stop.wait(interval):
+            try:
+                if not self.held():
+                    logging.getLogger("dmice").error("the lock of %s was taken over by another run",
+                                                     self.url)
+                    return
+                self.record["heartbeat"] = time.time()
+                _replace_atomically(self.fs, self.path, json.dumps(self.record).encode())
+            except Exception as e:  # noqa: BLE001 - a missed beat is retried; the TTL is the margin
+                logging.getLogger("dmice").warning("lock heartbeat of %s failed (%s)", self.url,
+                                                   type(e).__name__)
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lock if it is still this one."""
+        self._stop.set()
+        self._thread.join()
+        try:
+            if self.held():
+                self.fs.rm(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def acquire_lock(url: str, storage_options: dict[str, Any] | None, run_id: str,
+                 ttl: float | None = None) -> OutputLock:
+    """Take the lock of the output ``url`` for the run ``run_id``, breaking a stale one.
+
+    Raises
+    ------
+    LockedError
+        Another run holds it: the message names that run, its host and process, and when it
+        started and last beat.
+    """
+    import logging
+    import os
+    import secrets
+    import socket
+    import time
+
+    ttl = lock_ttl() if ttl is None else float(ttl)
+    fs, root = filesystem(url, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    path = posixpath.join(root, LOCK)
+    now = time.time()
+    record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started": now,
+              "heartbeat": now, "ttl": ttl, "token": secrets.token_hex(16)}
+    other: dict[str, Any] | None = None
+    for _ in range(3):
+        try:
+            atomic = _create_exclusive(fs, path, json.dumps(record).encode())
+            return OutputLock(fs, path, url, record, atomic)
+        except FileExistsError:
+            pass
+        other = _read_lock(fs, path)
+        if other is None:
+            continue  # released meanwhile
+        why = _stale(other, time.time())
+        if why is None:
+            break
+        logging.getLogger("dmice").warning("breaking the stale lock of run %r on %s: %s",
+                                           str(other.get("run_id")), url, why)
+        again = _read_lock(fs, path)
+        if again is not None and again.get("token") == other.get("token"):
+            try:
+                fs.rm(path)
+            except FileNotFoundError:
+                pass
+    other = other or {}
+    lock_url = posixpath.join(url.rstrip("/"), LOCK)
+    raise LockedError(
+        f"output.url: {url!r} is locked by run {str(other.get('run_id', '?'))!r} (host "
+        f"{other.get('host', '?')}, pid {other.get('pid', '?')}), started {_utc(other.get('started'))}, "
+        f"last heartbeat {_utc(other.get('heartbeat'))}; one run per output at a time.  A lock "
+        f"without a heartbeat for {float(other.get('ttl', ttl)):g} s is stale and broken by the next "
+        f"run; if that run is dead, delete {lock_url} to break it now")
+
+
+def output_lock(url: str, storage_options: dict[str, Any] | None, run_id: str,
+                ttl: float | None = None) -> OutputLock:
+    """:func:`acquire_lock` as a context manager: released when the block ends, however."""
+    return acquire_lock(url, storage_options, run_id, ttl)
 
 
 def write_diagnostics(url: str, storage_options: dict[str, Any] | None, chain_stats: pd.DataFrame,
@@ -356,7 +760,7 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> di
         raise OutputError(f"{url!r} is not a complete dmice output (no {SUCCESS} marker)")
     if not pointer:
         with fs.open(posixpath.join(root, MANIFEST), "r") as f:
-            return json.load(f)
+            return check_manifest_paths(url, json.load(f))
     try:
         data = fs.cat_file(posixpath.join(root, pointer["manifest"]))
     except FileNotFoundError:
@@ -365,7 +769,7 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> di
     if hashlib.sha256(data).hexdigest() != pointer["sha256"]:
         raise OutputError(f"{url!r}: the manifest {pointer['manifest']!r} does not match the "
                           f"checksum in {SUCCESS}")
-    return json.loads(data)
+    return check_manifest_paths(url, json.loads(data))
 
 
 def verify(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -510,17 +914,76 @@ def read_input_file(url: str, rel: str, fmt: str, storage_options: dict[str, Any
     name = rel or posixpath.basename(root)
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise InputError(f"input file {name!r} changed since its snapshot was taken (checksum differs)")
-    df = _normalise(_parse(data, rel or url, fmt), fmt)
+    return coerce_columns(_normalise(_parse(data, rel or url, fmt), fmt), dtypes, name)
+
+
+def coerce_columns(df: pd.DataFrame, dtypes: dict[str, str], name: str) -> pd.DataFrame:
+    """``df``, read from the input file ``name``, with the columns and dtypes of the first input
+    file; an :class:`InputError` naming the column and the file (never a value) otherwise."""
     if [str(c) for c in df.columns] != list(dtypes):
         raise InputError(f"input file {name!r} has other columns than the first input file")
     for c, dt in dtypes.items():
         if dt != "category" and str(df[c].dtype) != dt:
+            if dt == "bool" and df[c].isna().any():
+                # astype(bool) would read a missing cell as True
+                raise InputError(f"column {c!r} of input file {name!r} has missing values, but is "
+                                 "boolean without any in the first input file")
             try:
                 df[c] = df[c].astype(dt)
             except (TypeError, ValueError):
-                raise InputError(f"column {c!r} of input file {name!r} cannot be read as {dt}, its "
-                                 "dtype in the first input file") from None
+                raise InputError(f"column {c!r} of input file {name!r} cannot be read as {dt}, the "
+                                 "dtype of its first rows in the first input file") from None
     return df
+
+
+def parse_csv_block(data: bytes, header: bytes | None, name: str, dtypes: dict[str, str]) -> pd.DataFrame:
+    """One block of a CSV file (``header``: the file's first line, for blocks after the first)
+    with the first file's columns and dtypes (:func:`coerce_columns`)."""
+    sep = "\t" if name.endswith((".tsv", ".tsv.gz")) else ","
+    try:
+        df = pd.read_csv(io.BytesIO(data if header is None else header + data), sep=sep)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise InputError(f"input file {name!r} cannot be read as CSV ({type(e).__name__})") from None
+    return coerce_columns(_normalise(df, "csv"), dtypes, name)
+
+
+def read_csv(urlpath: str, storage_options: dict[str, Any] | None = None,
+             blocksize: int = 64 << 20) -> Any:
+    """CSV files (a path, a glob or a directory) as a dask DataFrame, in blocks of ``blocksize``
+    bytes (whole files when compressed), every block read with the columns and dtypes of the
+    first file (integer columns nullable, as ``dmice run`` reads them).  A file that does not
+    fit is an :class:`InputError` naming the column and the file when its block is read."""
+    import dask.dataframe as dd
+    from dask import delayed
+    from dask.bytes import read_bytes
+
+    fs, path = fsspec.core.url_to_fs(urlpath, **(storage_options or {}))
+    if fsspec.core.has_magic(path):
+        files = sorted(p for p in fs.glob(path) if fs.isfile(p))
+    elif fs.isdir(path):
+        files = [p["path"] for p in list_input(urlpath, "csv", storage_options)]
+        files = [posixpath.join(path.rstrip("/"), p) for p in files]
+    else:
+        files = [path] if fs.exists(path) else []
+    if not files:
+        raise InputError(f"input: no file found at {urlpath!r}")
+    first = files[0]
+    with fs.open(first, "rb", compression="gzip" if first.endswith(".gz") else None) as f:
+        head = pd.read_csv(f, sep="\t" if first.endswith((".tsv", ".tsv.gz")) else ",", nrows=1000)
+    meta = _normalise(head, "csv").head(0)
+    dtypes = {str(c): str(t) for c, t in meta.dtypes.items()}
+    parts = []
+    for p in files:
+        name = posixpath.basename(p)
+        gz = p.endswith(".gz")
+        with fs.open(p, "rb", compression="gzip" if gz else None) as f:
+            header = f.readline()
+        _, blocks = read_bytes(fs.unstrip_protocol(p), delimiter=b"\n", blocksize=None if gz else blocksize,
+                               sample=False, compression="gzip" if gz else None,
+                               **(storage_options or {}))
+        for i, b in enumerate(blocks[0]):
+            parts.append(delayed(parse_csv_block)(b, None if i == 0 else header, name, dtypes))
+    return dd.from_delayed(parts, meta=meta, verify_meta=False)
 
 
 def complete_cells_partition(item: tuple[dict[str, Any], list[dict[str, Any]]], url: str,
