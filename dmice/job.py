@@ -36,6 +36,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dmice import store
+from dmice.disclosure import MIN_CELL_COUNT
 from dmice.errors import InputError, OutputError
 from dmice.schema import ALL_METHODS, MIN_LEVEL_COUNT
 
@@ -170,6 +171,10 @@ class ImputationSpec(_Strict):
     shrinkage: Literal["auto"] | Annotated[float, Field(gt=0)] | None = Field(
         "auto", description="prior on polyreg coefficients: auto (empirical Bayes for rare levels), "
                             "a prior standard deviation, or null")
+    min_cell_count: PositiveInt = Field(
+        MIN_CELL_COUNT, description="small-cell rule of what is written about the data (manifest, "
+                                    "diagnostics): levels seen fewer times are not named, smaller "
+                                    "counts are merged; 1 switches it off")
 
     def arguments(self) -> dict[str, Any]:
         """Keyword arguments of :func:`dmice.impute` (``checkpoint`` and the rest excepted)."""
@@ -183,13 +188,15 @@ class ImputationSpec(_Strict):
                     post={c: p.functions() for c, p in self.post.items()} or None,
                     min_level_count=self.min_level_count,
                     collapse={c: dict(m) for c, m in self.collapse.items()} or None,
-                    separation=self.separation, shrinkage=self.shrinkage)
+                    separation=self.separation, shrinkage=self.shrinkage,
+                    min_cell_count=self.min_cell_count)
 
 
 #: imputation settings added after the first job files were written: left out of the
 #: configuration hash while at their defaults, so existing jobs keep their hash (and outputs)
 _LATER_SETTINGS = ("formulas", "passive", "substantive", "substantive_family", "by", "delta", "post",
-                   "min_level_count", "collapse", "separation", "shrinkage", "where", "ignore")
+                   "min_level_count", "collapse", "separation", "shrinkage", "where", "ignore",
+                   "min_cell_count")
 
 
 class AnalysisSpec(_Strict):
