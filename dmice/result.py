@@ -8,6 +8,7 @@ import posixpath
 from importlib import metadata
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from dmice import store
@@ -89,13 +90,21 @@ class MultipleImputation:
     @property
     def chain_stats(self) -> pd.DataFrame:
         """Chain statistics with the levels observed fewer than ``min_cell_count`` times counted
-        together as ``"other (k levels)"`` (their proportions summed), as written to disk."""
+        together as ``"other (k levels)"`` (their proportions summed), and no mean or sd of a
+        variable with fewer than ``min_cell_count`` imputed cells, as written to disk."""
         cs = pd.DataFrame(self._chain)
-        if self.schema is None or cs.empty or "level" not in cs:
+        if self.schema is None or cs.empty:
             return cs
         from dmice.disclosure import public_labels
 
         t = self.min_cell_count
+        # the mean of fewer than t imputed values (pmm's are observed values) is not shown
+        few = [v.name for v in self.schema.variables if v.levels is None and 0 < v.n_missing < t]
+        if few and "mean" in cs:
+            sel = cs["variable"].isin(few)
+            cs.loc[sel, ["mean", "sd"]] = np.nan
+        if "level" not in cs:
+            return cs
         maps = {v.name: public_labels(v, t) for v in self.schema.variables if v.levels is not None}
         maps = {k: m for k, m in maps.items() if any(a != b for a, b in m.items())}
         if not maps:

@@ -42,9 +42,11 @@ def _frame(n: int = 800, seed: int = 11) -> pd.DataFrame:
     y = 0.001 * v + (txt == "beta") + g.normal(size=n)
     df = pd.DataFrame({"v": v, "txt": txt, "site": site, "b": b, "y": y,
                        "age": g.integers(18, 90, n).astype(float)})
+    df["w"] = g.normal(50.0, 10.0, n)
+    df.loc[[100, 200, 300], "w"] = None  # three imputed cells only
     for col, frac in (("v", 0.25), ("txt", 0.2), ("b", 0.2), ("age", 0.15)):
         miss = g.random(n) < frac
-        miss[[3, 7, 500, 20, 40, 60]] = False  # the rare values stay observed
+        miss[[3, 7, 500, 20, 40, 60, 100, 200, 300]] = False  # the rare values stay observed
         df.loc[miss, col] = None
     return df
 
@@ -157,6 +159,21 @@ def test_rare_levels_are_not_named(written):
     cs = dmice.open(out).chain_stats
     tot = cs[cs["variable"] == "txt"].groupby(["iteration", "chain"])["proportion"].sum()
     np.testing.assert_allclose(tot, 1.0)
+
+
+def test_fewer_imputed_cells_than_the_threshold_are_not_summarised(written):
+    """w has 3 missing cells: pmm fills them with observed values, whose mean or histogram would
+    show them."""
+    df, imp, out, logs = written
+    man = json.loads(Path(out, "_manifest.json").read_text())
+    d = man["distributions"]["variables"]["w"]
+    assert d["imputed"] is None and sum(d["observed"]) == len(df) - 3
+    cs = dmice.open(out).chain_stats
+    w = cs[cs["variable"] == "w"]
+    assert len(w) == imp.m * imp.iterations and w["mean"].isna().all() and w["sd"].isna().all()
+    assert not [k for k in man["convergence"]["rhat"] if k.startswith("w ") and man["convergence"]["rhat"][k]]
+    v = cs[cs["variable"] == "v"]
+    assert v["mean"].notna().all()
 
 
 def test_opened_output_plots_and_continues(written):
