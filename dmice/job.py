@@ -703,13 +703,16 @@ def _compute_and_write(job: JobSpec, info: InputInfo, run_id: str, prefix: str) 
             client.close()
         if cluster is not None:
             cluster.close()
+    config = job.config()
+    if "collapse" in config["imputation"]:  # as in parameters: no level seen fewer than min_cell_count times
+        config["imputation"]["collapse"] = manifest["parameters"].get("collapse") or {}
     manifest.update({
         "layout": job.output.layout, "run_id": run_id, "data_prefix": prefix,
         "aux_files": aux, "analysis": analyses,
         "input_snapshot": snapshot,
         "input_dtypes": {str(c): str(t) for c, t in info.meta.dtypes.items()},
         "job": {"config_hash": job.config_hash(), "section_hashes": job.section_hashes(),
-                "config": job.config()},
+                "config": config},
     })
     return manifest
 

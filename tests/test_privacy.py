@@ -224,3 +224,39 @@ def test_embedded_cluster_listens_on_loopback_only(monkeypatch):
     finally:
         client.close()
         cluster.close()
+
+
+def test_job_output_names_no_rare_value(cluster_client, tmp_path):
+    """``dmice run`` writes its own manifest (with the job's configuration): the same rule, and a
+    collapse= naming the rare level in the job file is kept in the chain state only."""
+    from dmice.cli import main
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    df = _frame(600, seed=3)
+    for i in range(2):
+        df.iloc[i * 300:(i + 1) * 300].reset_index(drop=True).to_parquet(inp / f"part-{i}.parquet")
+    job = tmp_path / "job.yaml"
+    out = tmp_path / "out"
+    job.write_text(f'version: 1\ninput: {{url: "{inp}", format: parquet}}\n'
+                   f'output: {{url: "{out}", layout: cells}}\n'
+                   f'imputation: {{m: 2, max_iter: 2, seed: 3, min_cell_count: 12, '
+                   f'collapse: {{site: {{"{OTHER_NAME}": north}}}}}}\n')
+    assert main(["run", str(job), "--run-id", "r1"]) == 0
+    man = json.loads((out / "runs" / "r1" / "_manifest.json").read_text())
+    assert man["min_cell_count"] == 12 and man["parameters"]["collapse"] == {"site": {}}
+    found = {}
+    for p in out.rglob("*"):
+        rel = p.relative_to(out).parts
+        if p.is_dir() or "cells" in rel or "_state" in rel:
+            continue
+        found[str(p.relative_to(out))] = _leaks(p.read_bytes())
+    assert "runs/r1/_manifest.json" in found and "runs/r1/_diagnostics.arrow" in found
+    assert {k: v for k, v in found.items() if v} == {}
+    # continuing from disk uses the collapse= given (kept in the chain state)
+    more = dmice.open(str(out)).iterate(1, progress=None)
+    try:
+        assert more.parameters["collapse"] == {"site": {OTHER_NAME: "north"}}
+        assert more.iterations == 3
+    finally:
+        more.close()
