@@ -641,7 +641,7 @@ def plot_densities(imp: Any, variables: list[str] | str | None = None, bins: int
                 for end, where in ((0, "<"), (-1, "\u2265")):
                     if tot and d["observed"][end] and len(edges) > 2:
                         notes.append(f"{where} {edges[1] if end == 0 else edges[-2]:g}: "
-                                     f"{d['observed'][end] / tot:.1%}")
+                                     f"{100 * d['observed'][end] / tot:.2g}% observed")
             counts_all = sum(r[0] for r in rows) if rows else np.zeros(len(edges) - 1)
             used = np.nonzero(counts_all[1:-1])[0]
             if len(used):
