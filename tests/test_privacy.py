@@ -260,3 +260,26 @@ def test_job_output_names_no_rare_value(cluster_client, tmp_path):
         assert more.iterations == 3
     finally:
         more.close()
+
+
+def test_merging_keeps_every_count_zero_or_above_the_threshold():
+    from dmice import disclosure as D
+
+    g = np.random.default_rng(4)
+    for _ in range(300):
+        cells = int(g.integers(1, 30))
+        rows = g.poisson(g.uniform(0, 12), size=(int(g.integers(1, 4)), cells))
+        rows = rows[D.active_rows(rows, 10)]
+        groups = D.merge_runs(rows, 10)
+        assert [a for a, _ in groups] == [0] + [b for _, b in groups[:-1]] and groups[-1][1] == cells
+        for a, b in groups:
+            s = rows[:, a:b].sum(axis=1)
+            assert ((s == 0) | (s >= 10)).all()
+    # unordered levels: the rare one is never named; its group takes in the least frequent level
+    names, members = D.merge_levels(["a", "b", "c", "d"], np.array([[50, 12, 30, 2], [20, 0, 15, 0]]),
+                                    10, False, [False, False, False, True])
+    assert names == ["a", "c", "other (2 levels)"] and members == [[0], [2], [1, 3]]
+    # ordered levels merge with a neighbour and are labelled by position
+    names, members = D.merge_levels(["lo", "mid", "hi", "top"], np.array([[50, 3, 30, 40]]), 10, True,
+                                    [False, True, False, False])
+    assert names == ["lo", "levels 2-3", "top"] and members == [[0], [1, 2], [3]]
