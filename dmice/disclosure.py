@@ -244,14 +244,17 @@ def grid(ext: tuple[np.ndarray, np.ndarray, int], k: int, bins: int, integer: bo
     else:
         a, b = float(lo[min(k, n) - 1]), float(hi[-min(k, n)])
         a, b = min(a, b), max(a, b)
-    if integer:
-        w = float(max(1, int(nice(max(1.0, math.ceil((b - a + 1) / bins))))))
-        start = math.floor(a / w) * w - 0.5
-    else:
-        base = (b - a) if b > a else (abs(a) if a != 0 else 1.0)
-        w = nice(base / bins)
-        start = math.floor(a / w) * w
-    cells = int(math.floor((b - start) / w)) + 1
+    try:
+        if integer:
+            w = float(max(1, int(nice(max(1.0, math.ceil((b - a + 1) / bins))))))
+            start = math.floor(a / w) * w - 0.5
+        else:
+            base = (b - a) if b > a else (abs(a) if a != 0 else 1.0)
+            w = nice(base / bins)
+            start = math.floor(a / w) * w
+        cells = int(math.floor((b - start) / w)) + 1
+    except (OverflowError, ValueError):  # a span beyond the float range: every value in the tails
+        return {"start": 0.0, "width": 1.0, "bins": 1, "integer": bool(integer)}
     return {"start": start, "width": w, "bins": cells, "integer": bool(integer)}
 
 
