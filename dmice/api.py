@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dmice import block as _block
+from dmice import disclosure as _disclosure
 from dmice import engine as _engine
 from dmice import formulas as _formulas
 from dmice import passive as _passive
@@ -26,6 +27,7 @@ from dmice import progress as _progress
 from dmice import rng as _rng
 from dmice import store
 from dmice._gc import frozen
+from dmice.disclosure import MIN_CELL_COUNT
 from dmice.errors import InputError, OutputError
 from dmice.methods import SEPARATION, TargetModel
 from dmice.methods.stratified import StratifiedModel
@@ -104,6 +106,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
            storage_options: dict[str, Any] | None = None,
            min_level_count: int = MIN_LEVEL_COUNT, collapse: dict[str, dict[Any, Any]] | None = None,
            separation: str = "firth", shrinkage: str | float | None = "auto",
+           min_cell_count: int = MIN_CELL_COUNT,
            client: Any = None, progress: Any = "auto", _state: str | None = None
            ) -> MultipleImputation:
     """Multiple imputation by chained equations on a Dask cluster.
@@ -228,7 +231,8 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         Imputed values always keep the column's own levels.
     collapse : dict, optional
         ``{column: {level: group}}``: explicit merges of predictor levels (applied first).
-        The mapping is recorded in the manifest and summarised in the logged events.
+        The mapping is recorded in the manifest (without the levels that ``min_cell_count``
+        keeps unnamed) and summarised in the logged events.
     separation : {"firth", "ridge", "error", "none"}, default "firth"
         What to do when a logistic or multinomial fit is separated (see
         :class:`dmice.methods.TargetModel` for the rule): refit a binary target with Firth's
@@ -241,6 +245,14 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         targets with a level observed fewer than ``min_level_count`` times, prior variance by
         empirical Bayes; a number: the prior standard deviation, for every polyreg target;
         None: off.
+
+    min_cell_count : int, default 10
+        Threshold of the small-cell rule for everything dmice writes *about* the data (the
+        manifest, chain statistics, plots, report, logs; see :mod:`dmice.disclosure`): levels
+        observed fewer times are never named, every count written is 0 or at least this, and
+        histogram edges lie on round numbers inside the ``min_cell_count``-th smallest and
+        largest value.  Recorded in the manifest; the imputations are not affected.  ``1``
+        switches the rule off.
 
     Returns
     -------
@@ -296,6 +308,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         raise InputError(f"checkpoint must be a URL string, got {type(checkpoint).__name__}")
     _progress.check(progress)
     min_level_count = _check_int("min_level_count", min_level_count, 0)
+    min_cell_count = _disclosure.check(min_cell_count)
     if collapse is not None and not isinstance(collapse, dict):
         raise InputError(f"collapse must be a dict of column -> {{level: group}}, got "
                          f"{type(collapse).__name__}")
@@ -409,7 +422,8 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         logged_events=events, chain_stats=eng.chain_stats,
         dtypes={str(c): str(t) for c, t in ddf.dtypes.items()},
         engine=eng, ddf=ddf, schema=schema, cluster=cluster)
-    result.parameters = params
+    # not part of the configuration hash: it changes what is written about the chains, not them
+    result.parameters = {**params, "min_cell_count": min_cell_count}
     result._config = config
     result._seq = seq
     if cluster is not None:
@@ -691,6 +705,11 @@ def _reopen(result: MultipleImputation, iterations: int, progress: Any, until_rh
 
     man = result.manifest or {}
     params = man.get("parameters")
+    if params and man.get("state"):
+        # the parameters as given (the manifest's leave out the rare levels of collapse=)
+        meta = store.read_state_meta(posixpath.join(result.url.rstrip("/"), man["state"]),
+                                     result._storage_options)[0]
+        params = meta.get("parameters") or params
     if not params or not man.get("state"):
         raise InputError(f"the output {result.url!r} holds no chain state to continue from (written "
                          "by an older version, or without state)")

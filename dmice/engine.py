@@ -428,6 +428,10 @@ def write_parquet(client: Client, ddf: Any, blocks: list[Future], plan: _block.P
     return client.gather(client.compute(tasks))
 
 
+#: the only interface the embedded cluster listens on
+LOOPBACK = "127.0.0.1"
+
+
 def get_client(address: str | None = None, n_workers: int | None = None) -> tuple[Client, Any]:
     """The active client, or a new embedded LocalCluster (returned so it can be closed)."""
     from distributed import LocalCluster
@@ -442,9 +446,13 @@ def get_client(address: str | None = None, n_workers: int | None = None) -> tupl
     import os
 
     n = n_workers or max(1, min(os.cpu_count() or 1, 4))
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                           dashboard_address=":0", silence_logs=logging.ERROR)
+    # loopback only: scheduler, workers and the (unauthenticated) dashboard are not reachable
+    # from other machines
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host=LOOPBACK,
+                           dashboard_address=f"{LOOPBACK}:0", silence_logs=logging.ERROR)
     client = Client(cluster)
+    log.info("dmice: embedded cluster of %d workers at %s, dashboard %s", n, cluster.scheduler_address,
+             client.dashboard_link)
     return client, cluster
 
 

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dmice import formulas as _formulas
 from dmice import store
+from dmice.disclosure import MIN_CELL_COUNT
 from dmice.errors import InputError, OutputError
 from dmice.schema import ALL_METHODS, MIN_LEVEL_COUNT
 
@@ -170,6 +171,10 @@ class ImputationSpec(_Strict):
     shrinkage: Literal["auto"] | Annotated[float, Field(gt=0)] | None = Field(
         "auto", description="prior on polyreg coefficients: auto (empirical Bayes for rare levels), "
                             "a prior standard deviation, or null")
+    min_cell_count: PositiveInt = Field(
+        MIN_CELL_COUNT, description="small-cell rule of what is written about the data (manifest, "
+                                    "diagnostics): levels seen fewer times are not named, smaller "
+                                    "counts are merged; 1 switches it off")
 
     def arguments(self) -> dict[str, Any]:
         """Keyword arguments of :func:`dmice.impute` (``checkpoint`` and the rest excepted)."""
@@ -183,13 +188,15 @@ class ImputationSpec(_Strict):
                     post={c: p.functions() for c, p in self.post.items()} or None,
                     min_level_count=self.min_level_count,
                     collapse={c: dict(m) for c, m in self.collapse.items()} or None,
-                    separation=self.separation, shrinkage=self.shrinkage)
+                    separation=self.separation, shrinkage=self.shrinkage,
+                    min_cell_count=self.min_cell_count)
 
 
 #: imputation settings added after the first job files were written: left out of the
 #: configuration hash while at their defaults, so existing jobs keep their hash (and outputs)
 _LATER_SETTINGS = ("formulas", "passive", "substantive", "substantive_family", "by", "delta", "post",
-                   "min_level_count", "collapse", "separation", "shrinkage", "where", "ignore")
+                   "min_level_count", "collapse", "separation", "shrinkage", "where", "ignore",
+                   "min_cell_count")
 
 
 class AnalysisSpec(_Strict):
@@ -685,13 +692,16 @@ def _compute_and_write(job: JobSpec, info: InputInfo, run_id: str, prefix: str) 
             client.close()
         if cluster is not None:
             cluster.close()
+    config = job.config()
+    if "collapse" in config["imputation"]:  # as in parameters: no level seen fewer than min_cell_count times
+        config["imputation"]["collapse"] = manifest["parameters"].get("collapse") or {}
     manifest.update({
         "layout": job.output.layout, "run_id": run_id, "data_prefix": prefix,
         "aux_files": aux, "analysis": analyses,
         "input_snapshot": snapshot,
         "input_dtypes": {str(c): str(t) for c, t in info.meta.dtypes.items()},
         "job": {"config_hash": job.config_hash(), "section_hashes": job.section_hashes(),
-                "config": job.config()},
+                "config": config},
     })
     return manifest
 

@@ -7,19 +7,21 @@ data brought to the client:
   (:attr:`MultipleImputation.chain_stats`);
 * density plots from binned counts: each partition computes, for every variable, a
   histogram of its observed cells and of its imputed cells in each imputation (level
-  counts for categorical variables); the client sums them.  Bin edges span the
-  smallest and largest observed value, found in a first pass over the input, widened
-  (one more pass) for a variable whose imputed values fall outside (``norm``);
+  counts for categorical variables); the client sums them.  Bin edges lie on a grid of
+  round numbers spanning the ``min_cell_count``-th smallest to the ``min_cell_count``-th
+  largest observed value (found by a reduction on the cluster: only the rounded grid
+  reaches the client), with open-ended first and last bins; then the small-cell rule of
+  :mod:`dmice.disclosure` merges bins and levels until every count is 0 or at least
+  ``min_cell_count`` and leaves rare levels unnamed;
 * the missing-data pattern from per-partition counts of the distinct rows of the
   missingness mask, summed on the client.
 
 A cell is imputed exactly when it is missing in the input.  An opened output no longer
 has the input, so :meth:`MultipleImputation.to_parquet` computes these summaries while
-the input is still at hand and stores them in the manifest (``"distributions"``, at
-:data:`STORED_BINS` bins, and ``"missing_pattern"``): opening and plotting a written
-output then needs no pass over the data at all.  Densities of an opened output can be
-drawn with any number of bins that divides :data:`STORED_BINS` (adjacent bins are
-merged exactly).
+the input is still at hand and stores them in the manifest (``"distributions"``, on a
+grid of at most about :data:`STORED_BINS` bins, and ``"missing_pattern"``): opening and
+plotting a written output then needs no pass over the data at all.  Fewer bins are drawn
+by merging adjacent stored bins exactly, in memory and from disk alike.
 
 matplotlib is imported only when a figure is drawn (``pip install 'dmice[plots]'``);
 figures are plain :class:`matplotlib.figure.Figure` objects, not registered with pyplot,
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dmice import disclosure
 from dmice.errors import InputError, OutputError
 
 #: mice's colours (``mdc(1)``, ``mdc(2)``): observed blue, imputed red
@@ -74,15 +77,30 @@ def _cont_values(s: pd.Series) -> np.ndarray:
     return s.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _partition_first(df: pd.DataFrame, cont: list[str], patterns: bool) -> dict[str, Any]:
-    """First pass, over the input only: range of the observed values of ``cont``, missingness patterns."""
-    ranges = np.full((len(cont), 2), np.nan)
-    for a, name in enumerate(cont):
-        x = _cont_values(df[name])
-        x = x[np.isfinite(x)]
-        if len(x):
-            ranges[a] = x.min(), x.max()
-    return {"ranges": ranges, "patterns": _partition_patterns(df) if patterns else None}
+def _partition_first(df: pd.DataFrame, cont: list[str], k: int, patterns: bool) -> dict[str, Any]:
+    """First pass, over the input only: the ``k`` smallest and largest observed values of each of
+    ``cont`` (reduced on the cluster to a grid, see :func:`_grids`), missingness patterns."""
+    return {"extremes": [disclosure.extremes(_cont_values(df[name]), k) for name in cont],
+            "patterns": _partition_patterns(df) if patterns else None}
+
+
+def _merge_extremes(a: list[Any], b: list[Any], k: int) -> list[Any]:
+    return [disclosure.merge_extremes(x, y, k) for x, y in zip(a, b)]
+
+
+def _grids(ext: list[Any], k: int, bins: int, integer: list[bool]) -> list[dict[str, Any]]:
+    """Task: the histogram grid of each variable from its reduced extremes."""
+    return [disclosure.grid(e, k, bins, i) for e, i in zip(ext, integer)]
+
+
+def _tree(items: list[Any], func: Any, *args: Any) -> Any:
+    """Pairwise reduction of delayed ``items`` by ``func`` (tasks on the cluster)."""
+    from dask import delayed
+
+    while len(items) > 1:
+        items = [delayed(func)(items[i], items[i + 1], *args) if i + 1 < len(items) else items[i]
+                 for i in range(0, len(items), 2)]
+    return items[0]
 
 
 def _label(v: Any) -> str:
@@ -104,23 +122,17 @@ def _level_counts(s: pd.Series) -> dict[str, int]:
 
 def _partition_hist(df: pd.DataFrame, frames: list[pd.DataFrame], cont: dict[str, np.ndarray],
                     cat: list[str]) -> dict[str, Any]:
-    """Counts of the observed cells (``df``) and of the imputed cells of each completed frame.
-
-    Continuous variables also give the range of their imputed values: values outside the
-    edges are not counted, and the caller recounts such variables with wider edges.
-    """
+    """Counts of the observed cells (``df``) and of the imputed cells of each completed frame:
+    in the open-ended bins of the finite edges ``cont[name]`` for continuous variables, per
+    level for the others."""
     out: dict[str, Any] = {}
     for name, edges in cont.items():
         miss = df[name].isna().to_numpy(dtype=bool)
-        obs = np.histogram(_cont_values(df[name])[~miss], bins=edges)[0]
-        imp = np.zeros((len(frames), len(edges) - 1), dtype=np.int64)
-        lo, hi = np.inf, -np.inf
+        obs = disclosure.bin_counts(_cont_values(df[name])[~miss], edges)
+        imp = np.zeros((len(frames), len(edges) + 1), dtype=np.int64)
         for k, f in enumerate(frames):
-            x = _cont_values(f[name])[miss]
-            imp[k] = np.histogram(x, bins=edges)[0]
-            if len(x):
-                lo, hi = min(lo, float(np.nanmin(x))), max(hi, float(np.nanmax(x)))
-        out[name] = (obs, imp, lo, hi)
+            imp[k] = disclosure.bin_counts(_cont_values(f[name])[miss], edges)
+        out[name] = (obs, imp)
     for name in cat:
         miss = df[name].isna().to_numpy(dtype=bool)
         out[name] = (_level_counts(df[name][~miss]), [_level_counts(f[name][miss]) for f in frames])
@@ -260,15 +272,24 @@ def _stored_pattern_frame(stored: dict[str, Any]) -> pd.DataFrame:
 # observed and imputed distributions
 
 
-def _kinds(imp: Any) -> dict[str, tuple[str, list[str] | None]]:
-    """Kind and level labels of each column, from the schema or the manifest."""
+def _kinds(imp: Any) -> dict[str, tuple[str, list[str] | None, bool]]:
+    """Kind, level labels and whether the levels are ordered, of each column, from the schema or
+    the manifest."""
     if imp.schema is not None:
-        return {v.name: (v.kind, None if v.levels is None else [_label(x) for x in v.levels])
+        return {v.name: (v.kind, None if v.levels is None else [_label(x) for x in v.levels], v.ordered)
                 for v in imp.schema.variables}
     out = {}
     for v in (imp.manifest or {}).get("variables", []):
-        out[v["name"]] = (v["kind"], None if v.get("levels") is None else [_label(x) for x in v["levels"]])
+        out[v["name"]] = (v["kind"], None if v.get("levels") is None else [_label(x) for x in v["levels"]],
+                          bool(v.get("ordered")))
     return out
+
+
+def min_cell_count(imp: Any) -> int:
+    """The small-cell threshold of a result: recorded at :func:`dmice.impute` (and in the
+    manifest), else the default."""
+    t = (imp.parameters or {}).get("min_cell_count") or (imp.manifest or {}).get("min_cell_count")
+    return int(t) if t else disclosure.MIN_CELL_COUNT
 
 
 def _select(imp: Any, variables: list[str] | str | None) -> list[str]:
@@ -290,31 +311,49 @@ def _order_levels(levels: list[str] | None, *counts: dict[str, int]) -> list[str
     return known + sorted(seen - set(known))
 
 
-def _edges(lo: float, hi: float, bins: int, integer: bool = False) -> np.ndarray:
-    """Equal-width edges from ``lo`` to ``hi``; for integer values, edges at half-integers and a
-    whole number of values per bin (so no bin holds one value more than its neighbours)."""
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        lo, hi = 0.0, 1.0
-    if integer and float(lo).is_integer() and float(hi).is_integer():
-        width = max(1.0, math.ceil((hi - lo + 1) / bins))
-        return lo - 0.5 + width * np.arange(bins + 1)
-    if lo == hi:
-        lo, hi = lo - 0.5, hi + 0.5
-    return np.linspace(lo, hi, bins + 1)
+def _safe_continuous(obs: np.ndarray, imp: np.ndarray, inner: np.ndarray, g: dict[str, Any],
+                     t: int) -> dict[str, Any]:
+    """The small-cell rule on the open-ended bins of one continuous variable."""
+    rows = np.vstack([obs[None, :], imp]).astype(np.int64)
+    act = disclosure.active_rows(rows, t)
+    groups = disclosure.merge_runs(rows[act], t) if act.any() else [(0, rows.shape[1])]
+    full = np.concatenate([[-np.inf], inner, [np.inf]])
+    edges = np.array([full[a] for a, _ in groups] + [np.inf])
+    merged = np.stack([rows[:, a:b].sum(axis=1) for a, b in groups], axis=1)
+    return {"kind": CONTINUOUS, "edges": edges, "grid": g,
+            "observed": merged[0] if act[0] else None,
+            "imputed": merged[1:] if act[1:].all() else None}
+
+
+def _safe_categorical(labels: list[str], obs: dict[str, int], imp: list[dict[str, int]], t: int,
+                      ordered: bool) -> dict[str, Any]:
+    """The small-cell rule on the level counts of one categorical variable: levels observed
+    fewer than ``t`` times are not named, and small counts are merged."""
+    rows = np.array([[obs.get(lev, 0) for lev in labels]] + [[d.get(lev, 0) for lev in labels] for d in imp],
+                    dtype=np.int64).reshape(1 + len(imp), len(labels))
+    act = disclosure.active_rows(rows, t)
+    rare = [int(c) < t for c in rows[0]]
+    names, members = disclosure.merge_levels(labels, rows[act], t, ordered, rare)
+    merged = np.stack([rows[:, g].sum(axis=1) for g in members], axis=1) if members else \
+        np.zeros((rows.shape[0], 0), dtype=np.int64)
+    return {"kind": "categorical", "levels": names,
+            "observed": merged[0] if act[0] else None,
+            "imputed": merged[1:] if act[1:].all() else None}
 
 
 def _compute_distributions(imp: Any, variables: list[str], bins: int, patterns: bool = False
                            ) -> tuple[dict[str, dict[str, Any]], dict[tuple[int, ...], int] | None]:
-    """Observed and imputed counts of each variable (and the missingness patterns of the input).
+    """Observed and imputed counts of each variable (and the missingness patterns of the input),
+    safe to write (:mod:`dmice.disclosure`).
 
-    A first pass over the input finds the range of the observed values (and counts the
-    patterns); a second pass over the completed data counts observed and imputed values
-    with edges spanning that range.  Imputed values of predictive mean matching, ``sample``
-    and the categorical methods are observed values, so they always fall inside; a variable
-    with imputed values outside (``norm``) is counted again with edges spanning both.
+    A first pass over the input reduces the ``min_cell_count`` smallest and largest observed
+    values of each continuous variable, on the cluster, to a grid of round numbers (and counts
+    the patterns); a second pass over the completed data counts observed and imputed values in
+    its open-ended bins (values outside the grid, e.g. of ``norm``, fall in the first or last).
     """
     from dask import delayed
 
+    t = min_cell_count(imp)
     kinds = _kinds(imp)
     cont = [v for v in variables if kinds.get(v, ("",))[0] == CONTINUOUS]
     cat = [v for v in variables if v not in cont]
@@ -323,55 +362,77 @@ def _compute_distributions(imp: Any, variables: list[str], bins: int, patterns: 
     frames = [imp.complete(k).to_delayed() for k in range(1, imp.m + 1)]
     per_part = [[f[i] for f in frames] for i in range(len(parts))]
     pattern_counts = None
-    edges: dict[str, np.ndarray] = {}
-    if cont or patterns:
-        first = _compute(*[delayed(_partition_first)(p, cont, patterns) for p in parts])
+    grids: list[dict[str, Any]] = []
+    if (cont or patterns) and parts:
+        first = [delayed(_partition_first)(p, cont, t, patterns) for p in parts]
+        ext = _tree([f["extremes"] for f in first], _merge_extremes, t)
+        grid_task = delayed(_grids)(ext, t, bins, [name in integer for name in cont])
+        pats = [f["patterns"] for f in first] if patterns else []
+        grids, *pats = _compute(grid_task, *pats)
         if patterns:
-            pattern_counts = _sum_patterns([f["patterns"] for f in first])
-        r = np.stack([f["ranges"] for f in first]) if first else np.full((0, len(cont), 2), np.nan)
-        with np.errstate(all="ignore"):
-            obs_lo, obs_hi = np.nanmin(r[:, :, 0], axis=0, initial=np.inf), \
-                np.nanmax(r[:, :, 1], axis=0, initial=-np.inf)
-        edges = {name: _edges(obs_lo[a], obs_hi[a], bins, name in integer) for a, name in enumerate(cont)}
+            pattern_counts = _sum_patterns(pats)
     if not variables:
         return {}, pattern_counts
-    hists = _compute(*[delayed(_partition_hist)(p, fs, edges, cat) for p, fs in zip(parts, per_part)])
-    wider = {}
-    for name, e in edges.items():
-        lo = min([e[0]] + [h[name][2] for h in hists])
-        hi = max([e[-1]] + [h[name][3] for h in hists])
-        if lo < e[0] or hi > e[-1]:
-            wider[name] = _edges(lo, hi, bins, name in integer and lo.is_integer() and hi.is_integer())
-    if wider:
-        again = _compute(*[delayed(_partition_hist)(p, fs, wider, []) for p, fs in zip(parts, per_part)])
-        for h, g in zip(hists, again):
-            h.update(g)
-        edges.update(wider)
+    inner = {name: disclosure.inner_edges(g) for name, g in zip(cont, grids)}
+    hists = _compute(*[delayed(_partition_hist)(p, fs, inner, cat) for p, fs in zip(parts, per_part)])
     out: dict[str, dict[str, Any]] = {}
     for name in variables:
-        if name in edges:
-            obs = sum((h[name][0] for h in hists), np.zeros(bins, dtype=np.int64))
-            impc = sum((h[name][1] for h in hists), np.zeros((imp.m, bins), dtype=np.int64))
-            out[name] = {"kind": CONTINUOUS, "edges": edges[name], "observed": obs, "imputed": impc}
+        if name in inner:
+            k = len(inner[name]) + 1
+            obs = sum((h[name][0] for h in hists), np.zeros(k, dtype=np.int64))
+            impc = sum((h[name][1] for h in hists), np.zeros((imp.m, k), dtype=np.int64))
+            out[name] = _safe_continuous(obs, impc, inner[name], grids[cont.index(name)], t)
         else:
             obs_d: dict[str, int] = {}
             imp_d: list[dict[str, int]] = [{} for _ in range(imp.m)]
             for h in hists:
                 o, ims = h[name]
-                for k, c in o.items():
-                    obs_d[k] = obs_d.get(k, 0) + c
+                for key, c in o.items():
+                    obs_d[key] = obs_d.get(key, 0) + c
                 for acc, d in zip(imp_d, ims):
-                    for k, c in d.items():
-                        acc[k] = acc.get(k, 0) + c
-            levels = _order_levels(kinds.get(name, ("", None))[1], obs_d, *imp_d)
-            out[name] = {"kind": "categorical", "levels": levels,
-                         "observed": np.array([obs_d.get(lev, 0) for lev in levels], dtype=np.int64),
-                         "imputed": np.array([[d.get(lev, 0) for lev in levels] for d in imp_d],
-                                             dtype=np.int64).reshape(imp.m, len(levels))}
+                    for key, c in d.items():
+                        acc[key] = acc.get(key, 0) + c
+            kind = kinds.get(name, ("", None, False))
+            levels = _order_levels(kind[1], obs_d, *imp_d)
+            out[name] = _safe_categorical(levels, obs_d, imp_d, t, kind[0] == "ordinal")
     return out, pattern_counts
 
 
+def _coarsen(d: dict[str, Any], bins: int) -> dict[str, Any]:
+    """Stored bins merged into about ``bins`` bins: from the left, a stored edge is kept when it
+    lies at least ``f`` grid widths beyond the last kept one (``f`` the smallest factor giving at
+    most ``bins`` grid bins); the first and last finite edges are always kept.  Merging cells
+    that follow the small-cell rule keeps to it."""
+    g = d["grid"]
+    f = math.ceil(g["bins"] / bins)
+    edges = d["edges"]
+    inner = edges[1:-1]
+    if f <= 1 or len(inner) <= 2:
+        return d
+    step = f * g["width"] * (1 - 1e-9)
+    keep = [0]
+    for i in range(1, len(inner) - 1):
+        if inner[i] - inner[keep[-1]] >= step and inner[-1] - inner[i] >= step:
+            keep.append(i)
+    keep.append(len(inner) - 1)
+    kept = inner[keep]
+    cell = np.searchsorted(kept, edges[:-1], side="right")  # new cell of each stored cell
+
+    def merge(counts: np.ndarray | None) -> np.ndarray | None:
+        if counts is None:
+            return None
+        c = np.atleast_2d(counts)
+        out = np.zeros((c.shape[0], len(kept) + 1), dtype=np.int64)
+        for r in range(c.shape[0]):
+            np.add.at(out[r], cell, c[r])
+        return out if counts.ndim == 2 else out[0]
+
+    return {**d, "edges": np.concatenate([[-np.inf], kept, [np.inf]]),
+            "observed": merge(d["observed"]), "imputed": merge(d["imputed"])}
+
+
 def _merge_bins(d: dict[str, Any], bins: int, name: str) -> dict[str, Any]:
+    """Bins of an output written before the small-cell rule (equal bins between the extremes)."""
     stored = len(d["observed"])
     if bins == stored:
         return d
@@ -388,31 +449,40 @@ def distributions(imp: Any, variables: list[str] | str | None = None,
                   bins: int = DEFAULT_BINS) -> dict[str, dict[str, Any]]:
     """Binned counts of the observed and the imputed values of each imputed variable.
 
+    Every count follows the small-cell rule of :mod:`dmice.disclosure` (with the result's
+    ``min_cell_count``): it is 0 or at least ``min_cell_count``; levels observed fewer times
+    are counted in a group ``"other (k levels)"``.
+
     Parameters
     ----------
     imp : MultipleImputation
         In memory (computed now, two passes over the completed data on the cluster) or
-        read with :func:`dmice.open` (read from the manifest, stored at write time).
+        read with :func:`dmice.open` (read from the manifest, stored at write time); both give
+        the same counts.
     variables : list of str, optional
         Default: every imputed variable.
     bins : int, default 40
-        Equal-width bins between the smallest and largest value, observed or imputed
-        (integer-valued variables: edges at half-integers, a whole number of values per
-        bin).  For a result read from disk it must divide :data:`STORED_BINS`.
+        At most about this many bins of a round width (integer-valued variables: edges at
+        half-integers, a whole number of values per bin), between edges rounded outward from
+        the ``min_cell_count``-th smallest and largest observed value, plus an open-ended
+        first and last bin; adjacent bins with small counts are merged.
 
     Returns
     -------
     dict
         Per variable, ``kind`` (``"continuous"`` or ``"categorical"``), ``observed``
         (counts over the observed cells) and ``imputed`` (array m x bins or m x levels:
-        counts over the imputed cells of each imputation), plus ``edges`` (bins + 1) for
-        continuous variables or ``levels`` (labels) for categorical ones.
+        counts over the imputed cells of each imputation), either None when its total is
+        below ``min_cell_count``; plus ``edges`` (bins + 1, the first ``-inf`` and the last
+        ``inf``) and ``grid`` for continuous variables or ``levels`` (labels) for
+        categorical ones.
     """
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise InputError(f"bins must be an integer >= 1, got {bins!r}")
     names = _select(imp, variables)
     if imp._engine is not None:
-        return _compute_distributions(imp, names, bins)[0]
+        dist = _compute_distributions(imp, names, STORED_BINS)[0]
+        return {k: (_coarsen(d, bins) if d["kind"] == CONTINUOUS else d) for k, d in dist.items()}
     stored = (imp.manifest or {}).get("distributions")
     if stored is None:
         raise OutputError(f"{imp.url!r} has no stored distributions of the imputed values (written by "
@@ -423,32 +493,44 @@ def distributions(imp: Any, variables: list[str] | str | None = None,
         d = stored["variables"].get(name)
         if d is None:
             raise OutputError(f"{imp.url!r} has no stored distribution of column {name!r}")
-        if d["kind"] == CONTINUOUS:
+        obs = None if d["observed"] is None else np.asarray(d["observed"], dtype=np.int64)
+        width = len(d["edges"]) - 1 if d["kind"] == CONTINUOUS else len(d["levels"])
+        impc = None if d["imputed"] is None else \
+            np.asarray(d["imputed"], dtype=np.int64).reshape(imp.m, width)
+        if d["kind"] == CONTINUOUS and "grid" in d:
+            edges = np.array([np.nan if e is None else e for e in d["edges"]], dtype=float)
+            edges[0], edges[-1] = -np.inf, np.inf
+            out[name] = _coarsen({"kind": CONTINUOUS, "edges": edges, "grid": d["grid"],
+                                  "observed": obs, "imputed": impc}, bins)
+        elif d["kind"] == CONTINUOUS:
             out[name] = _merge_bins({"kind": CONTINUOUS, "edges": np.asarray(d["edges"], dtype=float),
-                                     "observed": np.asarray(d["observed"], dtype=np.int64),
-                                     "imputed": np.asarray(d["imputed"], dtype=np.int64)}, bins, name)
+                                     "observed": obs, "imputed": impc}, bins, name)
         else:
-            out[name] = {"kind": d["kind"], "levels": list(d["levels"]),
-                         "observed": np.asarray(d["observed"], dtype=np.int64),
-                         "imputed": np.asarray(d["imputed"], dtype=np.int64).reshape(
-                             imp.m, len(d["levels"]))}
+            out[name] = {"kind": d["kind"], "levels": list(d["levels"]), "observed": obs, "imputed": impc}
     return out
+
+
+def _json_edges(e: np.ndarray) -> list[float | None]:
+    return [None if not np.isfinite(x) else float(x) for x in e]
 
 
 def stored_summaries(imp: Any) -> dict[str, Any]:
     """What :meth:`MultipleImputation.to_parquet` keeps in the manifest for plotting an opened output:
-    the distributions of every imputed variable at :data:`STORED_BINS` bins and the
-    missing-data pattern of the input (JSON-ready)."""
+    the distributions of every imputed variable on a grid of about :data:`STORED_BINS` bins and
+    the missing-data pattern of the input (JSON-ready), following the small-cell rule."""
     dist, patterns = _compute_distributions(imp, imp.imputed_columns, STORED_BINS, patterns=True)
     enc = {}
     for name, d in dist.items():
-        e = {"kind": d["kind"], "observed": d["observed"].tolist(), "imputed": d["imputed"].tolist()}
+        e = {"kind": d["kind"],
+             "observed": None if d["observed"] is None else d["observed"].tolist(),
+             "imputed": None if d["imputed"] is None else d["imputed"].tolist()}
         if d["kind"] == CONTINUOUS:
-            e["edges"] = d["edges"].tolist()
+            e["edges"] = _json_edges(d["edges"])
+            e["grid"] = d["grid"]
         else:
             e["levels"] = d["levels"]
         enc[name] = e
-    return {"distributions": {"bins": STORED_BINS, "variables": enc},
+    return {"distributions": {"bins": STORED_BINS, "min_cell_count": min_cell_count(imp), "variables": enc},
             "missing_pattern": _stored_pattern(list(imp.columns), patterns or {})}
 
 
@@ -524,7 +606,9 @@ def plot_densities(imp: Any, variables: list[str] | str | None = None, bins: int
     (thick blue) and of the imputed values of each imputation (thin red), drawn from
     histograms with ``bins`` bins; for categorical variables the proportion of each level
     among the observed values (blue bar) and the imputed values of each imputation (red
-    bars).  Computed from binned counts summed over the partitions (see :func:`distributions`).
+    bars).  Computed from binned counts summed over the partitions (see :func:`distributions`),
+    which follow the small-cell rule; the shares of the open-ended first and last bins are
+    written in the panel, and counts too small to show are said to be left out.
 
     Returns
     -------
@@ -538,33 +622,54 @@ def plot_densities(imp: Any, variables: list[str] | str | None = None, bins: int
     fig = Figure(figsize=(3.6 * ncols, 2.8 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (name, d) in zip(axes, dist.items()):
+        notes = []
         if d["kind"] == CONTINUOUS:
             edges = d["edges"]
-            mids, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
-            for row in d["imputed"]:
-                tot = row.sum()
-                if tot:
-                    ax.plot(mids, row / (tot * width), color=IMPUTED, lw=0.9, alpha=0.8)
-            tot = d["observed"].sum()
-            if tot:
-                ax.plot(mids, d["observed"] / (tot * width), color=OBSERVED, lw=2.0)
-            used = np.nonzero(d["observed"] + d["imputed"].sum(axis=0))[0]
+            rows = [(r, IMPUTED, 0.9, 0.8) for r in (d["imputed"] if d["imputed"] is not None else [])]
+            if d["observed"] is not None:
+                rows.append((d["observed"], OBSERVED, 2.0, 1.0))
+            # open-ended first and last bins: not drawn as densities, their shares noted
+            inner = slice(1, len(edges) - 2)
+            mids = (edges[1:-2] + edges[2:-1]) / 2
+            width = np.diff(edges[1:-1])
+            for counts, colour, lw, alpha in rows:
+                tot = counts.sum()
+                if tot and len(mids):
+                    ax.plot(mids, counts[inner] / (tot * width), color=colour, lw=lw, alpha=alpha)
+            if d["observed"] is not None:
+                tot = d["observed"].sum()
+                for end, where in ((0, "<"), (-1, "\u2265")):
+                    if tot and d["observed"][end] and len(edges) > 2:
+                        notes.append(f"{where} {edges[1] if end == 0 else edges[-2]:g}: "
+                                     f"{100 * d['observed'][end] / tot:.2g}% observed")
+            counts_all = sum(r[0] for r in rows) if rows else np.zeros(len(edges) - 1)
+            used = np.nonzero(counts_all[1:-1])[0]
             if len(used):
-                ax.set_xlim(edges[used[0]], edges[used[-1] + 1])
+                ax.set_xlim(edges[1 + used[0]], edges[2 + used[-1]])
             ax.set_ylabel("density", fontsize=8)
         else:
             levels = d["levels"]
-            groups = [d["observed"], *d["imputed"]]
-            k = len(groups)
+            groups = [g for g in [d["observed"], *(d["imputed"] if d["imputed"] is not None else [])]
+                      if g is not None]
+            k = max(len(groups), 1)
             w = 0.8 / k
             x = np.arange(len(levels))
+            first_is_obs = d["observed"] is not None
             for g, counts in enumerate(groups):
                 tot = counts.sum()
+                obs = g == 0 and first_is_obs
                 ax.bar(x - 0.4 + w * (g + 0.5), counts / tot if tot else counts * 0.0, width=w,
-                       color=OBSERVED if g == 0 else IMPUTED, alpha=1.0 if g == 0 else 0.75)
+                       color=OBSERVED if obs else IMPUTED, alpha=1.0 if obs else 0.75)
             ax.set_xticks(x, [str(lev)[:12] for lev in levels], fontsize=7,
                           rotation=45 if len(levels) > 4 else 0)
             ax.set_ylabel("proportion", fontsize=8)
+        t = min_cell_count(imp)
+        if d["observed"] is None:
+            notes.append(f"observed: fewer than {t} cells, not shown")
+        if d["imputed"] is None:
+            notes.append(f"imputed: fewer than {t} cells, not shown")
+        if notes:
+            ax.text(0.02, 0.98, "\n".join(notes), transform=ax.transAxes, fontsize=6, va="top")
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes[len(dist):]:

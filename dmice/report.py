@@ -3,7 +3,8 @@
 Written into ``OUT/_diagnostics/``: ``trace.png``, ``densities.png``, ``pattern.png`` and
 ``report.html`` (the same images embedded as base64, the R-hat table of
 :meth:`MultipleImputation.convergence`, the logged events and the run metadata from the
-manifest).  None of these files ends in ``.parquet``, so ``dask.dataframe.read_parquet(OUT)``
+manifest).  All of it comes from the manifest and the chain statistics, which follow the
+small-cell rule of :mod:`dmice.disclosure`.  None of these files ends in ``.parquet``, so ``dask.dataframe.read_parquet(OUT)``
 still reads the imputations only.
 """
 
@@ -38,6 +39,10 @@ def _table(df: pd.DataFrame, floats: str = "{:.3f}") -> str:
 def _meta_rows(man: dict[str, Any]) -> list[tuple[str, str]]:
     keys = ["created", "m", "iterations", "seed", "n_rows", "partitions", "format_version"]
     rows = [(k, str(man.get(k, ""))) for k in keys if k in man]
+    t = man.get("min_cell_count")
+    rows.append(("small-cell rule", f"levels observed fewer than {t} times are not named; every count "
+                 f"shown is 0 or at least {t}" if t else "none (written before the rule: histogram edges "
+                 "may lie at the smallest and largest values)"))
     vis = man.get("visit_sequence") or []
     rows.append(("visit sequence", ", ".join(vis) if vis else "(none)"))
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in (man.get("versions") or {}).items())))

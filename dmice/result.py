@@ -8,6 +8,7 @@ import posixpath
 from importlib import metadata
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from dmice import store
@@ -88,7 +89,46 @@ class MultipleImputation:
 
     @property
     def chain_stats(self) -> pd.DataFrame:
-        return pd.DataFrame(self._chain)
+        """Chain statistics with the levels observed fewer than ``min_cell_count`` times counted
+        together as ``"other (k levels)"`` (their proportions summed), and no mean or sd of a
+        variable with fewer than ``min_cell_count`` imputed cells, as written to disk."""
+        cs = pd.DataFrame(self._chain)
+        if self.schema is None or cs.empty:
+            return cs
+        from dmice.disclosure import public_labels
+
+        t = self.min_cell_count
+        # the mean of fewer than t imputed values (pmm's are observed values) is not shown
+        few = [v.name for v in self.schema.variables if v.levels is None and 0 < v.n_missing < t]
+        if few and "mean" in cs:
+            sel = cs["variable"].isin(few)
+            cs.loc[sel, ["mean", "sd"]] = np.nan
+        if "level" not in cs:
+            return cs
+        maps = {v.name: public_labels(v, t) for v in self.schema.variables if v.levels is not None}
+        maps = {k: m for k, m in maps.items() if any(a != b for a, b in m.items())}
+        if not maps:
+            return cs
+        has = cs["level"].notna() & cs["variable"].isin(list(maps))
+        if not has.any():
+            return cs
+        lev = cs.loc[has, "level"]
+        cs.loc[has, "level"] = [maps[v].get(x, x) for v, x in zip(cs.loc[has, "variable"], lev)]
+        keys = ["iteration", "variable", "chain", "level"]
+        merged = cs[has].groupby(keys, sort=False, as_index=False)[["proportion"]].sum(min_count=1)
+        out = pd.concat([cs[~has], merged], ignore_index=True)
+        order = {name: i for i, name in enumerate(dict.fromkeys(cs["variable"]))}
+        out["_v"] = out["variable"].map(order)
+        out = out.sort_values(["iteration", "_v", "chain"], kind="stable").drop(columns="_v")
+        return out.reset_index(drop=True)[list(cs.columns)]
+
+    @property
+    def min_cell_count(self) -> int:
+        """Threshold of the small-cell rule applied to everything written about the data
+        (:mod:`dmice.disclosure`)."""
+        from dmice.plots import min_cell_count
+
+        return min_cell_count(self)
 
     @property
     def imputed_columns(self) -> list[str]:
@@ -222,7 +262,16 @@ class MultipleImputation:
 
     # -- writing ----------------------------------------------------------------------------
     def manifest_dict(self, files: list[dict[str, Any]], partitions: int) -> dict[str, Any]:
+        """The manifest: what the output holds and how it was made.  Levels observed fewer than
+        ``min_cell_count`` times are not named in it (:mod:`dmice.disclosure`); the chain state
+        under ``_state/`` keeps what continuing the chains needs."""
+        from dmice import disclosure
+
         sch = self.schema
+        t = self.min_cell_count
+        params = dict(self.parameters)
+        if sch is not None and params.get("collapse"):
+            params["collapse"] = disclosure.public_mapping(params["collapse"], sch.variables, t)
         return {
             "format": "dmice", "format_version": store.FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -231,13 +280,15 @@ class MultipleImputation:
             "columns": self.columns, "dtypes": self.dtypes,
             "method": self.method, "n_missing": self.n_missing,
             "visit_sequence": self.visit_sequence,
-            "variables": [v.to_dict() for v in sch.variables] if sch else [],
+            "min_cell_count": t,
+            "variables": [disclosure.public_variable(v, t) for v in sch.variables] if sch else [],
             "predictors": {v.name: [p.name for p in sch.variables if p.width and p.name != v.name]
                            for v in sch.imputed} if sch else {},
             "logged_events": self._events,
-            "parameters": self.parameters,
+            "parameters": params,
             "state": getattr(self, "_state_rel", None) if self._engine is not None else None,
-            "collapse": {v.name: v.collapse for v in sch.variables if v.collapse} if sch else {},
+            "collapse": {v.name: c for v in sch.variables
+                         if (c := disclosure.public_collapse(v, t))} if sch else {},
             "convergence": self._convergence_summary(),
             "files": files,
             "versions": _versions(),
@@ -327,9 +378,12 @@ class MultipleImputation:
         diag = store.write_diagnostics(url, storage_options, self.chain_stats, prefix=prefix)
         # the state of the chains, so that the output can be continued (iterate on dmice.open)
         state_rel = posixpath.join(prefix, store.STATE_DIR) if prefix else store.STATE_DIR
+        # the state keeps the parameters and chain statistics as they are (level names included):
+        # continuing the chains needs them; the manifest holds the versions safe to show
         written = self._engine.save_state(posixpath.join(url.rstrip("/"), state_rel), storage_options,
-                                          {"config": self._config, "events": self._events},
-                                          self.chain_stats)
+                                          {"config": self._config, "events": self._events,
+                                           "parameters": self.parameters},
+                                          pd.DataFrame(self._chain))
         self._state_rel = state_rel
         self.state_files = [{**f, "path": posixpath.join(state_rel, f["path"])} for f in written]
         return files, diag

@@ -66,6 +66,7 @@ class Variable:
     minimum: float | None = None  # numeric: smallest observed value
     groups: list[int] | None = None  # categorical predictor: encoded group of each level (0 = reference)
     collapse: dict[str, str] | None = None  # merged levels -> their shared group label
+    value_counts: list[int] | None = None  # two-valued numeric column: observed rows per value
 
     @property
     def incomplete(self) -> bool:
@@ -185,7 +186,9 @@ def summarize_partition(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
             info["min"] = float(x.min()) if len(x) else None
             uniq = np.unique(x[: 100_000]) if len(x) else np.array([])
             if len(uniq) <= 2:
-                uniq = np.unique(x)
+                uniq, cnt = np.unique(x, return_counts=True)
+                if len(uniq) <= 2:
+                    info["distinct_counts"] = cnt.tolist()  # for the small-cell rule (dmice.disclosure)
             info["distinct"] = uniq[:3].tolist()
         elif pd.api.types.is_string_dtype(s.dtype) or s.dtype == object:
             info["family"] = "string"
@@ -222,6 +225,9 @@ def combine_summaries(parts: list[dict[str, dict[str, Any]]], dtypes: pd.Series)
             if len(distinct) == 2:
                 var.kind = BINARY
                 var.levels = [int(v) if var.integer else float(v) for v in distinct]
+                if all("distinct_counts" in i for i in infos):
+                    var.value_counts = [sum(c for i in infos for d, c in zip(i["distinct"], i["distinct_counts"])
+                                            if d == v) for v in distinct]
             else:
                 var.kind = CONTINUOUS
                 nobs = var.n_observed

@@ -53,17 +53,20 @@ def _check_against_completed(dist, df, completed):
     for name, d in dist.items():
         miss = mask[name].to_numpy()
         if d["kind"] == "continuous":
+            # open-ended first and last bins; no finite edge at the smallest or largest value
             edges = d["edges"]
+            assert edges[0] == -np.inf and edges[-1] == np.inf
+            full = np.concatenate([[-1e308], edges[1:-1], [1e308]])
             obs = df[name].to_numpy(dtype=float)[~miss]
-            np.testing.assert_array_equal(d["observed"], np.histogram(obs, bins=edges)[0])
+            np.testing.assert_array_equal(d["observed"], np.histogram(obs, bins=full)[0])
             every = [obs]
             for k, comp in enumerate(completed):
                 vals = comp[name].to_numpy(dtype=float)
                 np.testing.assert_array_equal(vals[~miss], obs)  # observed cells kept
-                np.testing.assert_array_equal(d["imputed"][k], np.histogram(vals[miss], bins=edges)[0])
+                np.testing.assert_array_equal(d["imputed"][k], np.histogram(vals[miss], bins=full)[0])
                 every.append(vals[miss])
             every = np.concatenate(every)
-            assert edges[0] == every.min() and edges[-1] == every.max()
+            assert every.min() not in edges and every.max() not in edges
         else:
             levels = d["levels"]
             np.testing.assert_array_equal(d["observed"], _levels_counts(df[name][~miss], levels))
@@ -72,45 +75,63 @@ def _check_against_completed(dist, df, completed):
                                               _levels_counts(comp[name][miss].astype(object), levels))
         assert d["observed"].sum() == (~miss).sum()
         assert (d["imputed"].sum(axis=1) == miss.sum()).all()
+        for row in [d["observed"], *d["imputed"]]:  # the small-cell rule
+            assert ((row == 0) | (row >= 10)).all()
 
 
 def test_distributions_in_memory_equal_numpy_histograms(run):
     df, ddf, imp, out = run
     dist = plots.distributions(imp, bins=25)
     assert list(dist) == ["x", "z", "c", "s", "u"]
-    assert dist["x"]["kind"] == "continuous" and len(dist["x"]["edges"]) == 26
+    assert dist["x"]["kind"] == "continuous" and 8 <= len(dist["x"]["edges"]) <= 25 + 3
     assert dist["z"]["levels"] == ["0", "1"] and dist["c"]["levels"] == ["a", "b", "c"]
     completed = [imp.complete(k).compute() for k in range(1, M + 1)]
     _check_against_completed(dist, df, completed)
-    # pmm imputes observed values: edges span the observed range; norm imputations of u go
-    # beyond it: the edges were widened to hold them
-    assert dist["x"]["edges"][0] == df["x"].min() and dist["x"]["edges"][-1] == df["x"].max()
-    assert dist["u"]["edges"][0] < df["u"].min() and dist["u"]["edges"][-1] > df["u"].max()
+    # norm imputations of u go beyond the observed range (0, 1): the open-ended bins hold them
+    u = dist["u"]
+    assert u["edges"][1] >= 0 and u["edges"][-2] <= 1.01
+    miss = df["u"].isna().to_numpy()
+    vals = [c["u"].to_numpy(dtype=float)[miss] for c in completed]
+    assert all((v < 0).sum() > 0 for v in vals)
+    assert [int((v < u["edges"][1]).sum()) for v in vals] == u["imputed"][:, 0].tolist()
 
 
-def test_integer_edges_hold_a_whole_number_of_values():
-    e = plots._edges(75.0, 182.0, 40, integer=True)
-    assert len(e) == 41 and e[0] == 74.5 and e[-1] >= 182.5
-    counts = np.histogram(np.arange(75, 183), bins=e)[0]
-    assert set(counts[: -(-(182 - 75 + 1) // 3)]) == {3}  # 3 integers in every bin up to the last value
-    np.testing.assert_array_equal(plots._edges(0.5, 2.0, 3), [0.5, 1.0, 1.5, 2.0])
-    np.testing.assert_array_equal(plots._edges(4.0, 4.0, 2), [3.5, 4.0, 4.5])
+def test_grid_edges_are_round_and_inside_the_extremes():
+    from dmice import disclosure
+
+    x = np.arange(75.0, 183.0)  # integers 75..182
+    g = disclosure.grid(disclosure.extremes(x, 10), 10, 40, integer=True)
+    e = disclosure.inner_edges(g)
+    # the 10th smallest (84) and largest (173) values, rounded outward to a grid of width 5
+    # with edges at half-integers: a whole number of values per bin
+    assert g["width"] == 5 and e[0] == 79.5 and e[-1] == 174.5
+    assert set(np.histogram(x, bins=e)[0]) == {5}
+    g = disclosure.grid(disclosure.extremes(np.array([0.1234, *np.linspace(3.0, 7.0, 50), 9.87]), 10),
+                        10, 40, integer=False)
+    e = disclosure.inner_edges(g)
+    assert g["width"] == 0.1 and e[0] == 3.6 and 6.3 < e[-1] <= 6.5
+    g = disclosure.grid(disclosure.extremes(np.full(30, 4.0), 10), 10, 2, integer=True)
+    assert g["width"] == 1 and disclosure.inner_edges(g).tolist() == [3.5, 4.5]
+    # open-ended bins: values outside the grid are counted in the first and last
+    assert disclosure.bin_counts(np.array([-5.0, 3.5, 4.0, 4.5, 99.0]), np.array([3.5, 4.5])).tolist() == \
+        [1, 2, 2]
 
 
 def test_distributions_of_opened_output_equal_numpy_histograms(run):
     df, ddf, imp, out = run
     again = dmice.open(out)
     completed = [again.complete(k).compute() for k in range(1, M + 1)]
-    for bins in (40, 120):
+    for bins in (7, 40, 120):
         dist = plots.distributions(again, bins=bins)
-        assert len(dist["x"]["edges"]) == bins + 1
+        assert len(dist["x"]["edges"]) <= bins + 3
         _check_against_completed(dist, df, completed)
-    mem = plots.distributions(imp, bins=40)
-    np.testing.assert_allclose(dist["x"]["edges"][::3], mem["x"]["edges"], rtol=1e-12)
-    for name in ("z", "c", "s"):
-        np.testing.assert_array_equal(dist[name]["imputed"], mem[name]["imputed"])
-    with pytest.raises(InputError, match="bins must divide 120"):
-        plots.distributions(again, bins=7)
+        # the same counts as in memory
+        mem = plots.distributions(imp, bins=bins)
+        for name in dist:
+            np.testing.assert_array_equal(dist[name]["observed"], mem[name]["observed"])
+            np.testing.assert_array_equal(dist[name]["imputed"], mem[name]["imputed"])
+            if name in ("x", "u"):
+                np.testing.assert_array_equal(dist[name]["edges"], mem[name]["edges"])
     with pytest.raises(InputError, match="'y', which was not imputed"):
         plots.distributions(again, variables=["y"])
 
