@@ -137,7 +137,9 @@ class ImputationSpec(_Strict):
         None, description="predictor columns per imputed column (default: all other columns)")
     visit_sequence: Literal["roman", "arabic", "monotone"] | list[str] = "roman"
     donors: PositiveInt = 5
-    donor_pool: PositiveInt = 10_000
+    donor_pool: PositiveInt | None = Field(
+        None, description="pmm: match against a fixed sample of this many observed rows instead of "
+                          "all of them (the former default, 10000)")
     ridge: Annotated[float, Field(ge=0)] = 1e-5
     until_rhat: Annotated[float, Field(gt=1)] | None = Field(
         None, description="stop before max_iter once every R-hat is below this value")
