@@ -534,8 +534,8 @@ def pmm_candidates(block: Block, plan: Plan, order: dict[str, Any]) -> dict[str,
     it = int(order["iteration"])
     for i, c in enumerate(chains):
         # observed rows whose predictions tie in random order (as mice shuffles its donors)
-        srt = _argsort(yo[i], lambda: _rng.generator(plan.seed, _rng.POOL, plan.chain0 + c, it, j,
-                                                     block.part).random(len(obs)))
+        srt = _argsort(yo[i], lambda c=c: _rng.generator(plan.seed, _rng.POOL, plan.chain0 + c, it, j,
+                                                         block.part).random(len(obs)))
         yo[i] = yo[i][srt]
         oy[i] = y[srt]
         srt = _argsort(q[i], None)

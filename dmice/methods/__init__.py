@@ -557,7 +557,8 @@ class TargetModel:
         it = int(phase["iteration"])
         no, nq = cat["pmm_no"].astype(np.int64), cat["pmm_nq"].astype(np.int64)
         qstart = np.concatenate([[0], np.cumsum(nq)])
-        for i, c in enumerate(phase["chains"]):
+
+        def one(i: int, c: int) -> tuple[list[np.ndarray], int]:
             key = (self.chain0 + c, it, self.j)
             s, ys = _pmm.merge(cat["pmm_oyh"][i], cat["pmm_oy"][i], no, self.seed, key)
             f = self._fits[c]
@@ -568,6 +569,19 @@ class TargetModel:
                 v, k = _pmm.match(s, ys, cat["pmm_q"][i, qstart[p]:qstart[p + 1]], self.donors, g, sigma)
                 vals.append(v)
                 scarce += k
+            return vals, scarce
+
+        chains = list(phase["chains"])
+        # the workers wait for this: the chains are matched in two threads (numpy sorts and
+        # searches without the interpreter lock); each chain's result is its own
+        if len(chains) > 1 and len(no) and int(no.sum()) > 50_000:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as ex:
+                got = list(ex.map(one, range(len(chains)), chains))
+        else:
+            got = [one(i, c) for i, c in enumerate(chains)]
+        for c, (vals, scarce) in zip(chains, got):
             self._matched[c] = vals
             self._scarce.append(scarce)
 
