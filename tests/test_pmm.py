@@ -8,6 +8,8 @@ takes donors from farther down; matching on all observed rows (as R mice) takes 
 
 from __future__ import annotations
 
+import importlib.util
+
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -190,9 +192,10 @@ def test_exact_matching_does_not_depend_on_the_partitioning_of_the_donors():
     assert runs[0] == runs[1]
 
 
-def test_donor_scarcity_is_logged_with_norm_as_the_alternative(cluster_client):
+def test_donor_scarcity_is_logged_with_norm_as_the_alternative(cluster_client, tmp_path):
     """The von Hippel scenario: the missing cells' predictions pile up where few rows are observed;
-    the event names the column, counts only, and points to norm.  Under MCAR it is not logged."""
+    the event names the column, counts only, and points to norm; the output's report shows it.
+    Under MCAR it is not logged."""
     df = _scenario(20_000, 1)
     imp = dmice.impute(dd.from_pandas(df, npartitions=2), m=2, max_iter=2, seed=3,
                        client=cluster_client, progress=None)
@@ -203,6 +206,12 @@ def test_donor_scarcity_is_logged_with_norm_as_the_alternative(cluster_client):
     assert "'norm'" in msg and f"of {int(df['y'].isna().sum())} missing cells" in msg
     for v in df["y"].dropna().to_numpy()[:200]:  # no value in the message
         assert f"{v:.3f}" not in msg
+    if importlib.util.find_spec("matplotlib") is not None:
+        from dmice.report import build_report
+
+        imp.to_parquet(str(tmp_path / "out"))
+        page = open(build_report(str(tmp_path / "out"))["report"]).read()
+        assert "donor scarcity" in page and "consider method" in page
     g = np.random.default_rng(2)
     mcar = _scenario(20_000, 1)
     mcar["y"] = mcar["x"] + g.standard_normal(len(mcar))
