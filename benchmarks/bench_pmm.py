@@ -163,13 +163,14 @@ def render(summary: list[dict[str, Any]], timing: list[dict[str, Any]], info: di
              f"Python {info['python']}; {info['versions']}",
              f"- load average (1/5/15 min) at start {info['load_start']}, at end {load_end} (the machine "
              "is shared: other work slows every row)",
-             "- one `LocalCluster(2 workers x 1 thread)` (processes) for everything", "",
-             f"### Bias: {args.rows:,} rows, {args.reps} replications, m = 5, 5 iterations", "",
-             "X ~ N(0,1), Y = X + e, P(Y missing) = expit(-1 + 3X); replication r: data set r, seed r; "
-             "pooled slope of `y ~ x` (true 1), OLS per imputation and Rubin's rules.", "",
-             "| method | bias | bias / pooled SE | mean of bias / SE | sd over replications | pooled SE "
-             "sqrt(T) | sqrt(B/m) | 95% coverage | scarcity logged | median s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "- one `LocalCluster(2 workers x 1 thread)` (processes) for everything"]
+    if summary:
+        lines += ["", f"### Bias: {args.rows:,} rows, {args.reps} replications, m = 5, 5 iterations", "",
+                  "X ~ N(0,1), Y = X + e, P(Y missing) = expit(-1 + 3X); replication r: data set r, seed r; "
+                  "pooled slope of `y ~ x` (true 1), OLS per imputation and Rubin's rules.", "",
+                  "| method | bias | bias / pooled SE | mean of bias / SE | sd over replications | pooled SE "
+                  "sqrt(T) | sqrt(B/m) | 95% coverage | scarcity logged | median s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in summary:
         lines.append(f"| {s['config']} | {s['bias']:+.4f} | {s['bias_se']:+.1f} | {s['mean_bias_in_se']:+.1f} | "
                      f"{s['sd_over_seeds']:.4f} | {s['pooled_se']:.4f} | {s['sqrt_b_m']:.4f} | "
