@@ -49,6 +49,9 @@ log = logging.getLogger("dmice")
 VISIT_SEQUENCES = ("roman", "arabic", "monotone")
 #: most levels a ``by=`` grouping variable may have
 MAX_BY_LEVELS = 50
+#: observed values sampled per variable for the random initial fill (and, with ``donor_pool``, the
+#: size of pmm's donor sample)
+INIT_POOL = 10_000
 
 
 def _as_dask(data: Any) -> Any:
@@ -96,7 +99,7 @@ def _visit_sequence(schema: Schema, visit_sequence: str | list[str]) -> list[int
 @frozen
 def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None,
            method: dict[str, str] | None = None, visit_sequence: str | list[str] = "roman",
-           donors: int = 5, donor_pool: int = 10_000, ridge: float = 1e-5,
+           donors: int = 5, donor_pool: int | None = None, ridge: float = 1e-5,
            formulas: dict[str, str] | None = None, passive: dict[str, str] | None = None,
            substantive: str | None = None, substantive_family: str = "gaussian",
            predictors: dict[str, list[str]] | pd.DataFrame | None = None, where: Any = None,
@@ -136,10 +139,12 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         number of missing values, or explicit (repeats allowed).
     donors : int, default 5
         Donors per missing cell for predictive mean matching.
-    donor_pool : int, default 10000
-        Observed rows (sampled once per variable, uniformly over the partitions) whose
-        predictions serve as donors for predictive mean matching and as the pool of the
-        random initial fill.  All observed rows are donors when there are fewer.
+    donor_pool : int, optional
+        By default predictive mean matching takes its donors from all observed rows, as R
+        mice does (see Notes).  A number instead matches against a fixed sample of that many
+        observed rows per variable (uniform over the partitions, shared by all chains): the
+        former default, 10000, which biases pmm where donors are scarce.  It also sizes the
+        pool of the random initial fill (10000 by default).
     ridge : float, default 1e-5
         mice's ridge: ``ridge * diag(X'X)`` is added to X'X in linear models.
     formulas : dict, optional
@@ -278,8 +283,12 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     previous iteration; each chain's Newton steps stop once its remaining error is predicted below
     0.05 standard errors (Newton's quadratic contraction constant is measured on the
     first, cold-started fit of each variable) or a step is below 0.2 standard errors.
-    Predictive mean matching matches against a sample of up to ``donor_pool`` observed
-    rows rather than all of them.
+    Predictive mean matching is type-1 matching on all observed rows: in each visit the
+    workers send every chain's sorted predictions of the observed rows (from ``beta_hat``),
+    with their observed values, and of the missing rows (from ``beta*``); the client merges
+    them, takes one of the ``donors`` nearest at random for each missing cell and sends the
+    values back (rounds of at most 64 MB).  Missing cells whose predictions lie where observed
+    rows are scarce are counted and logged as donor scarcity, with ``norm`` as the alternative.
 
     Examples
     --------
@@ -290,7 +299,8 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     m = _check_int("m", m, 1)
     max_iter = _check_int("max_iter", max_iter, 0)
     donors = _check_int("donors", donors, 1)
-    donor_pool = _check_int("donor_pool", donor_pool, 1)
+    if donor_pool is not None:
+        donor_pool = _check_int("donor_pool", donor_pool, 1)
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
     if seed is None:
         seed = _rng.fresh_seed()
@@ -371,7 +381,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         seq = _visit_sequence(schema, visit_sequence)
         for e in events:
             log.info("logged event: %s: %s", e["variable"], e["event"])
-        pool_rate = {j: min(1.0, donor_pool / v.n_observed)
+        pool_rate = {j: min(1.0, (donor_pool or INIT_POOL) / v.n_observed)
                      for j, v in enumerate(variables) if v.imputed}
         fitted, sub = _fit_formulas(client, ddf, variables, formula_rhs, seed, schema.n_rows, sub_rhs,
                                     substantive_family, events)
@@ -442,7 +452,9 @@ def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[s
     variables = list(plan.variables)
     common = {"m": plan.m, "seed": plan.seed, "donors": params["donors"], "ridge": params["ridge"],
               "chain0": plan.chain0, "labels": setup["labels"], "separation": params["separation"],
-              "shrinkage": params["shrinkage"], "min_level_count": params["min_level_count"]}
+              "shrinkage": params["shrinkage"], "min_level_count": params["min_level_count"],
+              # pmm matches on all observed rows unless a donor sample size is given
+              "exact": params.get("donor_pool") is None}
     for j, v in enumerate(variables):
         if not v.imputed or v.method == "passive":
             continue
@@ -473,7 +485,9 @@ def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[s
         vb = variables[plan.by]
         models[j] = StratifiedModel(
             {g: TargetModel(j, replace(v, name=f"{v.name} [{vb.name} level {g + 1}]"), xcols,
-                            sample_pool=pools[j], stream=(g + 1,), **common)
+                            sample_pool=pools[j], stream=(g + 1,),
+                            # within groups pmm still matches against a sample of the observed rows
+                            **{**common, "exact": False})
              for g in range(vb.n_levels)}, vb.name, list(vb.levels))
     return models
 

@@ -491,6 +491,70 @@ def _match(yhat_mis: np.ndarray, donor_yhat: np.ndarray, donor_y: np.ndarray, do
     return donor_y[lo + g.integers(0, d, len(yhat_mis))]
 
 
+def pmm_candidates(block: Block, plan: Plan, order: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Matching round of pmm on all observed rows (see :mod:`dmice.methods.pmm`), for the chains
+    ``order['chains']``: the predictions of the fitting rows from ``order['coef']`` (beta_hat),
+    sorted per chain, with their observed values (``pmm_oyh``, ``pmm_oy``: chains x rows), the
+    predictions of the missing rows from ``order['beta']`` (beta*), sorted too (``pmm_q``), and
+    the numbers of each (``pmm_no``, ``pmm_nq``).  The order of each chain's missing rows is kept
+    in ``block.cache`` for the imputation round, whose matched values come in that order."""
+    j = order["var"]
+    chains = [int(c) for c in order["chains"]]
+    xcols = np.asarray(order["xcols"])
+    coef, beta = np.asarray(order["coef"]), np.asarray(order["beta"])
+    k = len(chains)
+    obs, mis = block.obs[j], block.mis[j]
+    if j in plan.formulas:
+        want = set(chains)
+        yo = np.stack([X[:, xcols] @ coef[chains.index(c)]
+                       for c, X in enumerate(formula_designs(block, plan, j, obs, "obs")) if c in want])
+        q = np.stack([X[:, xcols] @ beta[chains.index(c)]
+                      for c, X in enumerate(formula_designs(block, plan, j, mis, "mis")) if c in want]) \
+            if len(mis) else np.zeros((k, 0))
+    else:
+        # beta_hat and beta* of every chain in one product over all rows (cheaper than copying
+        # the rows out), then each chain's imputed cells of the predictors
+        Bm = np.zeros((plan.n_cols, 2 * k))
+        Bm[xcols, :k] = coef.T
+        Bm[xcols, k:] = beta.T
+        eta = block.D0 @ Bm
+        for kv, V in imputed_parts(block, plan, skip=j):
+            a, b = plan.variables[kv].cols
+            Bk = Bm[a:b]
+            if not Bk.any():
+                continue
+            Vc = V[chains]  # (k, cells, width)
+            add = Vc[:, :, 0].T[:, np.r_[0:k, 0:k]] * Bk[0]
+            for w in range(1, Vc.shape[2]):
+                add += Vc[:, :, w].T[:, np.r_[0:k, 0:k]] * Bk[w]
+            eta[block.mis[kv]] += add
+        yo, q = np.ascontiguousarray(eta[obs, :k].T), np.ascontiguousarray(eta[mis, k:].T)
+    y = block.values[j][obs]
+    oy = np.empty_like(yo)
+    it = int(order["iteration"])
+    for i, c in enumerate(chains):
+        # observed rows whose predictions tie in random order (as mice shuffles its donors)
+        srt = _argsort(yo[i], lambda c=c: _rng.generator(plan.seed, _rng.POOL, plan.chain0 + c, it, j,
+                                                         block.part).random(len(obs)))
+        yo[i] = yo[i][srt]
+        oy[i] = y[srt]
+        srt = _argsort(q[i], None)
+        q[i] = q[i][srt]
+        block.cache[("pmm-order", j, c)] = srt
+    return {"pmm_oyh": yo, "pmm_oy": oy, "pmm_q": q,
+            "pmm_no": np.array([len(obs)]), "pmm_nq": np.array([len(mis)])}
+
+
+def _argsort(x: np.ndarray, tie_keys: Any) -> np.ndarray:
+    """Order of ``x`` that is the same on every machine: ties, if any, in the order of the keys
+    ``tie_keys()`` returns, or of the rows when it is None (numpy's fastest sort orders ties
+    differently on different processors)."""
+    from dmice.methods.pmm import shuffle_ties
+
+    srt = np.argsort(x)
+    return shuffle_ties(x[srt], srt, (lambda: np.arange(len(x))) if tie_keys is None else tie_keys)
+
+
 def donor_y(order: dict[str, Any], c: int) -> np.ndarray:
     """The pmm donors' observed values in chain ``c``'s order of their predictions."""
     return order["donor_values"][order["donor_order"][c]]
@@ -620,6 +684,8 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
           request: dict[str, Any] | list[dict[str, Any]] | None) -> Block:
     """Impute ``order['var']`` in all chains, then compute the statistics of ``request`` (or of
     each request of a list)."""
+    if order is not None and order.get("phase") == "pmm-match":  # no imputation in this round
+        return replace(block, out={"sum": {}, "cat": pmm_candidates(block, plan, order)})
     new = replace(block, imp=dict(block.imp), out=None)
     out: dict[str, Any] = {"sum": {}, "cat": {}}
     if order is not None:
@@ -632,6 +698,10 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
 
             vals[:], failed = smcfcs.impute(block, plan, order, j, rows)
             out["sum"]["smcfcs_failed"] = np.array(float(failed))
+        elif len(rows) and "pmm_values" in order:  # pmm on all observed rows: matched on the client
+            got = order["pmm_values"][block.part]  # each chain's in the order of its predictions
+            for c in range(plan.m):
+                vals[c, block.cache.pop(("pmm-order", j, c))] = got[c]
         elif len(rows) and "groups" in order:
             _impute_groups(block, plan, order, rows, vals)
         elif len(rows):
@@ -734,7 +804,8 @@ def combine(outs: list[dict[str, Any]]) -> dict[str, Any]:
         if k.endswith("pool_fr"):  # donor rows of each partition follow those of the ones before
             starts = np.cumsum([0] + [int(a[0]) for a in cat[k[:-2] + "n"]])
             v = [a + s for a, s in zip(v, starts)]
-        res["cat"][k] = np.concatenate(v, axis=1 if k.endswith(("pool_X", "pool_fv")) else 0)
+        res["cat"][k] = np.concatenate(v, axis=1 if k.endswith(("pool_X", "pool_fv", "pmm_oyh", "pmm_oy", "pmm_q"))
+                                       else 0)
     return res
 
 

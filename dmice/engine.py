@@ -195,6 +195,10 @@ class Engine:
                 while not model.update(res, it, events):
                     res = self._round(None, model.request())
             order = model.order(it)
+            if order.get("match"):  # pmm on all observed rows: the donors are found first
+                for phase in model.match_phases(order):
+                    model.take_match(phase, self._round(phase, None))
+                order = model.matched_order(order, it, events)
             nxt = self.models[flat[k + 1][1]].request() if k + 1 < len(flat) else None
             out = self._round(order, nxt)
             pending = out if nxt is not None else None

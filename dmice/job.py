@@ -138,7 +138,9 @@ class ImputationSpec(_Strict):
         None, description="predictor columns per imputed column (default: all other columns)")
     visit_sequence: Literal["roman", "arabic", "monotone"] | list[str] = "roman"
     donors: PositiveInt = 5
-    donor_pool: PositiveInt = 10_000
+    donor_pool: PositiveInt | None = Field(
+        None, description="pmm: match against a fixed sample of this many observed rows instead of "
+                          "all of them (the former default, 10000)")
     ridge: Annotated[float, Field(ge=0)] = 1e-5
     until_rhat: Annotated[float, Field(gt=1)] | None = Field(
         None, description="stop before max_iter once every R-hat is below this value")
@@ -237,7 +239,7 @@ class JobSpec(_Strict):
         return {"version": self.version,
                 "input": {"url": self.input.url, "format": self.input.format},
                 "output": {"layout": self.output.layout},
-                "imputation": _without_defaults(self.imputation, _LATER_SETTINGS),
+                "imputation": _pool_as_before(_without_defaults(self.imputation, _LATER_SETTINGS)),
                 "analysis": [a.model_dump(mode="json") for a in self.analysis]}
 
     def config_hash(self) -> str:
@@ -253,6 +255,15 @@ def _without_defaults(spec: BaseModel, names: tuple[str, ...]) -> dict[str, Any]
     for name in names:
         if data.get(name) == type(spec).model_fields[name].get_default(call_default_factory=True):
             data.pop(name, None)
+    return data
+
+
+def _pool_as_before(data: dict[str, Any]) -> dict[str, Any]:
+    """The imputation settings with ``donor_pool`` hashed as the 10000 it defaulted to before pmm
+    matched on all observed rows: an unchanged job file keeps its configuration hash (a re-run of it
+    stays a no-op on an output written before).  An explicit ``donor_pool: 10000`` hashes the same."""
+    if data.get("donor_pool") is None:
+        data = {**data, "donor_pool": 10_000}
     return data
 
 

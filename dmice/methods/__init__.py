@@ -18,6 +18,7 @@ import numpy as np
 from dmice import rng as _rng
 from dmice.errors import InputError
 from dmice.methods import linear, newton
+from dmice.methods import pmm as _pmm
 from dmice.schema import MIN_LEVEL_COUNT, Variable
 
 #: penalty added to the coefficients when a model has too few observations
@@ -69,7 +70,7 @@ class TargetModel:
                  max_newton: int = 25, sample_pool: np.ndarray | None = None, chain0: int = 0,
                  labels: list[str] | None = None, screen: bool = True, stream: tuple[int, ...] = (),
                  separation: str = "firth", shrinkage: str | float | None = "auto",
-                 min_level_count: int = MIN_LEVEL_COUNT):
+                 min_level_count: int = MIN_LEVEL_COUNT, exact: bool = False):
         self.j = j
         self.var = var
         self.method = var.method
@@ -105,6 +106,12 @@ class TargetModel:
         self._pool_D: np.ndarray | None = None  # pmm: the donor rows' fixed design (no imputed cells)
         self._pool_y: np.ndarray | None = None  # ... their observed values
         self._pool_xcols: np.ndarray | None = None  # ... and the predictors of its columns
+        #: pmm: match on all observed rows (dmice.methods.pmm) instead of a sample of them
+        self.exact = exact
+        self._matched: dict[int, list[np.ndarray]] = {}  # exact pmm: each chain's values per partition
+        self._scarce: list[int] = []  # exact pmm: missing cells with scarce donors, per chain
+        self.scarcity_logged = False
+        self.last_scarce: tuple[float, int] | None = None  # (cells with scarce donors, missing cells)
         self._rounds = 0
         self.last_rounds = 0
         self._last_step = np.full(m, np.inf)  # each chain's last Newton step (standard errors)
@@ -170,7 +177,7 @@ class TargetModel:
         if self.stat is None:
             return None
         req: dict[str, Any] = {"var": self.j, "stat": self.stat, "xcols": self.xcols}
-        if self.method == "pmm":  # the fixed part of the donors' design only when not kept yet
+        if self.method == "pmm" and not self.exact:  # the donors' fixed design only when not kept yet
             kept = self._pool_D is not None and np.array_equal(self._pool_xcols, self.xcols)
             req["pool"] = "cells" if kept else "base"
         if self.stat != "gram":
@@ -533,6 +540,75 @@ class TargetModel:
         self._prev_delta = None
         return True
 
+    # -- pmm on all observed rows ---------------------------------------------------------
+    def match_phases(self, order: dict[str, Any]) -> list[dict[str, Any]]:
+        """The matching rounds of an exact pmm ``order``: the workers return the chains'
+        predictions (:func:`dmice.block.pmm_candidates`), a few chains per round so that what
+        the client gathers stays within ``pmm.MATCH_BYTES``."""
+        n_obs = int(self._fits[0].n) if self._fits else self.var.n_observed
+        self._matched, self._scarce = {}, []
+        return [{"var": self.j, "phase": "pmm-match", "xcols": order["xcols"], "chains": ch,
+                 "coef": order["coef"][ch], "beta": order["beta"][ch], "iteration": order["iteration"]}
+                for ch in _pmm.chain_groups(self.m, n_obs, self.var.n_missing)]
+
+    def take_match(self, phase: dict[str, Any], res: dict[str, Any]) -> None:
+        """Match the missing cells of the chains of one matching round (``res``: its statistics)."""
+        cat = res["cat"]
+        it = int(phase["iteration"])
+        no, nq = cat["pmm_no"].astype(np.int64), cat["pmm_nq"].astype(np.int64)
+        qstart = np.concatenate([[0], np.cumsum(nq)])
+
+        def one(i: int, c: int) -> tuple[list[np.ndarray], int]:
+            key = (self.chain0 + c, it, self.j)
+            s, ys = _pmm.merge(cat["pmm_oyh"][i], cat["pmm_oy"][i], no, self.seed, key)
+            f = self._fits[c]
+            sigma = float(np.sqrt(f.rss / f.df))
+            vals, scarce = [], 0
+            for p in range(len(nq)):
+                g = _rng.generator(self.seed, _rng.WORKER, *key, p)
+                v, k = _pmm.match(s, ys, cat["pmm_q"][i, qstart[p]:qstart[p + 1]], self.donors, g, sigma)
+                vals.append(v)
+                scarce += k
+            return vals, scarce
+
+        chains = list(phase["chains"])
+        # the workers wait for this: the chains are matched in two threads (numpy sorts and
+        # searches without the interpreter lock); each chain's result is its own
+        if len(chains) > 1 and len(no) and int(no.sum()) > 50_000:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as ex:
+                got = list(ex.map(one, range(len(chains)), chains))
+        else:
+            got = [one(i, c) for i, c in enumerate(chains)]
+        for c, (vals, scarce) in zip(chains, got):
+            self._matched[c] = vals
+            self._scarce.append(scarce)
+
+    def matched_order(self, order: dict[str, Any], iteration: int, events: list[dict[str, Any]]
+                      ) -> dict[str, Any]:
+        """``order`` with the matched donor values of every partition's missing cells (``(m, cells)``
+        per partition), and donor scarcity logged the first time it is seen."""
+        parts = len(next(iter(self._matched.values())))
+        values = {p: np.stack([self._matched[c][p] for c in range(self.m)]) for p in range(parts)}
+        o = {k: v for k, v in order.items() if k not in ("match", "coef")}
+        o["pmm_values"] = values
+        n_mis = sum(v.shape[1] for v in values.values())
+        scarce = float(np.mean(self._scarce)) if self._scarce else 0.0
+        self.last_scarce = (scarce, n_mis)
+        if n_mis and scarce / n_mis >= _pmm.SCARCE_SHARE and not self.scarcity_logged:
+            self.scarcity_logged = True
+            events.append({"iteration": iteration, "variable": self.var.name,
+                           "event": f"donor scarcity: {int(round(scarce))} of {n_mis} missing cells "
+                                    f"({100 * scarce / n_mis:.1f}%) have predictions where observed rows "
+                                    f"are scarce (outside the observed rows' predictions, or their "
+                                    f"{self.donors} nearest donors more than {_pmm.SCARCE_SD:g} residual "
+                                    "sd away); pmm is biased there when a variable drives the "
+                                    "missingness strongly (von Hippel 2025): consider method 'norm' "
+                                    "for this column"})
+        self._matched, self._scarce = {}, []
+        return o
+
     # -- drawing -----------------------------------------------------------------------
     def order(self, iteration: int) -> dict[str, Any]:
         """Parameters drawn for every chain, for the workers to impute with."""
@@ -547,7 +623,10 @@ class TargetModel:
             draws = [linear.draw(f, g) for f, g in zip(self._fits, gens)]
             o["beta"] = np.stack([d[0] for d in draws])
             o["sigma"] = np.array([d[1] for d in draws])
-            if self.method == "pmm":
+            if self.method == "pmm" and self.exact:  # the donors are found in matching rounds
+                o["match"] = True
+                o["coef"] = np.stack([f.coef for f in self._fits])
+            elif self.method == "pmm":
                 d = self._donor
                 y = d["pool_y"] if "pool_X" in d else self._pool_y
                 srts, dyh = [], []
