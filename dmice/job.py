@@ -261,10 +261,12 @@ def _without_defaults(spec: BaseModel, names: tuple[str, ...]) -> dict[str, Any]
 def _pool_as_before(data: dict[str, Any]) -> dict[str, Any]:
     """The imputation settings with ``donor_pool`` hashed as the 10000 it defaulted to before pmm
     matched on all observed rows: an unchanged job file keeps its configuration hash (a re-run of it
-    stays a no-op on an output written before).  An explicit ``donor_pool: 10000`` hashes the same."""
+    stays a no-op on an output written before).  An explicit ``donor_pool`` (sample-based matching,
+    which imputes differently) is hashed with a marker, so ``donor_pool: 10000`` and no
+    ``donor_pool`` never share a hash."""
     if data.get("donor_pool") is None:
-        data = {**data, "donor_pool": 10_000}
-    return data
+        return {**data, "donor_pool": 10_000}
+    return {**data, "donor_matching": "sample"}
 
 
 def _hash(obj: Any) -> str:

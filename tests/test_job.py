@@ -442,6 +442,10 @@ def test_existing_job_files_keep_their_configuration_hash():
     assert spec.config_hash() == "5e059caffa0846e30a35a043fe0e23c1e655ccea1c303616b59f635241a3c7fa"
     changed = spec.model_copy(update={"imputation": spec.imputation.model_copy(update={"separation": "ridge"})})
     assert changed.config_hash() != spec.config_hash()
+    # an explicit donor_pool matches against a sample, which imputes differently from no donor_pool
+    # (all observed rows): even the former default 10000 is another configuration
+    sampled = spec.model_copy(update={"imputation": spec.imputation.model_copy(update={"donor_pool": 10_000})})
+    assert sampled.config_hash() != spec.config_hash()
 
 
 MODEL_JOB = """\
