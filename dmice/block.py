@@ -25,7 +25,7 @@ from scipy.special import expit
 from dmice import post as _post
 from dmice import rng as _rng
 from dmice import stats
-from dmice.schema import CONTINUOUS, NOMINAL, ORDINAL, Variable, from_codes, to_codes
+from dmice.schema import CONTINUOUS, NOMINAL, ORDINAL, Variable, conform, from_codes, to_codes
 
 
 @dataclass(frozen=True)
@@ -779,8 +779,9 @@ def concat_chains(blocks: list[Block]) -> Block:
 
 
 def complete_partition(df: pd.DataFrame, block: Block, plan: Plan, chain: int) -> pd.DataFrame:
-    """Partition ``df`` with the missing cells of each imputed variable filled from ``chain``."""
-    out = df.copy()
+    """Partition ``df`` with the missing cells of each imputed variable filled from ``chain``;
+    categorical columns get the dataset-wide dtype (:func:`dmice.schema.conform`)."""
+    out = conform(df, plan.variables).copy()
     for j, rows in block.mis.items():
         if not len(rows):
             continue

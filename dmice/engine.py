@@ -390,8 +390,10 @@ def complete_frame(ddf: Any, blocks: list[Future], plan: _block.Plan, chain: int
     """Lazy dask DataFrame of one completed data set."""
     import dask.dataframe as dd
 
+    from dmice.schema import conform
+
     parts = ddf.to_delayed()
-    meta = ddf._meta
+    meta = conform(ddf._meta, plan.variables)  # categorical columns: the categories of every partition
     pieces = [delayed(_block.complete_partition)(p, b, plan, chain) for p, b in zip(parts, blocks)]
     return dd.from_delayed(pieces, meta=meta, divisions=ddf.divisions, verify_meta=False)
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from dmice import store
 from dmice.errors import InputError
-from dmice.schema import Schema
+from dmice.schema import Schema, _jsonable
 
 
 def _versions() -> dict[str, str]:
@@ -238,6 +238,10 @@ class MultipleImputation:
             "parameters": self.parameters,
             "state": getattr(self, "_state_rel", None) if self._engine is not None else None,
             "collapse": {v.name: v.collapse for v in sch.variables if v.collapse} if sch else {},
+            # categorical columns: the categories of every partition, the dtype of every file
+            "categories": {v.name: {"categories": [_jsonable(c) for c in v.categories],
+                                    "ordered": v.ordered}
+                           for v in sch.variables if v.categories is not None} if sch else {},
             "convergence": self._convergence_summary(),
             "files": files,
             "versions": _versions(),
@@ -266,11 +270,11 @@ class MultipleImputation:
         snap = man["input_snapshot"]
         meta = store.input_meta(snap["url"], snap["format"], snap["files"][0]["path"],
                                 self._storage_options)
-        meta = store.restore_dtypes(meta, man["input_dtypes"])
+        meta = store.restore_dtypes(meta, man["input_dtypes"], man.get("categories"))
         items = store.cells_items(man)
         return dd.from_map(store.complete_cells_partition, items,
                            args=(self.url, self._storage_options, snap["url"], snap["format"],
-                                 man["input_dtypes"], k),
+                                 man["input_dtypes"], k, man.get("categories")),
                            meta=meta, enforce_metadata=False)
 
     def write_data(self, url: str, *, storage_options: dict[str, Any] | None = None,
