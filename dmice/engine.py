@@ -395,7 +395,10 @@ def complete_frame(ddf: Any, blocks: list[Future], plan: _block.Plan, chain: int
     parts = ddf.to_delayed()
     meta = conform(ddf._meta, plan.variables)  # categorical columns: the categories of every partition
     pieces = [delayed(_block.complete_partition)(p, b, plan, chain) for p, b in zip(parts, blocks)]
-    return dd.from_delayed(pieces, meta=meta, divisions=ddf.divisions, verify_meta=False)
+    import dask
+
+    with dask.config.set({"dataframe.convert-string": False}):  # the input's own dtypes
+        return dd.from_delayed(pieces, meta=meta, divisions=ddf.divisions, verify_meta=False)
 
 
 def write_parquet(client: Client, ddf: Any, blocks: list[Future], plan: _block.Plan, url: str,

@@ -188,7 +188,8 @@ def screen(A: np.ndarray, keep: np.ndarray, y: np.ndarray | None = None, eps: fl
     drop : list of int
         Positions (in ``A``) to drop, in the order found.
     why : list of str
-        The reason of each: ``"constant"``, ``"collinear"`` or ``"correlated with the target"``.
+        The reason of each: ``"constant"``, ``"collinear"``, ``"correlated with the target"``
+        or ``"not finite"`` (statistics that overflowed).
     """
     n = A[0, 0]
     drop: list[int] = []
@@ -204,6 +205,13 @@ def screen(A: np.ndarray, keep: np.ndarray, y: np.ndarray | None = None, eps: fl
         if vy < eps:  # constant target: mice keeps every predictor
             return drop, why
     idx = [i for i in range(1, len(A)) if keep[i]]
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(cov).all(axis=1)
+    for i in list(idx):
+        if bad[i]:  # overflowed statistics (the schema standardises columns, so not expected)
+            drop.append(i)
+            why.append("not finite")
+            idx.remove(i)
     for i in list(idx):
         if var[i] < eps:
             drop.append(i)

@@ -201,13 +201,13 @@ def summarize_partition(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
             absmax = float(np.abs(x).max()) if len(x) else 0.0
             e = int(np.frexp(absmax)[1])
             info["sum_exp"] = e
-            info["sum_s"] = float((x * 2.0 ** -e).sum())
+            info["sum_s"] = float(np.ldexp(x, -e).sum())
             shift = float(x[0]) if len(x) else 0.0
             info["shift"] = shift
-            dev = (x * 2.0 ** -e - shift * 2.0 ** -e) if len(x) else x
+            dev = np.ldexp(x, -e) - np.ldexp(shift, -e)
             e2 = int(np.frexp(np.abs(dev).max())[1]) + e if len(x) else 0
             info["ss_exp"] = e2
-            info["ss"] = float(((dev * 2.0 ** (e - e2)) ** 2).sum())
+            info["ss"] = float((np.ldexp(dev, e - e2) ** 2).sum())
             info["integer"] = bool(np.all(x == np.round(x)))
             info["min"] = float(x.min()) if len(x) else None
             uniq = np.unique(x[: 100_000]) if len(x) else np.array([])
@@ -383,17 +383,21 @@ def _moments(name: str, infos: list[dict[str, Any]], nobs: int) -> tuple[float, 
     Scaling by powers of two is exact, so ordinary columns get the same figures as unscaled."""
     keep = [i for i in infos if i["n"] > i["n_missing"]]
     E = max(i["sum_exp"] for i in keep)
-    mean_s = sum(i["sum_s"] * 2.0 ** (i["sum_exp"] - E) for i in keep) / nobs
+
+    def scaled(x: float, e: int) -> float:  # x * 2**e, inf past the float range
+        with np.errstate(over="ignore"):
+            return float(np.ldexp(x, e))
+
+    mean_s = sum(scaled(i["sum_s"], i["sum_exp"] - E) for i in keep) / nobs
     ss = 0.0  # in units of 4**E
     for i in keep:
         k = i["n"] - i["n_missing"]
-        shift = i["shift"] * 2.0 ** -E
+        shift = scaled(i["shift"], -E)
         d = shift - mean_s
-        sumdev = i["sum_s"] * 2.0 ** (i["sum_exp"] - E) - k * shift
-        ss += i["ss"] * 4.0 ** (i["ss_exp"] - E) + 2 * d * sumdev + k * d * d
-    mean = mean_s * 2.0 ** E
-    with np.errstate(over="ignore"):
-        sd = math.sqrt(max(ss, 0.0) / max(nobs - 1, 1)) * 2.0 ** E
+        sumdev = scaled(i["sum_s"], i["sum_exp"] - E) - k * shift
+        ss += scaled(i["ss"], 2 * (i["ss_exp"] - E)) + 2 * d * sumdev + k * d * d
+    mean = scaled(mean_s, E)
+    sd = scaled(math.sqrt(max(ss, 0.0) / max(nobs - 1, 1)), E)
     if not (math.isfinite(mean) and math.isfinite(sd)):
         raise InputError(f"column {name!r} has values too large for dmice's models (their spread "
                          "exceeds the range of floating point numbers); rescale the column first")
