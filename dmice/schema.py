@@ -168,7 +168,7 @@ def _is_bool(s: pd.Series) -> bool:
 def _object_types(s: pd.Series) -> list[str]:
     """Names of the Python types of the observed values of an object column (str, int, ...)."""
     obs = s.dropna()
-    return sorted({type(v).__name__ for v in obs})
+    return sorted({"str" if isinstance(v, str) else type(v).__name__ for v in obs})
 
 
 def summarize_partition(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
