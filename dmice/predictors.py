@@ -197,7 +197,8 @@ def screen(A: np.ndarray, keep: np.ndarray, y: np.ndarray | None = None, eps: fl
     if n <= 0:
         return drop, why
     mu = A[0] / n
-    cov = A / n - np.outer(mu, mu)
+    with np.errstate(invalid="ignore", over="ignore"):
+        cov = A / n - np.outer(mu, mu)
     var = np.diag(cov).copy()
     if y is not None:
         my = y[0] / n
@@ -205,13 +206,14 @@ def screen(A: np.ndarray, keep: np.ndarray, y: np.ndarray | None = None, eps: fl
         if vy < eps:  # constant target: mice keeps every predictor
             return drop, why
     idx = [i for i in range(1, len(A)) if keep[i]]
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(cov).all(axis=1)
-    for i in list(idx):
-        if bad[i]:  # overflowed statistics (the schema standardises columns, so not expected)
-            drop.append(i)
-            why.append("not finite")
-            idx.remove(i)
+    while idx:  # overflowed statistics (the schema standardises columns, so not expected)
+        sub = ~np.isfinite(cov[np.ix_(idx, idx)])
+        if not sub.any():
+            break
+        i = idx[int(np.argmax(sub.sum(axis=0)))]
+        drop.append(i)
+        why.append("not finite")
+        idx.remove(i)
     for i in list(idx):
         if var[i] < eps:
             drop.append(i)

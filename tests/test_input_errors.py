@@ -175,8 +175,6 @@ def test_m_too_large_for_the_workers_is_refused(cluster_client):
 
 def test_memory_estimate_is_close_to_a_real_run(cluster_client):
     """The estimate of the resident state against the size of the blocks the workers hold."""
-    from dask.sizeof import sizeof
-
     from dmice import api
 
     df = _base(20_000)
@@ -188,7 +186,7 @@ def test_memory_estimate_is_close_to_a_real_run(cluster_client):
     est = api.resident_bytes(imp.schema, m, imp._engine.plan.n_cols)
     blocks = cluster_client.gather(imp._engine.blocks)
     real = sum(_block_bytes(b) for b in blocks)
-    assert 0.5 < est["total"] / real < 3, (est, real, sizeof(blocks))
+    assert 0.8 < est["total"] / real < 1.25, (est["total"], real)
 
 
 def _block_bytes(b) -> int:
@@ -210,3 +208,16 @@ def _block_bytes(b) -> int:
     for f in ("D0", "values", "mis", "obs", "mis_pos", "pool", "pairs", "imp", "cache"):
         add(getattr(b, f))
     return total
+
+
+def test_screening_drops_overflowed_columns_instead_of_failing():
+    """A Gram matrix with overflowed entries no longer stops the eigen-decomposition of predictor
+    screening (LinAlgError); the column is dropped as "not finite"."""
+    from dmice.predictors import screen
+
+    g = np.random.default_rng(0)
+    X = np.c_[np.ones(50), g.normal(size=(50, 3))]
+    A = X.T @ X
+    A[2, :] = A[:, 2] = np.inf
+    drop, why = screen(A, np.ones(4, dtype=bool))
+    assert drop == [2] and why == ["not finite"]
