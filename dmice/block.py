@@ -525,10 +525,12 @@ def impute_values(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int,
 
 
 def _chain_summary(vals: np.ndarray, v: Variable) -> np.ndarray:
-    """Per-chain sums that give the mean and sd (continuous) or level counts (categorical)."""
-    if v.kind == CONTINUOUS:
-        return np.stack([np.full(len(vals), vals.shape[1], dtype=float), vals.sum(axis=1),
-                         (vals ** 2).sum(axis=1)], axis=1)
+    """Per-chain sums that give the mean and sd (continuous, of the standardised values) or level
+    counts (categorical)."""
+    if v.kind == CONTINUOUS:  # in standardised units: squares of values near 1e160 overflow
+        z = (vals - v.center) / v.scale
+        return np.stack([np.full(len(vals), vals.shape[1], dtype=float), z.sum(axis=1),
+                         (z ** 2).sum(axis=1)], axis=1)
     K = v.n_levels
     return np.stack([np.bincount(r.astype(np.int64), minlength=K) for r in vals]).astype(float)
 

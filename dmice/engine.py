@@ -279,11 +279,12 @@ class Engine:
         ch = out["sum"]["chain"]
         for c in range(self.plan.m):
             if ch.shape[1] == 3 and v.levels is None:
-                n, s, ss = ch[c]
+                n, s, ss = ch[c]  # of the standardised values
                 mean = s / n if n else np.nan
                 var = (ss - n * mean * mean) / (n - 1) if n > 1 else np.nan
                 self.chain_stats.append({"iteration": it, "variable": v.name, "chain": c + 1,
-                                         "mean": mean, "sd": float(np.sqrt(max(var, 0.0)))})
+                                         "mean": v.center + v.scale * mean,
+                                         "sd": v.scale * float(np.sqrt(max(var, 0.0)))})
             else:
                 tot = ch[c].sum()
                 for lev, cnt in zip(v.levels or [], ch[c]):

@@ -208,7 +208,8 @@ def summarize_partition(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
             e2 = int(np.frexp(np.abs(dev).max())[1]) + e if len(x) else 0
             info["ss_exp"] = e2
             info["ss"] = float((np.ldexp(dev, e - e2) ** 2).sum())
-            info["integer"] = bool(np.all(x == np.round(x)))
+            # every float beyond 2**53 is a whole number: such columns do not count as integers
+            info["integer"] = bool(np.all(x == np.round(x))) and absmax < 2.0 ** 53
             info["min"] = float(x.min()) if len(x) else None
             uniq = np.unique(x[: 100_000]) if len(x) else np.array([])
             if len(uniq) <= 2:

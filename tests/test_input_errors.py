@@ -57,7 +57,7 @@ def test_categorical_and_numeric_columns_with_one_observed_value(cluster_client)
 
 
 @pytest.mark.parametrize("big", [1e160, -3e200, 1e300])
-def test_huge_values_are_imputed(cluster_client, big):
+def test_huge_values_are_imputed(cluster_client, big, tmp_path):
     """Values near the float range: moments computed in scaled units; the models work on the
     standardised column, as for any other scale."""
     df = _base(400)
@@ -71,6 +71,11 @@ def test_huge_values_are_imputed(cluster_client, big):
     # the imputed values are on the column's scale, not overflowed or collapsed
     assert np.isfinite(d["y"]).all() and np.isfinite(d["x"]).all()
     assert 0.2 < (d["y"][~obs] / big).std() / (df["y"][obs] / big).std() < 5
+    # chain statistics (R-hat) and the written summaries work on that scale too
+    cs = imp.chain_stats
+    assert np.isfinite(cs["mean"]).all() and np.isfinite(cs["sd"]).all() and (cs["sd"] > 0).all()
+    out = imp.to_parquet(str(tmp_path / "out"))
+    assert dmice.open(out).complete(1).compute()["y"].isna().sum() == 0
 
 
 @pytest.mark.parametrize("method", ["pmm", "norm"])
