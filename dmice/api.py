@@ -60,9 +60,30 @@ def _as_dask(data: Any) -> Any:
     if isinstance(data, dd.DataFrame):
         return data
     if isinstance(data, pd.DataFrame):
+        _check_columns(data)
         nparts = max(1, math.ceil(len(data) / 500_000))
-        return dd.from_pandas(data, npartitions=nparts, sort=False)
+        import dask
+
+        # the columns keep the frame's own dtypes: dask would turn object columns into strings
+        # (numbers in them included) and the result would not hold the values it was given
+        with dask.config.set({"dataframe.convert-string": False}):
+            return dd.from_pandas(data, npartitions=nparts, sort=False)
     raise InputError(f"data must be a dask or pandas DataFrame, got {type(data).__name__}")
+
+
+def _check_columns(ddf: Any) -> None:
+    """Column labels must be unique strings (one level): every column is named in the schema,
+    the manifest and errors by its label."""
+    if isinstance(ddf.columns, pd.MultiIndex) or ddf.columns.nlevels > 1:
+        raise InputError("the data has MultiIndex (hierarchical) column labels; dmice needs one string "
+                         "label per column: flatten them first, e.g. df.columns = ['_'.join(c) for c in "
+                         "df.columns]")
+    bad = [i for i, c in enumerate(ddf.columns) if not isinstance(c, str)]
+    if bad:
+        raise InputError(f"column names must be unique strings; the columns at positions {bad[:10]} have "
+                         "labels of another type (rename them, e.g. df.columns = df.columns.map(str))")
+    if len(set(ddf.columns)) != len(ddf.columns):
+        raise InputError("column names must be unique strings; some labels occur more than once")
 
 
 def _check_int(name: str, value: Any, lo: int) -> int:
@@ -327,8 +348,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     if not (shrinkage is None or shrinkage == "auto"
             or (isinstance(shrinkage, numbers.Real) and not isinstance(shrinkage, bool) and shrinkage > 0)):
         raise InputError(f"shrinkage must be 'auto', a prior standard deviation > 0 or None, got {shrinkage!r}")
-    if len(set(map(str, ddf.columns))) != len(ddf.columns):
-        raise InputError("column names must be unique strings")
+    _check_columns(ddf)
     passive_specs = _passive.parse(passive, [str(c) for c in ddf.columns])
     if method and set(method) & set(passive_specs):
         raise InputError(f"columns {sorted(set(method) & set(passive_specs))} are passive; they take no "
@@ -379,6 +399,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         schema = Schema(variables=variables, n_rows=sum(rows), n_cols_encoded=n_cols,
                         partition_rows=rows)
         seq = _visit_sequence(schema, visit_sequence)
+        _check_memory(client, schema, m, n_cols, summaries)
         for e in events:
             log.info("logged event: %s: %s", e["variable"], e["event"])
         pool_rate = {j: min(1.0, (donor_pool or INIT_POOL) / v.n_observed)
@@ -938,6 +959,99 @@ def _masked_parts(client: Any, ddf: Any, parts: list[Any], where: Any, ignore: A
             start = np.cumsum([0] + offsets())
             i_parts = [a[start[i]:start[i + 1]] for i in range(npart)]
     return [delayed(_mask_partition)(p, w, i) for p, w, i in zip(parts, w_parts, i_parts)]
+
+
+#: fraction of a worker's memory limit the imputation state may take: dask pauses a worker at 80%
+#: and the state (held outside dask's managed memory) cannot be spilled
+MEMORY_FRACTION = 0.6
+#: peak worker memory (RSS high-water mark) over the state it holds, measured at 20k-200k rows and
+#: m = 20-1000 (1.33-1.37)
+PEAK_SLACK = 1.35
+#: memory of a worker process before it holds any data (interpreter, numpy, pandas, distributed)
+WORKER_BASELINE = 200 * 2**20
+
+
+def resident_bytes(schema: Schema, m: int, n_cols: int,
+                   missing: list[dict[str, int]] | None = None) -> dict[str, Any]:
+    """Estimate of the memory the chains' state takes on the workers, per partition.
+
+    What :class:`dmice.block.Block` keeps for a partition of n rows: the encoded design
+    (n x ``n_cols``), per imputed variable its internal values, row masks and donor positions
+    (about 4n numbers), the imputed cells of every chain (m x missing cells) and their encoded
+    copy (m x missing cells x design width), the rows missing in two variables at once, and the
+    cached design matrices of its model (capped by ``DESIGN_CACHE_BYTES``).  ``total`` is one
+    copy of every block; ``peak`` adds what a running loop holds besides (the blocks at rest
+    and the previous round's blocks keep other copies of the imputed cells, and a visit its
+    draws), per partition.
+
+    ``missing``: per partition, column -> missing cells (default: spread evenly over the
+    partitions).
+    """
+    from dmice.block import DESIGN_CACHE_BYTES, MIS_DESIGN_CACHE_BYTES
+
+    rows = schema.partition_rows or [schema.n_rows]
+    imputed = [v for v in schema.variables if v.imputed]
+    per_part, peak = [], []
+    for i, n in enumerate(rows):
+        share = n / max(schema.n_rows, 1)
+        mis = {v.name: (missing[i][v.name] if missing is not None else v.n_missing * share) for v in imputed}
+        b = 8.0 * n * n_cols  # D0
+        cells = 0.0
+        for v in imputed:
+            k = mis[v.name]
+            obs = n - k
+            b += 8.0 * (2 * n + k + 2 * obs)  # values, mis_pos, mis, obs, pool
+            cells += 8.0 * m * k * (1 + max(v.width, 0))  # imputed cells, their encoding
+            b += min(8.0 * obs * n_cols, DESIGN_CACHE_BYTES) + min(8.0 * k * n_cols, MIS_DESIGN_CACHE_BYTES)
+            b += 8.0 * n_cols * n_cols
+        ks = sorted(mis.values())
+        b += sum(16.0 * ks[a] * (len(ks) - 1 - a) for a in range(len(ks)))  # pairs: min of each pair
+        per_part.append(b + cells)
+        biggest = max([m * mis[v.name] * max(v.width, 1) for v in imputed] or [0.0])
+        # two more copies of the imputed cells (blocks at rest, previous round), a visit's draws,
+        # and what the allocator keeps of freed temporaries (measured: see the README)
+        peak.append(PEAK_SLACK * (b + cells + 2 * 8.0 * m * sum(mis.values()) + 3 * 8.0 * biggest))
+    return {"total": float(sum(per_part)), "per_partition": per_part, "peak": peak}
+
+
+def _size(b: float) -> str:
+    if b >= 2**30:
+        return f"{b / 2**30:.1f} GiB"
+    return f"{b / 2**20:.0f} MiB" if b >= 2**20 else f"{b / 2**10:.0f} KiB"
+
+
+def _check_memory(client: Any, schema: Schema, m: int, n_cols: int,
+                  summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Refuse a run whose chains cannot fit in the workers' memory, before any block is built."""
+    try:
+        workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    except TypeError:  # older distributed: no n_workers
+        workers = client.scheduler_info().get("workers", {})
+    limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
+    if not limits or not all(limits):
+        return None  # no limit known: nothing to compare with
+    missing = [{v.name: int(s[v.name]["n_missing"]) for v in schema.variables if v.imputed}
+               for s in summaries] if summaries and all(summaries) else None
+    est = resident_bytes(schema, m, n_cols, missing)
+    peak = sorted(est["peak"], reverse=True)
+    per_worker = math.ceil(len(peak) / len(limits))
+    worst = sum(peak[:per_worker])  # the worker that gets the largest partitions
+    limit = min(limits)
+    usable = MEMORY_FRACTION * limit - WORKER_BASELINE
+    if worst > usable or sum(peak) > MEMORY_FRACTION * sum(limits) - WORKER_BASELINE * len(limits):
+        cells = sum(v.n_missing for v in schema.variables if v.imputed)
+        base = sum(sorted(resident_bytes(schema, 0, n_cols, missing)["peak"], reverse=True)[:per_worker])
+        each = (worst - base) / m  # what one more imputation costs the busiest worker
+        fit = int((usable - base) // each) if each > 0 else 0
+        advice = (f"lower m (at most about {fit} fit" if fit >= 1 else
+                  "even m=1 does not fit (add worker memory")
+        raise InputError(
+            f"m={m} needs an estimated {_size(sum(peak))} of worker memory for the imputation state "
+            f"({schema.n_rows} rows, {cells} missing cells, {len(peak)} partitions; about {_size(worst)} "
+            f"on the busiest of {len(limits)} workers, {_size(each)} per imputation), but the workers "
+            f"have {_size(limit)} each and {MEMORY_FRACTION:.0%} of that is usable: {advice}), or add "
+            "workers or worker memory (more, smaller partitions spread the state over more workers)")
+    return est
 
 
 def _close_quietly(client: Any, cluster: Any) -> None:

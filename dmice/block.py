@@ -25,7 +25,7 @@ from scipy.special import expit
 from dmice import post as _post
 from dmice import rng as _rng
 from dmice import stats
-from dmice.schema import CONTINUOUS, NOMINAL, ORDINAL, Variable, from_codes, to_codes
+from dmice.schema import CONTINUOUS, NOMINAL, ORDINAL, Variable, conform, from_codes, to_codes
 
 
 @dataclass(frozen=True)
@@ -589,10 +589,12 @@ def impute_values(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int,
 
 
 def _chain_summary(vals: np.ndarray, v: Variable) -> np.ndarray:
-    """Per-chain sums that give the mean and sd (continuous) or level counts (categorical)."""
-    if v.kind == CONTINUOUS:
-        return np.stack([np.full(len(vals), vals.shape[1], dtype=float), vals.sum(axis=1),
-                         (vals ** 2).sum(axis=1)], axis=1)
+    """Per-chain sums that give the mean and sd (continuous, of the standardised values) or level
+    counts (categorical)."""
+    if v.kind == CONTINUOUS:  # in standardised units: squares of values near 1e160 overflow
+        z = (vals - v.center) / v.scale
+        return np.stack([np.full(len(vals), vals.shape[1], dtype=float), z.sum(axis=1),
+                         (z ** 2).sum(axis=1)], axis=1)
     K = v.n_levels
     return np.stack([np.bincount(r.astype(np.int64), minlength=K) for r in vals]).astype(float)
 
@@ -850,8 +852,9 @@ def concat_chains(blocks: list[Block]) -> Block:
 
 
 def complete_partition(df: pd.DataFrame, block: Block, plan: Plan, chain: int) -> pd.DataFrame:
-    """Partition ``df`` with the missing cells of each imputed variable filled from ``chain``."""
-    out = df.copy()
+    """Partition ``df`` with the missing cells of each imputed variable filled from ``chain``;
+    categorical columns get the dataset-wide dtype (:func:`dmice.schema.conform`)."""
+    out = conform(df, plan.variables).copy()
     for j, rows in block.mis.items():
         if not len(rows):
             continue

@@ -283,11 +283,12 @@ class Engine:
         ch = out["sum"]["chain"]
         for c in range(self.plan.m):
             if ch.shape[1] == 3 and v.levels is None:
-                n, s, ss = ch[c]
+                n, s, ss = ch[c]  # of the standardised values
                 mean = s / n if n else np.nan
                 var = (ss - n * mean * mean) / (n - 1) if n > 1 else np.nan
                 self.chain_stats.append({"iteration": it, "variable": v.name, "chain": c + 1,
-                                         "mean": mean, "sd": float(np.sqrt(max(var, 0.0)))})
+                                         "mean": v.center + v.scale * mean,
+                                         "sd": v.scale * float(np.sqrt(max(var, 0.0)))})
             else:
                 tot = ch[c].sum()
                 for lev, cnt in zip(v.levels or [], ch[c]):
@@ -414,10 +415,15 @@ def complete_frame(ddf: Any, blocks: list[Future], plan: _block.Plan, chain: int
     """Lazy dask DataFrame of one completed data set."""
     import dask.dataframe as dd
 
+    from dmice.schema import conform
+
     parts = ddf.to_delayed()
-    meta = ddf._meta
+    meta = conform(ddf._meta, plan.variables)  # categorical columns: the categories of every partition
     pieces = [delayed(_block.complete_partition)(p, b, plan, chain) for p, b in zip(parts, blocks)]
-    return dd.from_delayed(pieces, meta=meta, divisions=ddf.divisions, verify_meta=False)
+    import dask
+
+    with dask.config.set({"dataframe.convert-string": False}):  # the input's own dtypes
+        return dd.from_delayed(pieces, meta=meta, divisions=ddf.divisions, verify_meta=False)
 
 
 def write_parquet(client: Client, ddf: Any, blocks: list[Future], plan: _block.Plan, url: str,

@@ -188,7 +188,8 @@ def screen(A: np.ndarray, keep: np.ndarray, y: np.ndarray | None = None, eps: fl
     drop : list of int
         Positions (in ``A``) to drop, in the order found.
     why : list of str
-        The reason of each: ``"constant"``, ``"collinear"`` or ``"correlated with the target"``.
+        The reason of each: ``"constant"``, ``"collinear"``, ``"correlated with the target"``
+        or ``"not finite"`` (statistics that overflowed).
     """
     n = A[0, 0]
     drop: list[int] = []
@@ -196,7 +197,8 @@ def screen(A: np.ndarray, keep: np.ndarray, y: np.ndarray | None = None, eps: fl
     if n <= 0:
         return drop, why
     mu = A[0] / n
-    cov = A / n - np.outer(mu, mu)
+    with np.errstate(invalid="ignore", over="ignore"):
+        cov = A / n - np.outer(mu, mu)
     var = np.diag(cov).copy()
     if y is not None:
         my = y[0] / n
@@ -204,6 +206,14 @@ def screen(A: np.ndarray, keep: np.ndarray, y: np.ndarray | None = None, eps: fl
         if vy < eps:  # constant target: mice keeps every predictor
             return drop, why
     idx = [i for i in range(1, len(A)) if keep[i]]
+    while idx:  # overflowed statistics (the schema standardises columns, so not expected)
+        sub = ~np.isfinite(cov[np.ix_(idx, idx)])
+        if not sub.any():
+            break
+        i = idx[int(np.argmax(sub.sum(axis=0)))]
+        drop.append(i)
+        why.append("not finite")
+        idx.remove(i)
     for i in list(idx):
         if var[i] < eps:
             drop.append(i)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from dmice import store
 from dmice.errors import InputError
-from dmice.schema import Schema
+from dmice.schema import Schema, _jsonable
 
 
 def _versions() -> dict[str, str]:
@@ -302,6 +302,12 @@ class MultipleImputation:
         return verdict(self.convergence(window=max(w, 1)), (self.iterations - w + 1, self.iterations)
                        if w else None, chains=self.m)
 
+    def _categories(self) -> dict[str, Any]:
+        """The categorical columns' dtypes: the categories of every partition, and whether ordered."""
+        sch = self.schema
+        return {v.name: {"categories": [_jsonable(c) for c in v.categories], "ordered": v.ordered}
+                for v in sch.variables if v.categories is not None} if sch else {}
+
     def _convergence_summary(self) -> dict[str, Any]:
         conv = self.convergence()
         return {"verdict": self.verdict(),
@@ -317,11 +323,15 @@ class MultipleImputation:
         snap = man["input_snapshot"]
         meta = store.input_meta(snap["url"], snap["format"], snap["files"][0]["path"],
                                 self._storage_options)
-        meta = store.restore_dtypes(meta, man["input_dtypes"])
+        # every category of the categorical columns, kept with the chains' state (rare levels
+        # included, so not in the manifest)
+        cats = store.read_state_json(posixpath.join(self.url.rstrip("/"), man["state"]),
+                                     self._storage_options).get("categories") if man.get("state") else None
+        meta = store.restore_dtypes(meta, man["input_dtypes"], cats)
         items = store.cells_items(man)
         return dd.from_map(store.complete_cells_partition, items,
                            args=(self.url, self._storage_options, snap["url"], snap["format"],
-                                 man["input_dtypes"], k),
+                                 man["input_dtypes"], k, cats),
                            meta=meta, enforce_metadata=False)
 
     def write_data(self, url: str, *, storage_options: dict[str, Any] | None = None,
@@ -382,7 +392,8 @@ class MultipleImputation:
         # continuing the chains needs them; the manifest holds the versions safe to show
         written = self._engine.save_state(posixpath.join(url.rstrip("/"), state_rel), storage_options,
                                           {"config": self._config, "events": self._events,
-                                           "parameters": self.parameters},
+                                           "parameters": self.parameters,
+                                           "categories": self._categories()},
                                           pd.DataFrame(self._chain))
         self._state_rel = state_rel
         self.state_files = [{**f, "path": posixpath.join(state_rel, f["path"])} for f in written]

@@ -67,6 +67,18 @@ class Variable:
     groups: list[int] | None = None  # categorical predictor: encoded group of each level (0 = reference)
     collapse: dict[str, str] | None = None  # merged levels -> their shared group label
     value_counts: list[int] | None = None  # two-valued numeric column: observed rows per value
+    #: categorical dtype: every category of the column in any partition (observed or not), in the
+    #: dtype's order; each partition is read, imputed and written with exactly these
+    categories: list[Any] | None = None
+    why: str = ""  # unsupported: why the column cannot be imputed (names no value)
+
+    @property
+    def dtype_of(self) -> Any:
+        """The column's dtype in every partition: a categorical dtype with the union of the
+        partitions' categories, else None (each partition keeps its own)."""
+        if self.categories is None:
+            return None
+        return pd.CategoricalDtype(self.categories, ordered=self.ordered)
 
     @property
     def incomplete(self) -> bool:
@@ -154,6 +166,12 @@ def _is_bool(s: pd.Series) -> bool:
     return False
 
 
+def _object_types(s: pd.Series) -> list[str]:
+    """Names of the Python types of the observed values of an object column (str, int, ...)."""
+    obs = s.dropna()
+    return sorted({"str" if isinstance(v, str) else type(v).__name__ for v in obs})
+
+
 def summarize_partition(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """Small per-column summary of one partition: counts, moments, a few distinct values."""
     out: dict[str, dict[str, Any]] = {}
@@ -171,18 +189,28 @@ def summarize_partition(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
                                          minlength=len(s.cat.categories)).tolist()
         elif _is_bool(s):
             info["family"] = "bool"
+        elif pd.api.types.is_complex_dtype(s.dtype):
+            info["family"] = "other"
         elif _is_numeric(s):
             info["family"] = "numeric"
             x = s[~miss].to_numpy(dtype=np.float64, na_value=np.nan)
             finite = np.isfinite(x)
             info["n_inf"] = int((~finite).sum())
             x = x[finite]
-            info["sum"] = float(x.sum())
-            # sum of squares about a per-partition shift, combined exactly later
+            # sum, and sum of squares about a per-partition shift (combined exactly later), in
+            # units of powers of two so that values near the float range do not overflow
+            absmax = float(np.abs(x).max()) if len(x) else 0.0
+            e = int(np.frexp(absmax)[1])
+            info["sum_exp"] = e
+            info["sum_s"] = float(np.ldexp(x, -e).sum())
             shift = float(x[0]) if len(x) else 0.0
             info["shift"] = shift
-            info["ss"] = float(((x - shift) ** 2).sum())
-            info["integer"] = bool(np.all(x == np.round(x)))
+            dev = np.ldexp(x, -e) - np.ldexp(shift, -e)
+            e2 = int(np.frexp(np.abs(dev).max())[1]) + e if len(x) else 0
+            info["ss_exp"] = e2
+            info["ss"] = float((np.ldexp(dev, e - e2) ** 2).sum())
+            # every float beyond 2**53 is a whole number: such columns do not count as integers
+            info["integer"] = bool(np.all(x == np.round(x))) and absmax < 2.0 ** 53
             info["min"] = float(x.min()) if len(x) else None
             uniq = np.unique(x[: 100_000]) if len(x) else np.array([])
             if len(uniq) <= 2:
@@ -191,29 +219,112 @@ def summarize_partition(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
                     info["distinct_counts"] = cnt.tolist()  # for the small-cell rule (dmice.disclosure)
             info["distinct"] = uniq[:3].tolist()
         elif pd.api.types.is_string_dtype(s.dtype) or s.dtype == object:
-            info["family"] = "string"
-            vc = s[~miss].astype(str).value_counts()
-            if len(vc) <= MAX_LEVELS:
-                info["counts"] = {str(k): int(c) for k, c in vc.items()}
-            info["distinct"] = sorted(map(str, vc.index[: MAX_LEVELS + 1]))
+            types = _object_types(s) if s.dtype == object else ["str"]
+            if any(t != "str" for t in types):
+                # numbers, dates, ... in an object column: its values would come back as text
+                info["family"] = "mixed"
+                info["types"] = types
+            else:
+                info["family"] = "string"
+                vc = s[~miss].astype(str).value_counts()
+                if len(vc) <= MAX_LEVELS:
+                    info["counts"] = {str(k): int(c) for k, c in vc.items()}
+                info["distinct"] = sorted(map(str, vc.index[: MAX_LEVELS + 1]))
         else:
             info["family"] = "other"
         out[name] = info
     return out
 
 
+def union_order(orders: list[list[Any]], name: str) -> list[Any]:
+    """One order of the categories of an ordered categorical column that agrees with the order
+    of every partition (``orders``, each a list of categories in its partition's order).
+
+    Raises InputError naming the column when two partitions order two categories differently,
+    or when the partitions do not say how two categories compare (e.g. ``[a, b]`` and ``[a, c]``).
+    """
+    cats: list[Any] = []
+    for o in orders:
+        for c in o:
+            if c not in cats:
+                cats.append(c)
+    pos = {c: i for i, c in enumerate(cats)}
+    after: dict[int, set[int]] = {i: set() for i in range(len(cats))}
+    for o in orders:
+        for a, b in zip(o, o[1:]):
+            after[pos[a]].add(pos[b])
+    indeg = {i: 0 for i in after}
+    for nxt in after.values():
+        for k in nxt:
+            indeg[k] += 1
+    out: list[Any] = []
+    ready = [i for i in after if indeg[i] == 0]
+    while ready:
+        if len(ready) > 1:
+            raise InputError(f"ordered categorical column {name!r}: the partitions (input files) have "
+                             f"categories whose order no partition gives ({len(cats)} categories in all); "
+                             "give the column one ordered dtype with every category before imputing")
+        i = ready.pop()
+        out.append(cats[i])
+        for k in after[i]:
+            indeg[k] -= 1
+            if indeg[k] == 0:
+                ready.append(k)
+    if len(out) < len(cats):
+        raise InputError(f"ordered categorical column {name!r}: the partitions (input files) order its "
+                         "categories differently; give the column one ordered dtype before imputing")
+    return out
+
+
+def _union_categories(name: str, infos: list[dict[str, Any]]) -> tuple[list[Any], bool]:
+    """Every category of a categorical column over all partitions, and whether it is ordered."""
+    flags = {bool(i["ordered"]) for i in infos}
+    if len(flags) > 1:
+        raise InputError(f"categorical column {name!r} is ordered in some partitions (input files) "
+                         "and unordered in others; give it one dtype before imputing")
+    ordered = flags.pop() if flags else False
+    orders = [list(i["categories"]) for i in infos]
+    if ordered:
+        return union_order([o for o in orders if o], name), True
+    cats: list[Any] = []
+    seen: set[Any] = set()
+    for o in orders:
+        for c in o:
+            if c not in seen:
+                seen.add(c)
+                cats.append(c)
+    return cats, False
+
+
+def _family(name: str, infos: list[dict[str, Any]]) -> str:
+    """The family of a column from the partitions that hold observed values of it."""
+    fams = {i["family"] for i in infos if i["n"] > i["n_missing"]} or {i["family"] for i in infos}
+    if len(fams) > 1 and "mixed" not in fams:
+        if fams <= {"string", "bool"}:  # an object column of text in some files, True/False in others
+            return "mixed"
+        raise InputError(f"column {name!r} has values of different kinds in different partitions "
+                         f"(input files): {sorted(fams)}; give it one dtype before imputing")
+    return "mixed" if "mixed" in fams else (fams.pop() if fams else "other")
+
+
 def combine_summaries(parts: list[dict[str, dict[str, Any]]], dtypes: pd.Series) -> list[Variable]:
-    """Combine per-partition summaries into variables (kinds, levels, moments)."""
+    """Combine per-partition summaries into variables (kinds, levels, moments).
+
+    Categorical columns get the union of every partition's categories (``Variable.categories``;
+    an ordered column an order that agrees with every partition's, else InputError), so that all
+    partitions are imputed and written with one dtype.
+    """
     variables = []
     for name in dtypes.index:
         infos = [p[name] for p in parts]
         n = sum(i["n"] for i in infos)
         n_miss = sum(i["n_missing"] for i in infos)
         dtype = dtypes[name]
-        family = infos[0]["family"] if infos else "other"
+        family = _family(str(name), infos) if infos else "other"
         var = Variable(name=str(name), dtype=str(dtype), kind=UNSUPPORTED, n_missing=n_miss,
                        n_observed=n - n_miss)
         if family == "numeric":
+            infos = [i for i in infos if i["family"] == "numeric"]
             n_inf = sum(i["n_inf"] for i in infos)
             if n_inf:
                 raise InputError(f"column {name!r} has {n_inf} infinite values; dmice needs finite "
@@ -232,44 +343,72 @@ def combine_summaries(parts: list[dict[str, dict[str, Any]]], dtypes: pd.Series)
                 var.kind = CONTINUOUS
                 nobs = var.n_observed
                 if nobs:
-                    mean = sum(i["sum"] for i in infos) / nobs
-                    # exact combination of sums of squares about per-partition shifts
-                    ss = 0.0
-                    for i in infos:
-                        k = i["n"] - i["n_missing"]
-                        if k:
-                            d = i["shift"] - mean
-                            ss += i["ss"] + 2 * d * (i["sum"] - k * i["shift"]) + k * d * d
-                    sd = math.sqrt(max(ss, 0.0) / max(nobs - 1, 1))
-                    var.center = mean
-                    var.scale = sd if sd > 0 else 1.0
+                    var.center, var.scale = _moments(str(name), infos, nobs)
         elif family == "bool":
             var.kind = BINARY
             var.levels = [False, True]
         elif family == "category":
-            counts: dict[Any, int] = {}
+            cats, var.ordered = _union_categories(str(name), infos)
+            var.categories = cats
+            counts: dict[Any, int] = dict.fromkeys(cats, 0)
             for i in infos:
                 for c, k in zip(i["categories"], i["counts"]):
-                    counts[c] = counts.get(c, 0) + k
+                    counts[c] += k
             # categories never observed are kept in the dtype but not modelled (never imputed)
-            var.levels = [c for c, k in counts.items() if k > 0]
+            var.levels = [c for c in cats if counts[c] > 0]
             var.counts = [counts[c] for c in var.levels]
-            var.ordered = bool(infos[0]["ordered"])
             if len(var.levels) == 2:
                 var.kind = BINARY
-            elif len(var.levels) > 2:
-                var.kind = ORDINAL if var.ordered else NOMINAL
+            elif len(var.levels) > 2 or len(var.levels) == 1:
+                var.kind = ORDINAL if var.ordered and len(var.levels) > 2 else NOMINAL
         elif family == "string":
             levels = sorted(set().union(*[set(i["distinct"]) for i in infos]))
             if len(levels) > MAX_LEVELS:
                 var.kind = UNSUPPORTED
+                var.why = (f"more than {MAX_LEVELS} distinct values, too many for a categorical "
+                           "variable")
             else:
                 var.levels = levels
                 if all("counts" in i for i in infos):
                     var.counts = [sum(i["counts"].get(lev, 0) for i in infos) for lev in levels]
                 var.kind = BINARY if len(levels) == 2 else NOMINAL
+        elif family == "mixed":
+            types = sorted(set().union(*[set(i.get("types", ["str"])) for i in infos
+                                         if i["family"] in ("mixed", "string")]))
+            var.why = (f"it holds values of several Python types ({', '.join(types)}) in an object "
+                       "column; convert it to one type (numbers, strings or a categorical) first")
+        else:
+            var.why = f"dtype {dtype} is not supported"
         variables.append(var)
     return variables
+
+
+def _moments(name: str, infos: list[dict[str, Any]], nobs: int) -> tuple[float, float]:
+    """Mean and standard deviation of a numeric column from its partitions' summaries: sums of
+    squares about per-partition shifts combined exactly, in units of a power of two of the
+    largest value, so that values near the float range (1e160 and beyond) do not overflow.
+    Scaling by powers of two is exact, so ordinary columns get the same figures as unscaled."""
+    keep = [i for i in infos if i["n"] > i["n_missing"]]
+    E = max(i["sum_exp"] for i in keep)
+
+    def scaled(x: float, e: int) -> float:  # x * 2**e, inf past the float range
+        with np.errstate(over="ignore"):
+            return float(np.ldexp(x, e))
+
+    mean_s = sum(scaled(i["sum_s"], i["sum_exp"] - E) for i in keep) / nobs
+    ss = 0.0  # in units of 4**E
+    for i in keep:
+        k = i["n"] - i["n_missing"]
+        shift = scaled(i["shift"], -E)
+        d = shift - mean_s
+        sumdev = scaled(i["sum_s"], i["sum_exp"] - E) - k * shift
+        ss += scaled(i["ss"], 2 * (i["ss_exp"] - E)) + 2 * d * sumdev + k * d * d
+    mean = scaled(mean_s, E)
+    sd = scaled(math.sqrt(max(ss, 0.0) / max(nobs - 1, 1)), E)
+    if not (math.isfinite(mean) and math.isfinite(sd)):
+        raise InputError(f"column {name!r} has values too large for dmice's models (their spread "
+                         "exceeds the range of floating point numbers); rescale the column first")
+    return mean, (sd if sd > 0 else 1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -292,6 +431,12 @@ def assign_methods(variables: list[Variable], method: dict[str, str] | None) -> 
             raise InputError(f"column {v.name!r} has every value missing ({v.n_missing} rows); "
                              "drop it or supply observed values")
         allowed = METHODS_FOR_KIND[v.kind]
+        if v.kind != UNSUPPORTED and v.levels is not None and len(v.levels) == 1:
+            allowed = ("sample", "")  # one observed level: its missing cells can only take it
+        if v.kind == UNSUPPORTED and v.incomplete and method.get(v.name, None) != "":
+            raise InputError(f"column {v.name!r} cannot be imputed: {v.why or 'unsupported dtype'} "
+                             f"(dtype {v.dtype}, {v.n_missing} missing); pass method={{{v.name!r}: ''}} "
+                             "to keep its missing values as they are")
         if v.name in method:
             m = method[v.name]
             if m not in ALL_METHODS:
@@ -309,9 +454,12 @@ def assign_methods(variables: list[Variable], method: dict[str, str] | None) -> 
             v.method = m if v.incomplete else ""
         else:
             v.method = allowed[0] if v.incomplete else ""
+        if v.incomplete and v.method and len(allowed) == 2 and v.levels is not None \
+                and len(v.levels) == 1:
+            events.append({"variable": v.name, "event": "one observed level: its missing values "
+                           "take that level (method 'sample')"})
         if v.kind == UNSUPPORTED:
-            why = ("too many distinct values for a categorical variable"
-                   if v.dtype in ("object", "str", "string") else f"dtype {v.dtype} is not supported")
+            why = v.why or f"dtype {v.dtype} is not supported"
             events.append({"variable": v.name, "event": f"not used: {why}; "
                            + ("its missing values stay missing" if v.incomplete else "kept as is")})
         elif v.incomplete and v.method == "":
@@ -465,3 +613,25 @@ def from_codes(codes: np.ndarray, var: Variable, like: pd.Series) -> pd.Series:
     if pd.api.types.is_bool_dtype(like.dtype) or like.dtype == object:
         return pd.Series(list(vals), dtype=like.dtype)
     return pd.Series(list(vals)).astype(like.dtype)
+
+
+def conform(df: pd.DataFrame, variables: Any) -> pd.DataFrame:
+    """Partition ``df`` with the dataset-wide dtype of each categorical column (the union of every
+    partition's categories, :attr:`Variable.dtype_of`); other columns are left as they are.
+
+    A partition read from Parquet carries only its own file's categories, and dask's metadata
+    often says "unknown categories": imputing or writing with the partition's own dtype would
+    turn an imputed category that this partition lacks into a missing value.
+    """
+    out = None
+    for v in variables:
+        dt = v.dtype_of
+        if dt is None or v.name not in df.columns:
+            continue
+        col = df[v.name]
+        if isinstance(col.dtype, pd.CategoricalDtype) and col.dtype == dt:
+            continue
+        if out is None:
+            out = df.copy(deep=False)
+        out[v.name] = col.astype(dt)
+    return df if out is None else out

@@ -206,11 +206,23 @@ def write_partition(df: pd.DataFrame, block: Any, plan: Any, url: str, i: int,
     files = []
     for c in range(plan.m):
         out = complete_partition(df, block, plan, c)
+        for j, rows in block.mis.items():
+            check_filled(out[plan.variables[j].name].iloc[rows], plan.variables[j].name, c + 1, i)
         path = part_path(base, c + 1, i)
         info = put_bytes(fs, path, _parquet_bytes(out))
         files.append({"path": posixpath.relpath(path, root), "imputation": c + 1, "partition": i,
                       "rows": len(out), **info})
     return files
+
+
+def check_filled(values: pd.Series, name: str, k: int, i: int) -> None:
+    """Refuse to write imputed cells (``values``) of which some are missing: a bug guard, since
+    every imputed cell must hold a value of its column's dtype."""
+    bad = int(values.isna().sum())
+    if bad:
+        raise OutputError(f"{bad} of {len(values)} imputed cells of column {name!r} in imputation {k}, "
+                          f"partition {i} are missing after imputation; this is a bug in dmice, please "
+                          "report it (nothing was committed)")
 
 
 def write_cells_partition(df: pd.DataFrame, block: Any, plan: Any, url: str, i: int,
@@ -219,7 +231,7 @@ def write_cells_partition(df: pd.DataFrame, block: Any, plan: Any, url: str, i: 
     """Write the imputed cells of partition ``i``: one file per imputed variable ``j`` with
     columns ``row`` (position in the input snapshot), ``imputation`` (1..m) and ``value`` (in
     the column's own dtype, so a completed set is exactly what the full layout holds)."""
-    from dmice.schema import from_codes
+    from dmice.schema import conform, from_codes
 
     fs, root = filesystem(url, storage_options)
     base = posixpath.join(root, prefix) if prefix else root
@@ -228,9 +240,11 @@ def write_cells_partition(df: pd.DataFrame, block: Any, plan: Any, url: str, i: 
         if not len(rows):
             continue
         v = plan.variables[j]
-        col = df[v.name]
+        col = conform(df[[v.name]], [v])[v.name]  # categorical: the categories of every partition
         values = pd.concat([from_codes(block.imp[j][c], v, col) for c in range(plan.m)],
                            ignore_index=True)
+        for c in range(plan.m):
+            check_filled(values.iloc[c * len(rows):(c + 1) * len(rows)], v.name, c + 1, i)
         rows = np.asarray(rows, dtype=np.int64)
         cells = pd.DataFrame({
             "row": np.tile(rows + offset, plan.m),
@@ -808,6 +822,8 @@ def verify(url: str, storage_options: dict[str, Any] | None = None) -> dict[str,
         for p in fs.find(posixpath.join(root, prefix)):
             if p not in known and not p.startswith(ignore):
                 problems.append(f"{posixpath.relpath(p, root)}: not listed in the manifest")
+    if not problems:
+        problems += _unfilled(fs, root, man)
     snap = man.get("input_snapshot")
     if man.get("layout") == "cells" and snap:
         ifs, iroot = filesystem(snap["url"], storage_options)
@@ -818,6 +834,42 @@ def verify(url: str, storage_options: dict[str, Any] | None = None) -> dict[str,
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise VerifyError(f"{url!r}: {problems[0]}{more}")
     return man
+
+
+def _null_count(fs: Any, path: str, column: str) -> int:
+    """Missing values of one column of a Parquet file: from the row groups' statistics when every
+    one has a null count, else by reading the column."""
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if column not in names:
+            return -1
+        md = pf.metadata
+        idx = [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == column]
+        stats = [md.row_group(r).column(i).statistics for r in range(md.num_row_groups) for i in idx]
+        if len(idx) == 1 and all(st is not None and st.has_null_count for st in stats):
+            return int(sum(st.null_count for st in stats))
+        return int(pf.read(columns=[column]).column(0).null_count)
+
+
+def _unfilled(fs: Any, root: str, man: dict[str, Any]) -> list[str]:
+    """Data files whose imputed columns (layout ``full``) or imputed cells (``cells``) hold missing
+    values: the manifest says every missing cell of those columns was imputed."""
+    method, n_missing = man.get("method") or {}, man.get("n_missing") or {}
+    imputed = [c for c in man.get("columns", []) if method.get(c) and n_missing.get(c, 0)]
+    problems = []
+    for f in man.get("files", []):
+        path = posixpath.join(root, f["path"])
+        cols = ["value"] if "variable" in f else imputed if "imputation" in f else []
+        for col in cols:
+            bad = _null_count(fs, path, col)
+            name = f.get("variable", col)
+            if bad < 0:
+                problems.append(f"{f['path']}: no column {col!r}")
+            elif bad:
+                problems.append(f"{f['path']}: {bad} missing values in imputed column {name!r}, whose "
+                                f"{n_missing.get(name, 0)} missing cells the manifest says were imputed")
+    return problems
 
 
 def _check_file(fs: Any, root: str, rel: str, entry: dict[str, Any], label: str) -> list[str]:
@@ -988,12 +1040,14 @@ def read_csv(urlpath: str, storage_options: dict[str, Any] | None = None,
 
 def complete_cells_partition(item: tuple[dict[str, Any], list[dict[str, Any]]], url: str,
                              storage_options: dict[str, Any] | None, snapshot_url: str, fmt: str,
-                             dtypes: dict[str, str], k: int) -> pd.DataFrame:
+                             dtypes: dict[str, str], k: int,
+                             categories: dict[str, Any] | None = None) -> pd.DataFrame:
     """Imputation ``k`` of one partition of a ``cells`` output: the input file (``item[0]``, an
     entry of the snapshot, checked against its checksum) with the imputed cells of the files
     ``item[1]`` (manifest entries of that partition) filled in."""
     f, entries = item
     df = read_input_file(snapshot_url, f["path"], fmt, storage_options, f["sha256"], dtypes)
+    df = restore_dtypes(df, {}, categories)
     return fill_cells(df, read_cells(url, storage_options, entries, k), f["offset"])
 
 
@@ -1056,8 +1110,17 @@ def part_meta(rel: str, url: str, storage_options: dict[str, Any] | None, dtypes
     return clear_known_categories(restore_dtypes(meta[columns], dtypes))
 
 
-def restore_dtypes(df: pd.DataFrame, dtypes: dict[str, str]) -> pd.DataFrame:
-    """Cast columns back to the dtypes recorded in the manifest where Parquet lost them."""
+def restore_dtypes(df: pd.DataFrame, dtypes: dict[str, str],
+                   categories: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Cast columns back to the dtypes recorded in the manifest where Parquet lost them;
+    categorical columns to the categories recorded in the manifest (``categories``: column ->
+    ``{"categories", "ordered"}``, every partition's categories), when they hold them all."""
+    for col, spec in (categories or {}).items():
+        if col in df.columns and isinstance(df[col].dtype, pd.CategoricalDtype):
+            cats = list(spec["categories"])
+            have = list(df[col].cat.categories)
+            if have != cats and set(have) <= set(cats):
+                df[col] = df[col].astype(pd.CategoricalDtype(cats, ordered=bool(spec["ordered"])))
     for col, dt in dtypes.items():
         if col in df.columns and str(df[col].dtype) != dt and dt != "category":
             try:
@@ -1157,6 +1220,16 @@ def write_state_meta(url: str, storage_options: dict[str, Any] | None, meta: dic
                                ("state.json", state))]
 
 
+def read_state_json(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``state.json`` of a state written by :func:`write_state_meta` (without its arrays)."""
+    fs, root = filesystem(url, storage_options)
+    path = posixpath.join(root, "state.json")
+    if not fs.exists(path):
+        raise OutputError(f"no stored chain state under {url!r}")
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
 def read_state_meta(url: str, storage_options: dict[str, Any] | None
                     ) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
     """``(meta, models, chain_stats)`` as written by :func:`write_state_meta`."""
@@ -1164,12 +1237,8 @@ def read_state_meta(url: str, storage_options: dict[str, Any] | None
 
     import numpy as np
 
+    meta = read_state_json(url, storage_options)
     fs, root = filesystem(url, storage_options)
-    path = posixpath.join(root, "state.json")
-    if not fs.exists(path):
-        raise OutputError(f"no stored chain state under {url!r}")
-    with fs.open(path, "r") as f:
-        meta = json.load(f)
     with fs.open(posixpath.join(root, "models.npz"), "rb") as f:
         z = np.load(io.BytesIO(f.read()), allow_pickle=False)
         arrays = {k: z[k] for k in z.files}
