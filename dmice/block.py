@@ -494,7 +494,8 @@ def _match(yhat_mis: np.ndarray, donor_yhat: np.ndarray, donor_y: np.ndarray, do
 def pmm_candidates(block: Block, plan: Plan, order: dict[str, Any]) -> dict[str, np.ndarray]:
     """Matching round of pmm on all observed rows (see :mod:`dmice.methods.pmm`), for the chains
     ``order['chains']``: the predictions of the fitting rows from ``order['coef']`` (beta_hat),
-    sorted per chain, with their observed values (``pmm_oyh``, ``pmm_oy``: chains x rows), the
+    sorted per chain (``pmm_oyh``: chains x rows) with the order of the observed values in them
+    (``pmm_oo``, int32, chains x rows) and those values once (``pmm_oy``: 1 x rows), the
     predictions of the missing rows from ``order['beta']`` (beta*), sorted too (``pmm_q``), and
     the numbers of each (``pmm_no``, ``pmm_nq``).  The order of each chain's missing rows is kept
     in ``block.cache`` for the imputation round, whose matched values come in that order."""
@@ -530,18 +531,19 @@ def pmm_candidates(block: Block, plan: Plan, order: dict[str, Any]) -> dict[str,
             eta[block.mis[kv]] += add
         yo, q = np.ascontiguousarray(eta[obs, :k].T), np.ascontiguousarray(eta[mis, k:].T)
     y = block.values[j][obs]
-    oy = np.empty_like(yo)
+    oy = np.empty(yo.shape, dtype=np.int32)
     it = int(order["iteration"])
     for i, c in enumerate(chains):
         # observed rows whose predictions tie in random order (as mice shuffles its donors)
         srt = _argsort(yo[i], lambda c=c: _rng.generator(plan.seed, _rng.POOL, plan.chain0 + c, it, j,
                                                          block.part).random(len(obs)))
         yo[i] = yo[i][srt]
-        oy[i] = y[srt]
+        oy[i] = srt
         srt = _argsort(q[i], None)
         q[i] = q[i][srt]
         block.cache[("pmm-order", j, c)] = srt
-    return {"pmm_oyh": yo, "pmm_oy": oy, "pmm_q": q,
+    # the observed values once, whatever the number of chains, and each chain's order of them
+    return {"pmm_oyh": yo, "pmm_oo": oy, "pmm_oy": y[None, :], "pmm_q": q,
             "pmm_no": np.array([len(obs)]), "pmm_nq": np.array([len(mis)])}
 
 
@@ -806,7 +808,7 @@ def combine(outs: list[dict[str, Any]]) -> dict[str, Any]:
         if k.endswith("pool_fr"):  # donor rows of each partition follow those of the ones before
             starts = np.cumsum([0] + [int(a[0]) for a in cat[k[:-2] + "n"]])
             v = [a + s for a, s in zip(v, starts)]
-        res["cat"][k] = np.concatenate(v, axis=1 if k.endswith(("pool_X", "pool_fv", "pmm_oyh", "pmm_oy", "pmm_q"))
+        res["cat"][k] = np.concatenate(v, axis=1 if k.endswith(("pool_X", "pool_fv", "pmm_oyh", "pmm_oo", "pmm_oy", "pmm_q"))
                                        else 0)
     return res
 

@@ -557,10 +557,13 @@ class TargetModel:
         it = int(phase["iteration"])
         no, nq = cat["pmm_no"].astype(np.int64), cat["pmm_nq"].astype(np.int64)
         qstart = np.concatenate([[0], np.cumsum(nq)])
+        # each chain's order of the observed values is local to its partition
+        ostart = np.repeat(np.concatenate([[0], np.cumsum(no)[:-1]]), no)
+        yall = cat["pmm_oy"][0]
 
         def one(i: int, c: int) -> tuple[list[np.ndarray], int]:
             key = (self.chain0 + c, it, self.j)
-            s, ys = _pmm.merge(cat["pmm_oyh"][i], cat["pmm_oy"][i], no, self.seed, key)
+            s, ys = _pmm.merge(cat["pmm_oyh"][i], yall[cat["pmm_oo"][i] + ostart], no, self.seed, key)
             f = self._fits[c]
             sigma = float(np.sqrt(f.rss / f.df))
             vals, scarce = [], 0
