@@ -26,7 +26,9 @@ LOW, HIGH = "123.456789", "98765.4321"
 NAME, OTHER_NAME = "Jane Doe", "John Smith"
 #: the rare value of a two-valued numeric column (seen three times)
 RARE_VALUE = "4242.4242"
-SECRETS = [LOW, HIGH, "98765", "123.45", NAME, OTHER_NAME, RARE_VALUE, "4242.42"]
+#: a category of a categorical column seen once (the dtype lists it in every partition)
+RARE_CATEGORY = "Mary Major"
+SECRETS = [LOW, HIGH, "98765", "123.45", NAME, OTHER_NAME, RARE_VALUE, "4242.42", RARE_CATEGORY]
 
 
 def _frame(n: int = 800, seed: int = 11) -> pd.DataFrame:
@@ -43,6 +45,11 @@ def _frame(n: int = 800, seed: int = 11) -> pd.DataFrame:
     df = pd.DataFrame({"v": v, "txt": txt, "site": site, "b": b, "y": y,
                        "age": g.integers(18, 90, n).astype(float)})
     df["w"] = g.normal(50.0, 10.0, n)
+    dx = g.choice(["k", "l", "m"], n).astype(object)
+    dx[30] = RARE_CATEGORY
+    df["dx"] = pd.Categorical(dx)
+    df.loc[g.random(n) < 0.1, "dx"] = None
+    df.loc[30, "dx"] = RARE_CATEGORY
     df.loc[[100, 200, 300], "w"] = None  # three imputed cells only
     for col, frac in (("v", 0.25), ("txt", 0.2), ("b", 0.2), ("age", 0.15)):
         miss = g.random(n) < frac
