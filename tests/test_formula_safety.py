@@ -83,14 +83,15 @@ def test_substantive_model_is_not_executed(cluster_client, tmp_path, attack):
 
 
 def test_a_formula_in_a_written_manifest_is_not_executed(cluster_client, tmp_path):
-    """Continuing a written output re-reads its formulas from the manifest: a forged one is refused."""
+    """Continuing a written output re-reads its formulas from the stored state (and the manifest):
+    a forged one is refused."""
     marker = tmp_path / "pwned"
     imp = dmice.impute(dd.from_pandas(_data(), npartitions=2), m=2, max_iter=1, seed=1, progress=False)
     imp.to_parquet(str(tmp_path / "out"))
-    path = tmp_path / "out" / "_manifest.json"
-    man = json.loads(path.read_text())
-    man["parameters"]["formulas"] = {"x": f"x ~ y + {_globals_attack(marker, 'z')}"}
-    path.write_text(json.dumps(man))
+    for path in (tmp_path / "out" / "_manifest.json", tmp_path / "out" / "_state" / "state.json"):
+        man = json.loads(path.read_text())
+        man["parameters"]["formulas"] = {"x": f"x ~ y + {_globals_attack(marker, 'z')}"}
+        path.write_text(json.dumps(man))
     with pytest.raises(InputError, match=r"`\.__globals__`"):
         dmice.open(str(tmp_path / "out")).iterate(1)
     assert _ran(marker) == []
