@@ -111,7 +111,6 @@ class TargetModel:
         self._matched: dict[int, list[np.ndarray]] = {}  # exact pmm: each chain's values per partition
         self._scarce: list[int] = []  # exact pmm: missing cells with scarce donors, per chain
         self.scarcity_logged = False
-        self.last_scarce: tuple[float, int] | None = None  # (cells with scarce donors, missing cells)
         self._rounds = 0
         self.last_rounds = 0
         self._last_step = np.full(m, np.inf)  # each chain's last Newton step (standard errors)
@@ -598,7 +597,6 @@ class TargetModel:
         o["pmm_values"] = values
         n_mis = sum(v.shape[1] for v in values.values())
         scarce = float(np.mean(self._scarce)) if self._scarce else 0.0
-        self.last_scarce = (scarce, n_mis)
         if n_mis and scarce / n_mis >= _pmm.SCARCE_SHARE and not self.scarcity_logged:
             self.scarcity_logged = True
             events.append({"iteration": iteration, "variable": self.var.name,
