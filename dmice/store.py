@@ -937,12 +937,23 @@ def _normalise(df: pd.DataFrame, fmt: str) -> pd.DataFrame:
     return df
 
 
+def _csv_sep(name: str) -> str:
+    """The field separator of a CSV input file: tabs for ``.tsv`` (and ``.tsv.gz``), else commas."""
+    return "\t" if name.endswith((".tsv", ".tsv.gz")) else ","
+
+
+def _csv_meta(fs: Any, path: str) -> pd.DataFrame:
+    """Empty frame with the columns and dtypes of a CSV file, from its first 1000 rows."""
+    with fs.open(path, "rb", compression="gzip" if path.endswith(".gz") else None) as f:
+        head = pd.read_csv(f, sep=_csv_sep(path), nrows=1000)
+    return _normalise(head, "csv").head(0)
+
+
 def _parse(data: bytes, rel: str, fmt: str, nrows: int | None = None) -> pd.DataFrame:
     if fmt == "parquet":
         return pq.read_table(io.BytesIO(data)).to_pandas()
-    sep = "\t" if rel.endswith(".tsv") else ","
     comp = "gzip" if rel.endswith(".gz") else None
-    return pd.read_csv(io.BytesIO(data), sep=sep, compression=comp, nrows=nrows)
+    return pd.read_csv(io.BytesIO(data), sep=_csv_sep(rel), compression=comp, nrows=nrows)
 
 
 def input_meta(url: str, fmt: str, first: str, storage_options: dict[str, Any] | None) -> pd.DataFrame:
@@ -952,10 +963,7 @@ def input_meta(url: str, fmt: str, first: str, storage_options: dict[str, Any] |
     if fmt == "parquet":
         with fs.open(path, "rb") as f:
             return pq.read_schema(f).empty_table().to_pandas()
-    name = first or root
-    with fs.open(path, "rb", compression="gzip" if name.endswith(".gz") else None) as f:
-        head = pd.read_csv(f, sep="\t" if name.endswith(".tsv") else ",", nrows=1000)
-    return _normalise(head, fmt).head(0)
+    return _csv_meta(fs, path)
 
 
 def read_input_file(url: str, rel: str, fmt: str, storage_options: dict[str, Any] | None,
@@ -991,9 +999,8 @@ def coerce_columns(df: pd.DataFrame, dtypes: dict[str, str], name: str) -> pd.Da
 def parse_csv_block(data: bytes, header: bytes | None, name: str, dtypes: dict[str, str]) -> pd.DataFrame:
     """One block of a CSV file (``header``: the file's first line, for blocks after the first)
     with the first file's columns and dtypes (:func:`coerce_columns`)."""
-    sep = "\t" if name.endswith((".tsv", ".tsv.gz")) else ","
     try:
-        df = pd.read_csv(io.BytesIO(data if header is None else header + data), sep=sep)
+        df = pd.read_csv(io.BytesIO(data if header is None else header + data), sep=_csv_sep(name))
     except (ValueError, pd.errors.ParserError) as e:
         raise InputError(f"input file {name!r} cannot be read as CSV ({type(e).__name__})") from None
     return coerce_columns(_normalise(df, "csv"), dtypes, name)
@@ -1019,10 +1026,7 @@ def read_csv(urlpath: str, storage_options: dict[str, Any] | None = None,
         files = [path] if fs.exists(path) else []
     if not files:
         raise InputError(f"input: no file found at {urlpath!r}")
-    first = files[0]
-    with fs.open(first, "rb", compression="gzip" if first.endswith(".gz") else None) as f:
-        head = pd.read_csv(f, sep="\t" if first.endswith((".tsv", ".tsv.gz")) else ",", nrows=1000)
-    meta = _normalise(head, "csv").head(0)
+    meta = _csv_meta(fs, files[0])
     dtypes = {str(c): str(t) for c, t in meta.dtypes.items()}
     parts = []
     for p in files:
