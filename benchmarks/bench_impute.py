@@ -402,7 +402,21 @@ def machine_info() -> dict[str, str]:
                                "statsmodels", "psutil")),
         "blas": blas,
         "load_start": _loadavg(),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str:
+    """The checked-out commit of this source tree (with ``+changes`` when it differs), or ''."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+changes" if dirty else "")
 
 
 def _loadavg() -> str:

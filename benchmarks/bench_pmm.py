@@ -155,10 +155,24 @@ def run_timing(client: Any, sizes: list[int], repeats: int, verbose: bool) -> li
     return out
 
 
+def paired_differences(res: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per replication, each method's pooled slope minus that of all-row matching computed the
+    former way (CONFIGS[2]): how far a method's draws lie from exact matching on the same data."""
+    ref = res[res["config"] == CONFIGS[2][0]].set_index("rep")["qbar"]
+    out = []
+    for name, _ in CONFIGS:
+        if name == CONFIGS[2][0]:
+            continue
+        diff = res[res["config"] == name].set_index("rep")["qbar"] - ref
+        out.append({"config": name, "mean": diff.mean(), "sd": diff.std(ddof=1), "max": diff.abs().max()})
+    return out
+
+
 def render(summary: list[dict[str, Any]], timing: list[dict[str, Any]], info: dict[str, str],
-           args: argparse.Namespace, load_end: str) -> str:
+           args: argparse.Namespace, load_end: str, paired: list[dict[str, Any]] | None = None) -> str:
     lines = [f"## pmm on all observed rows — {info['date']}", "",
-             f"- command: `python benchmarks/bench_pmm.py {' '.join(sys.argv[1:])}`",
+             f"- command: `python benchmarks/bench_pmm.py {' '.join(sys.argv[1:])}`"
+             + (f" at commit {info['commit']}" if info.get("commit") else ""),
              f"- machine: {info['nproc']} CPUs, CPU model: {info['cpu']}, {info['memory']} memory; "
              f"Python {info['python']}; {info['versions']}",
              f"- load average (1/5/15 min) at start {info['load_start']}, at end {load_end} (the machine "
@@ -175,6 +189,12 @@ def render(summary: list[dict[str, Any]], timing: list[dict[str, Any]], info: di
         lines.append(f"| {s['config']} | {s['bias']:+.4f} | {s['bias_se']:+.1f} | {s['mean_bias_in_se']:+.1f} | "
                      f"{s['sd_over_seeds']:.4f} | {s['pooled_se']:.4f} | {s['sqrt_b_m']:.4f} | "
                      f"{s['coverage']:.2f} | {s['scarcity']:.2f} | {s['seconds']:.1f} |")
+    if paired:
+        lines += ["", "Paired by replication (same data set and seed), the pooled slope of one method minus "
+                  "that of all-row matching by the former code path:", "",
+                  "| method | mean difference | sd of differences | largest absolute difference |",
+                  "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {p['config']} | {p['mean']:+.4f} | {p['sd']:.4f} | {p['max']:.4f} |" for p in paired]
     if timing:
         t = pd.DataFrame(timing)
         lines += ["", "### Run time: demo cohort, m = 5, 10 iterations (bench_impute's data)", "",
@@ -219,7 +239,7 @@ def main() -> None:
         res.to_csv(args.csv, index=False)
     summary = summarize(res) if len(res) else []
     load_end = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    text = render(summary, timing, info, args, load_end)
+    text = render(summary, timing, info, args, load_end, paired_differences(res) if len(res) else None)
     print(text)
     with open(args.out, "a") as f:
         f.write("\n" + text)

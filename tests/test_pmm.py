@@ -153,24 +153,30 @@ def test_exact_matching_takes_one_of_the_five_nearest_of_all_observed_rows(parts
 
 def test_exact_matching_uses_every_one_of_the_five_and_breaks_ties_at_random():
     """For one prediction, each of the 5 nearest is drawn about equally often; observed rows with
-    equal predictions come in random order, so a run of ties does not always give the same rows."""
+    equal predictions stand in for each other: every row of a tie that reaches into the 5
+    nearest is drawn equally often, not only the 5 that the sorted order puts first."""
     from dmice.methods import pmm as P
 
     g = np.random.default_rng(0)
     s = np.sort(g.normal(size=100))
-    vals, _ = P.match(s, np.arange(100.0), np.full(20000, s[50] + 1e-9), 5, g, 1.0)
-    counts = np.bincount(vals.astype(int), minlength=100)
+    pos, _ = P.match(s, np.full(20000, s[50] + 1e-9), 5, g, 1.0)
+    counts = np.bincount(pos, minlength=100)
     near = np.argsort(np.abs(s - s[50]))[:5]
     assert set(np.nonzero(counts)[0]) == set(near)
     assert counts[near].min() > 20000 / 5 - 4 * np.sqrt(20000 * 0.2 * 0.8)
-    # 50 rows share each of two predictions: the 5 taken from a tie change with the key
-    yhat = np.repeat([0.0, 1.0], 50)
-    firsts = set()
-    for k in range(20):
-        srt, ys = P.merge(yhat, np.arange(100.0), np.array([100]), 1, (k, 1, 2))
-        firsts.add(tuple(sorted(ys[:5])))
-        assert np.array_equal(srt, yhat) and sorted(ys) == list(range(100))
-    assert len(firsts) > 15
+    # 50 rows share each of two predictions: the 5 nearest to 0.1 are all in the first tie, and
+    # each of its 50 rows is drawn with probability 1/50 (binomial bounds, 4 sd)
+    s = np.repeat([0.0, 1.0], 50)
+    pos, _ = P.match(s, np.full(50_000, 0.1), 5, g, 1.0)
+    counts = np.bincount(pos, minlength=100)
+    sd = np.sqrt(50_000 * 0.02 * 0.98)
+    assert counts[50:].sum() == 0
+    assert np.all(np.abs(counts[:50] - 1000) < 4 * sd)
+    # a run of 5 that straddles two ties (prediction halfway): every row of both drawn alike
+    pos, _ = P.match(s, np.full(50_000, 0.5), 5, g, 1.0)
+    counts = np.bincount(pos, minlength=100)
+    sd = np.sqrt(50_000 * 0.01 * 0.99)
+    assert np.all(np.abs(counts - 500) < 4 * sd)
 
 
 def test_exact_matching_does_not_depend_on_the_partitioning_of_the_donors():
@@ -186,8 +192,9 @@ def test_exact_matching_does_not_depend_on_the_partitioning_of_the_donors():
     for cuts in ([0, 3000], [0, 1000, 1700, 3000]):
         parts = [np.sort(yh[a:b]) for a, b in zip(cuts, cuts[1:])]
         pys = [y[a:b][np.argsort(yh[a:b])] for a, b in zip(cuts, cuts[1:])]
-        s, ys = P.merge(np.concatenate(parts), np.concatenate(pys), np.diff(cuts), 1, (0, 1, 2))
-        lo = P.nearest_runs(s, t, 5, np.random.default_rng(0))
+        s, order = P.merge(np.concatenate(parts))
+        ys = np.concatenate(pys)[order]
+        lo, _ = P.nearest_runs(s, t, 5, np.random.default_rng(0))
         runs.append([frozenset(ys[a:a + 5]) for a in lo])
     assert runs[0] == runs[1]
 

@@ -562,21 +562,25 @@ class TargetModel:
 
         def one(i: int, c: int) -> tuple[list[np.ndarray], int]:
             key = (self.chain0 + c, it, self.j)
-            s, ys = _pmm.merge(cat["pmm_oyh"][i], yall[cat["pmm_oo"][i] + ostart], no, self.seed, key)
+            s, order = _pmm.merge(cat["pmm_oyh"][i])
+            ties = bool((s[1:] == s[:-1]).any())
             f = self._fits[c]
             sigma = float(np.sqrt(f.rss / f.df))
             vals, scarce = [], 0
             for p in range(len(nq)):
                 g = _rng.generator(self.seed, _rng.WORKER, *key, p)
-                v, k = _pmm.match(s, ys, cat["pmm_q"][i, qstart[p]:qstart[p + 1]], self.donors, g, sigma)
-                vals.append(v)
+                pos, k = _pmm.match(s, cat["pmm_q"][i, qstart[p]:qstart[p + 1]], self.donors, g, sigma,
+                                    ties)
+                rows = order[pos]  # in the partitions' runs, then in each partition's values
+                vals.append(yall[cat["pmm_oo"][i][rows] + ostart[rows]])
                 scarce += k
             return vals, scarce
 
         chains = list(phase["chains"])
-        # the workers wait for this: the chains are matched in two threads (numpy sorts and
-        # searches without the interpreter lock); each chain's result is its own
-        if len(chains) > 1 and len(no) and int(no.sum()) > 50_000:
+        # the workers wait for this: the chains are matched in two threads (numpy sorts,
+        # searches and gathers without the interpreter lock; about 1.3 times faster at 70,000
+        # observed rows); each chain's result is its own
+        if len(chains) > 1 and int(no.sum()) >= 20_000:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(2) as ex:
