@@ -442,3 +442,34 @@ def test_impute_end_to_end_sparse_polyreg_shrinkage(cluster_client):
         n_mis = df["k"].isna().sum()
         imp_d = (out.loc[df["k"].isna(), "k"] == "d").mean()
         assert abs(imp_d - obs_d) < 4 * np.sqrt(obs_d * (1 - obs_d) / n_mis) + 0.005
+
+
+def test_a_level_not_observed_in_a_stratum_is_not_imputed_there(cluster_client):
+    """by=: in a group where a level of the imputed category is never observed (elsewhere it is
+    seen twice), that level's probability there is about zero, as in mice run on the group alone;
+    the separated intercept must not be drawn from a huge variance (it gave the level a third of
+    the group's imputed cells)."""
+    g = np.random.default_rng(5)
+    n = 800
+    site = g.choice(["east", "north", "south"], n)
+    c = g.choice(["a", "b", "c"], n, p=[0.5, 0.3, 0.2]).astype(object)
+    c[np.nonzero(site == "east")[0][:2]] = "rare"
+    c[np.nonzero(site == "south")[0][:2]] = "rare"
+    x = g.normal(size=n) + (c == "b")
+    df = pd.DataFrame({"x": x, "site": site, "c": pd.Categorical(c, categories=["a", "b", "c", "rare"])})
+    holes = g.random(n) < 0.15
+    holes[c == "rare"] = False
+    df.loc[holes, "c"] = None
+    df.loc[g.random(n) < 0.1, "x"] = np.nan
+    for seed in (11, 13):
+        imp = dmice.impute(dd.from_pandas(df, npartitions=2), m=2, max_iter=3, seed=seed, by="site",
+                           client=cluster_client, progress=False)
+        for k in (1, 2):
+            done = imp.complete(k).compute()
+            got = done.loc[holes, ["site", "c"]]
+            north = got[got["site"] == "north"]
+            # p is about 1/n there: even 2 of the ~40 cells would be far out
+            assert (north["c"] == "rare").sum() <= 1, (seed, k, north["c"].value_counts().to_dict())
+            # 2 of about 230 rows elsewhere: a few per cent at most
+            assert (got["c"] == "rare").mean() < 0.05, (seed, k)
+        imp.close()

@@ -283,7 +283,11 @@ class TargetModel:
             d += 1.0 / self.prior_var[c]
         if not d.any():
             return None
-        d[self._intercepts()] = 0.0
+        # intercepts are left free, except after separation: a level (or outcome) that the
+        # fitting rows never show has an intercept that runs off to -inf, and its draws from
+        # the huge variance left there were wild (nnet's decay, which mice's polyreg uses,
+        # penalises the intercepts too)
+        d[self._intercepts()] = self._sep_penalty
         return np.diag(d)
 
     def _screen(self, res: dict[str, Any], iteration: int, events: list[dict[str, Any]]
