@@ -7,6 +7,7 @@ The public API is :func:`impute`, :func:`open`, :func:`analyze`, :func:`compare`
 
 from __future__ import annotations
 
+from dmice import config  # registers the dmice.* defaults in dask's configuration
 from dmice.analysis import AnalysisResult, ModelComparison, analyze, compare
 from dmice.api import impute, open
 from dmice.errors import DmiceError, InputError, OutputError
@@ -28,6 +29,7 @@ from dmice.result import MultipleImputation
 __version__ = "0.1.0"
 
 __all__ = [
+    "config",
     "AnalysisResult",
     "DmiceError",
     "InputError",

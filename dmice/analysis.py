@@ -37,6 +37,7 @@ from dask import delayed
 from scipy import special
 from scipy.special import expit, ndtr, ndtri
 
+from dmice import config as _config
 from dmice import formulas as _formulas
 from dmice._gc import frozen
 from dmice.errors import InputError
@@ -1361,8 +1362,8 @@ def _as_frames(data: Any) -> list[Any]:
         out = []
         for i, f in enumerate(data):
             if isinstance(f, pd.DataFrame):
-                out.append(dd.from_pandas(f, npartitions=max(1, math.ceil(len(f) / 500_000)),
-                                          sort=False))
+                rows = _config.get("partition-rows")
+                out.append(dd.from_pandas(f, npartitions=max(1, math.ceil(len(f) / rows)), sort=False))
             elif isinstance(f, dd.DataFrame):
                 out.append(f)
             else:
@@ -1789,8 +1790,8 @@ def _sorted_levels(values: set) -> list[Any]:
 _formula_error = _formulas.error_text
 
 
-#: rows sampled over all partitions of imputation 1 to fit a formula's stateful transforms
-SPEC_SAMPLE_ROWS = 100_000
+#: rows sampled over all partitions of imputation 1 to fit a formula's stateful transforms: dask
+#: config ``dmice.analysis.spec-sample-rows`` (100,000)
 
 
 #: rows of imputation 1's first partition on which a direct design is checked against formulaic
@@ -1876,7 +1877,7 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
         if _has_state(spec) and frames[0].npartitions > 1:
             # stateful transforms (center, scale, poly, bs, ...): fit them on a sample of
             # every partition of imputation 1 instead of the first partition alone
-            per_part = math.ceil(SPEC_SAMPLE_ROWS / frames[0].npartitions)
+            per_part = math.ceil(_config.get("analysis.spec-sample-rows") / frames[0].npartitions)
             parts = frames[0].to_delayed()
             samples = _compute(client, *[delayed(_spec_sample)(p, probe, per_part) for p in parts])
             spec = _formulas.model_matrix(f, pd.concat(samples, ignore_index=True)).model_spec

@@ -61,7 +61,9 @@ def _as_dask(data: Any) -> Any:
         return data
     if isinstance(data, pd.DataFrame):
         _check_columns(data)
-        nparts = max(1, math.ceil(len(data) / 500_000))
+        from dmice import config
+
+        nparts = max(1, math.ceil(len(data) / config.get("partition-rows")))
         import dask
 
         # the columns keep the frame's own dtypes: dask would turn object columns into strings
@@ -961,9 +963,9 @@ def _masked_parts(client: Any, ddf: Any, parts: list[Any], where: Any, ignore: A
     return [delayed(_mask_partition)(p, w, i) for p, w, i in zip(parts, w_parts, i_parts)]
 
 
-#: fraction of a worker's memory limit the imputation state may take: dask pauses a worker at 80%
-#: and the state (held outside dask's managed memory) cannot be spilled
-MEMORY_FRACTION = 0.6
+#: the fraction of a worker's memory limit the imputation state may take is dask config
+#: ``dmice.memory.fraction`` (0.6): dask pauses a worker at 80% and the state (held outside
+#: dask's managed memory) cannot be spilled
 #: peak worker memory (RSS high-water mark) over the state it holds, measured at 20k-200k rows and
 #: m = 20-1000 (1.33-1.37)
 PEAK_SLACK = 1.35
@@ -979,7 +981,7 @@ def resident_bytes(schema: Schema, m: int, n_cols: int,
     (n x ``n_cols``), per imputed variable its internal values, row masks and donor positions
     (about 4n numbers), the imputed cells of every chain (m x missing cells) and their encoded
     copy (m x missing cells x design width), the rows missing in two variables at once, and the
-    cached design matrices of its model (capped by ``DESIGN_CACHE_BYTES``).  ``total`` is one
+    cached design matrices of its model (capped by ``dmice.design-cache.*``).  ``total`` is one
     copy of every block; ``peak`` adds what a running loop holds besides (the blocks at rest
     and the previous round's blocks keep other copies of the imputed cells, and a visit its
     draws), per partition.
@@ -987,8 +989,9 @@ def resident_bytes(schema: Schema, m: int, n_cols: int,
     ``missing``: per partition, column -> missing cells (default: spread evenly over the
     partitions).
     """
-    from dmice.block import DESIGN_CACHE_BYTES, MIS_DESIGN_CACHE_BYTES
+    from dmice.block import design_cache_bytes
 
+    cache_obs, cache_mis = design_cache_bytes("obs"), design_cache_bytes("mis")
     rows = schema.partition_rows or [schema.n_rows]
     imputed = [v for v in schema.variables if v.imputed]
     per_part, peak = [], []
@@ -1002,7 +1005,7 @@ def resident_bytes(schema: Schema, m: int, n_cols: int,
             obs = n - k
             b += 8.0 * (2 * n + k + 2 * obs)  # values, mis_pos, mis, obs, pool
             cells += 8.0 * m * k * (1 + max(v.width, 0))  # imputed cells, their encoding
-            b += min(8.0 * obs * n_cols, DESIGN_CACHE_BYTES) + min(8.0 * k * n_cols, MIS_DESIGN_CACHE_BYTES)
+            b += min(8.0 * obs * n_cols, cache_obs) + min(8.0 * k * n_cols, cache_mis)
             b += 8.0 * n_cols * n_cols
         ks = sorted(mis.values())
         b += sum(16.0 * ks[a] * (len(ks) - 1 - a) for a in range(len(ks)))  # pairs: min of each pair
@@ -1037,8 +1040,11 @@ def _check_memory(client: Any, schema: Schema, m: int, n_cols: int,
     per_worker = math.ceil(len(peak) / len(limits))
     worst = sum(peak[:per_worker])  # the worker that gets the largest partitions
     limit = min(limits)
-    usable = MEMORY_FRACTION * limit - WORKER_BASELINE
-    if worst > usable or sum(peak) > MEMORY_FRACTION * sum(limits) - WORKER_BASELINE * len(limits):
+    from dmice import config
+
+    fraction = config.get("memory.fraction")
+    usable = fraction * limit - WORKER_BASELINE
+    if worst > usable or sum(peak) > fraction * sum(limits) - WORKER_BASELINE * len(limits):
         cells = sum(v.n_missing for v in schema.variables if v.imputed)
         base = sum(sorted(resident_bytes(schema, 0, n_cols, missing)["peak"], reverse=True)[:per_worker])
         each = (worst - base) / m  # what one more imputation costs the busiest worker
@@ -1049,8 +1055,9 @@ def _check_memory(client: Any, schema: Schema, m: int, n_cols: int,
             f"m={m} needs an estimated {_size(sum(peak))} of worker memory for the imputation state "
             f"({schema.n_rows} rows, {cells} missing cells, {len(peak)} partitions; about {_size(worst)} "
             f"on the busiest of {len(limits)} workers, {_size(each)} per imputation), but the workers "
-            f"have {_size(limit)} each and {MEMORY_FRACTION:.0%} of that is usable: {advice}), or add "
-            "workers or worker memory (more, smaller partitions spread the state over more workers)")
+            f"have {_size(limit)} each and {fraction:.0%} of that is usable (dask config "
+            f"dmice.memory.fraction): {advice}), or add workers or worker memory (more, smaller "
+            "partitions spread the state over more workers)")
     return est
 
 

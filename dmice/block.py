@@ -277,12 +277,15 @@ def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
         yield X
 
 
-#: largest design of a model's statistics kept per partition and variable (bytes, ``model_designs``):
-#: larger ones are gathered again each round, so big partitions do not hold a copy of their design
-DESIGN_CACHE_BYTES = 32 * 2**20
-#: the same for the design of a variable's missing rows, which serves one product per visit (its
-#: imputation), against one or more Newton rounds for the statistics: kept only while small
-MIS_DESIGN_CACHE_BYTES = 8 * 2**20
+def design_cache_bytes(key: str) -> int:
+    """Largest design kept per partition and variable by :func:`model_designs` (dask config
+    ``dmice.design-cache.observed``, 32 MiB, for the fitting rows' design; larger ones are
+    gathered again each round, so big partitions do not hold a copy of their design; and
+    ``dmice.design-cache.missing``, 8 MiB, for the missing rows', which serves one product per
+    visit against one or more Newton rounds: kept only while small)."""
+    from dmice import config
+
+    return config.get("design-cache.observed" if key == "obs" else "design-cache.missing")
 
 
 def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.ndarray,
@@ -294,8 +297,7 @@ def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.n
     are yielded.
 
     The part that never changes, the designs' fixed cells (``D0``) and the layout of the
-    imputed cells, is kept in ``block.cache`` when it takes at most ``DESIGN_CACHE_BYTES``
-    (``MIS_DESIGN_CACHE_BYTES`` for the missing rows):
+    imputed cells, is kept in ``block.cache`` when it takes at most :func:`design_cache_bytes`:
     one entry per variable and key (its last ``rows`` and ``cols``), so a model whose
     predictors change (screening) replaces its entry instead of adding one.
     """
@@ -308,7 +310,7 @@ def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.n
         # column-major: each fill writes into one contiguous column, and the kernels'
         # products with X run faster on it
         hit = (rows, cols.copy(), np.asfortranarray(block.D0[rows][:, cols]), {})
-        if hit[2].nbytes <= (DESIGN_CACHE_BYTES if key == "obs" else MIS_DESIGN_CACHE_BYTES):
+        if hit[2].nbytes <= design_cache_bytes(key):
             block.cache[ck] = hit
             cached = True
         else:

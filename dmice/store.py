@@ -520,7 +520,7 @@ def _vacuum(url: str, storage_options: dict[str, Any] | None, retain_hours: floa
 # process no longer exists on this host, is stale and broken by the next run.
 
 LOCK = "_LOCK"
-#: seconds without a heartbeat after which a lock is stale (``DMICE_LOCK_TTL`` overrides)
+#: the time to live of a lock whose record names none (:func:`lock_ttl` gives a new lock's)
 LOCK_TTL = 600.0
 
 
@@ -529,11 +529,15 @@ class LockedError(OutputError):
 
 
 def lock_ttl() -> float:
+    """Seconds without a heartbeat after which a lock is stale: ``DMICE_LOCK_TTL``, else dask
+    config ``dmice.lock.ttl`` (600 s)."""
     import os
+
+    from dmice import config
 
     raw = os.environ.get("DMICE_LOCK_TTL")
     if raw is None:
-        return LOCK_TTL
+        return config.get("lock.ttl")
     try:
         ttl = float(raw)
     except ValueError:

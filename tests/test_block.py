@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dask
 import numpy as np
 import pandas as pd
 from conftest import chain_design_stack, encoded_blocks, mixed_frame
@@ -136,7 +137,7 @@ def test_model_designs_of_some_chains_and_of_the_missing_rows(monkeypatch):
         for c, X in zip([2, 0], got):
             np.testing.assert_array_equal(X, _reference_design(plan, blk, rows, cols, c))
     assert ("mdesign", j, "obs") in blk.cache and ("mdesign", j, "mis") in blk.cache
-    monkeypatch.setattr(B, "MIS_DESIGN_CACHE_BYTES", 1000)
+    monkeypatch.setitem(dask.config.config["dmice"]["design-cache"], "missing", 1000)
     _, plan, blk = _block()
     rows = blk.mis[j]
     for _ in range(2):  # built again each time, the same designs
@@ -162,7 +163,7 @@ def test_newton_statistics_of_some_chains_are_those_chains_statistics():
 
 
 def test_model_designs_beyond_the_cache_limit_are_built_each_time(monkeypatch):
-    """A design larger than DESIGN_CACHE_BYTES is not kept (and drops a kept entry of its
+    """A design larger than dmice.design-cache.observed is not kept (and drops a kept entry of its
     variable), with the same designs as the reference."""
     _, plan, blk = _block()
     j = 1
@@ -177,14 +178,14 @@ def test_model_designs_beyond_the_cache_limit_are_built_each_time(monkeypatch):
         for c in range(plan.m):
             np.testing.assert_array_equal(got[c], _reference_design(plan, blk, rows, cols, c))
 
-    monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1000)
+    monkeypatch.setitem(dask.config.config["dmice"]["design-cache"], "observed", 1000)
     check(cols)
     check(cols)
     assert ("mdesign", j, "obs") not in blk.cache
-    monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1 << 30)
+    monkeypatch.setitem(dask.config.config["dmice"]["design-cache"], "observed", 1 << 30)
     check(cols)
     assert ("mdesign", j, "obs") in blk.cache
-    monkeypatch.setattr(B, "DESIGN_CACHE_BYTES", 1000)
+    monkeypatch.setitem(dask.config.config["dmice"]["design-cache"], "observed", 1000)
     check(cols[cols != cat.cols[0]])
     assert ("mdesign", j, "obs") not in blk.cache
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -131,11 +132,10 @@ def test_exact_matching_takes_one_of_the_five_nearest_of_all_observed_rows(parts
     value of one of them (or of a row whose prediction ties with the fifth).  Also when the chains are split over several matching rounds."""
     from conftest import chain_design_stack, mixed_frame
 
-    from dmice.methods import pmm as P
 
     df = mixed_frame(3000, seed=2)
     df.loc[np.random.default_rng(9).random(len(df)) < 0.3, "y"] = np.nan
-    monkeypatch.setattr(P, "MATCH_BYTES", 1)  # one chain per matching round
+    monkeypatch.setitem(dask.config.config["dmice"]["pmm"], "match-bytes", 1)  # one chain per matching round
     model, plan, blocks, order, new, j = _exact_visit(df, parts)
     cols = model.xcols
     for c in range(plan.m):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from dmice import config as _config
 from dmice import rng as _rng
 from dmice.errors import InputError
 from dmice.methods import linear, newton
@@ -547,12 +548,12 @@ class TargetModel:
     def match_phases(self, order: dict[str, Any]) -> list[dict[str, Any]]:
         """The matching rounds of an exact pmm ``order``: the workers return the chains'
         predictions (:func:`dmice.block.pmm_candidates`), a few chains per round so that what
-        the client gathers stays within ``pmm.MATCH_BYTES``."""
+        the client gathers stays within dask config ``dmice.pmm.match-bytes``."""
         n_obs = int(self._fits[0].n) if self._fits else self.var.n_observed
         self._matched, self._scarce = {}, []
         return [{"var": self.j, "phase": "pmm-match", "xcols": order["xcols"], "chains": ch,
                  "coef": order["coef"][ch], "beta": order["beta"][ch], "iteration": order["iteration"]}
-                for ch in _pmm.chain_groups(self.m, n_obs, self.var.n_missing)]
+                for ch in _pmm.chain_groups(self.m, n_obs, self.var.n_missing, _config.get("pmm.match-bytes"))]
 
     def take_match(self, phase: dict[str, Any], res: dict[str, Any]) -> None:
         """Match the missing cells of the chains of one matching round (``res``: its statistics)."""

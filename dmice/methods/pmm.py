@@ -40,15 +40,13 @@ SCARCE_SD = 0.5
 #: the share of a variable's missing cells with far donors (or a prediction outside the
 #: observed range) from which donor scarcity is logged
 SCARCE_SHARE = 0.01
-#: bytes of observed and missing predictions gathered per matching round; more chains are split
-#: over several rounds (a chain costs 16 bytes per observed row and 8 per missing cell, counted
-#: generously: 12 and 8, plus 8 per observed row once).  A million rows' five chains take one
-#: round; each further round costs a round trip per visit (64 MB made two at a million rows)
-MATCH_BYTES = 256 * 2**20
+def chain_groups(m: int, n_obs: int, n_mis: int, limit: int) -> list[list[int]]:
+    """The chains of each matching round: as many per round as fit in ``limit`` bytes (at least one).
 
-
-def chain_groups(m: int, n_obs: int, n_mis: int, limit: int = MATCH_BYTES) -> list[list[int]]:
-    """The chains of each matching round: as many per round as fit in ``limit`` bytes (at least one)."""
+    A chain costs 16 bytes per observed row and 8 per missing cell (counted generously: 12 and
+    8, plus 8 per observed row once).  The limit is dask config ``dmice.pmm.match-bytes``
+    (256 MiB): a million rows' five chains take one round; each further round costs a round
+    trip per visit (64 MB made two at a million rows)."""
     per = max(1, int(limit // max(16 * n_obs + 8 * n_mis, 1)))
     return [list(range(a, min(a + per, m))) for a in range(0, m, per)]
 
