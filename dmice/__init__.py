@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dmice import config  # registers the dmice.* defaults in dask's configuration
 from dmice.analysis import AnalysisResult, ModelComparison, analyze, compare
-from dmice.api import impute, open
+from dmice.api import impute, open, quickpred
 from dmice.errors import DmiceError, InputError, OutputError
 from dmice.plots import md_pattern, plot_pattern
 from dmice.pooling import (
@@ -23,7 +23,6 @@ from dmice.pooling import (
     wald_d1,
 )
 from dmice.post import round_to, squeeze
-from dmice.predictors import quickpred
 from dmice.result import MultipleImputation
 
 __version__ = "0.1.0"

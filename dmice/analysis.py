@@ -2006,10 +2006,11 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     link = _check_family(family, link)
     if cov_type not in COV_TYPES:
         raise InputError(f"cov_type must be one of {list(COV_TYPES)}, got {cov_type!r}")
-    if isinstance(data, str):
-        from dmice.api import open as _open
+    if isinstance(data, str):  # a written output, opened as dmice.open does
+        from dmice import store
+        from dmice.result import from_manifest
 
-        data = _open(data)
+        data = from_manifest(data, store.read_manifest(data, None), None)
     frames = _as_frames(data)
     files = _stored_files(data)
     spec, terms, design = _build_spec(formula, frames, weights, offset, client)

@@ -10,6 +10,7 @@ import numbers
 import posixpath
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dmice import block as _block
+from dmice import config as _settings
 from dmice import disclosure as _disclosure
 from dmice import engine as _engine
 from dmice import formulas as _formulas
@@ -61,9 +63,7 @@ def _as_dask(data: Any) -> Any:
         return data
     if isinstance(data, pd.DataFrame):
         _check_columns(data)
-        from dmice import config
-
-        nparts = max(1, math.ceil(len(data) / config.get("partition-rows")))
+        nparts = max(1, math.ceil(len(data) / _settings.get("partition-rows")))
         import dask
 
         # the columns keep the frame's own dtypes: dask would turn object columns into strings
@@ -410,7 +410,9 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
                                     substantive_family, events)
         plan = _block.Plan(variables=tuple(variables), n_cols=n_cols, m=m, seed=seed,
                            pool_rate=pool_rate, passive=passive_idx, formulas=fitted, substantive=sub,
-                           post=post_funcs, by=by_j)
+                           post=post_funcs, by=by_j,
+                           design_cache=(_settings.get("design-cache.observed"),
+                                         _settings.get("design-cache.missing")))
         blocks = _engine.encode(client, parts, plan)
         pools = _engine.gather_pools(client, blocks, plan)
         blocks = _engine.init_fill(client, blocks, plan, pools)
@@ -477,7 +479,7 @@ def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[s
               "chain0": plan.chain0, "labels": setup["labels"], "separation": params["separation"],
               "shrinkage": params["shrinkage"], "min_level_count": params["min_level_count"],
               # pmm matches on all observed rows unless a donor sample size is given
-              "exact": params.get("donor_pool") is None}
+              "exact": params.get("donor_pool") is None, "match_bytes": _settings.get("pmm.match-bytes")}
     for j, v in enumerate(variables):
         if not v.imputed or v.method == "passive":
             continue
@@ -989,9 +991,7 @@ def resident_bytes(schema: Schema, m: int, n_cols: int,
     ``missing``: per partition, column -> missing cells (default: spread evenly over the
     partitions).
     """
-    from dmice.block import design_cache_bytes
-
-    cache_obs, cache_mis = design_cache_bytes("obs"), design_cache_bytes("mis")
+    cache_obs, cache_mis = _settings.get("design-cache.observed"), _settings.get("design-cache.missing")
     rows = schema.partition_rows or [schema.n_rows]
     imputed = [v for v in schema.variables if v.imputed]
     per_part, peak = [], []
@@ -1040,9 +1040,7 @@ def _check_memory(client: Any, schema: Schema, m: int, n_cols: int,
     per_worker = math.ceil(len(peak) / len(limits))
     worst = sum(peak[:per_worker])  # the worker that gets the largest partitions
     limit = min(limits)
-    from dmice import config
-
-    fraction = config.get("memory.fraction")
+    fraction = _settings.get("memory.fraction")
     usable = fraction * limit - WORKER_BASELINE
     if worst > usable or sum(peak) > fraction * sum(limits) - WORKER_BASELINE * len(limits):
         cells = sum(v.n_missing for v in schema.variables if v.imputed)
@@ -1088,3 +1086,76 @@ def open(url: str, *, storage_options: dict[str, Any] | None = None) -> Multiple
     return from_manifest(url, manifest, storage_options)
 
 
+def quickpred(data: Any, *, mincor: float = 0.1, minpuc: float = 0.0, include: Iterable[str] | str = (),
+              exclude: Iterable[str] | str = (), method: str = "pearson", client: Any = None) -> pd.DataFrame:
+    """Predictor matrix selecting, for every incomplete variable, the predictors worth using.
+
+    Follows mice's ``quickpred``: variable k predicts incomplete variable j when the
+    larger of ``|cor(x_j, x_k)|`` (over rows where both are observed) and
+    ``|cor(r_j, x_k)|`` (``r_j`` the indicator that ``x_j`` is observed, over rows
+    where ``x_k`` is observed) exceeds ``mincor``, and the proportion of usable cases
+    (rows with ``x_j`` missing in which ``x_k`` is observed) is at least ``minpuc``.
+    Columns in ``exclude`` are then removed and columns in ``include`` added for every
+    row; complete variables get an empty row.
+
+    Parameters
+    ----------
+    data : dask.dataframe.DataFrame or pandas.DataFrame
+        The incomplete data.
+    mincor : float, default 0.1
+        Minimum absolute correlation.
+    minpuc : float, default 0
+        Minimum proportion of usable cases.
+    include, exclude : list of str, optional
+        Columns always / never used as predictors (``include`` wins).
+    method : {"pearson"}
+        Correlation type; only Pearson correlations are computed from distributed sums.
+    client : distributed.Client, optional
+        Client to run on (default: the active client, else a temporary LocalCluster).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Square 0/1 matrix indexed and columned by the column names, to pass as
+        ``predictors=`` to :func:`dmice.impute`.
+
+    Notes
+    -----
+    The statistics are sums over the partitions of pairwise products, in one pass
+    after the schema pass.  Categorical columns enter as their level codes, like R's
+    ``data.matrix``; levels of a categorical dtype that are never observed are not
+    counted, which can change the codes (and the correlations) of such a column.
+    Columns of unsupported types get empty rows and columns.
+
+    Examples
+    --------
+    >>> pm = dmice.quickpred(ddf, mincor=0.2, include=["age"])   # doctest: +SKIP
+    >>> imp = dmice.impute(ddf, predictors=pm)                    # doctest: +SKIP
+    """
+    from dmice import predictors as _p
+
+    if method != "pearson":
+        raise InputError(f"method must be 'pearson' (rank correlations cannot be reduced from sums), "
+                         f"got {method!r}")
+    for name, val in (("mincor", mincor), ("minpuc", minpuc)):
+        if isinstance(val, bool) or not isinstance(val, numbers.Real) or not 0 <= val <= 1:
+            raise InputError(f"{name} must be a number between 0 and 1, got {val!r}")
+    ddf = _as_dask(data)
+    names = [str(c) for c in ddf.columns]
+    include = _p._name_list(include, "include", names)
+    exclude = _p._name_list(exclude, "exclude", names)
+    cluster = None
+    if client is None:
+        client, cluster = _engine.get_client()
+    try:
+        parts = ddf.to_delayed()
+        variables = combine_summaries(_engine.summarize(client, parts), ddf.dtypes)
+        pieces = _engine.map_partitions(client, parts, _p.quickpred_partition, variables)
+    finally:
+        if cluster is not None:
+            client.close()
+            cluster.close()
+    total = {k: sum(p[k] for p in pieces) for k in pieces[0]}
+    usable = np.array([v.kind != _p.UNSUPPORTED for v in variables])
+    return _p.quickpred_matrix(total, names, mincor=float(mincor), minpuc=float(minpuc), include=include,
+                            exclude=exclude, usable=usable)

@@ -46,6 +46,11 @@ class Plan:
     substantive: Any = None
     post: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # variable -> post-processing functions
     by: int | None = None  # complete grouping variable of stratified imputation (its level codes)
+    #: largest design kept per partition and variable by :func:`model_designs`: the fitting rows'
+    #: (larger ones are gathered again each round, so big partitions do not hold a copy of their
+    #: design) and the missing rows' (one product per visit against one or more Newton rounds:
+    #: kept only while small); dask config ``dmice.design-cache.observed`` and ``.missing``
+    design_cache: tuple[int, int] = (32 * 2**20, 8 * 2**20)
 
 
 #: column added to a partition to mark the rows excluded from model fitting (``ignore=``)
@@ -277,17 +282,6 @@ def chain_designs(block: Block, plan: Plan, rows: np.ndarray, cols: np.ndarray):
         yield X
 
 
-def design_cache_bytes(key: str) -> int:
-    """Largest design kept per partition and variable by :func:`model_designs` (dask config
-    ``dmice.design-cache.observed``, 32 MiB, for the fitting rows' design; larger ones are
-    gathered again each round, so big partitions do not hold a copy of their design; and
-    ``dmice.design-cache.missing``, 8 MiB, for the missing rows', which serves one product per
-    visit against one or more Newton rounds: kept only while small)."""
-    from dmice import config
-
-    return config.get("design-cache.observed" if key == "obs" else "design-cache.missing")
-
-
 def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.ndarray,
                   key: str = "obs", chains: Any = None):
     """:func:`chain_designs` of ``rows`` x ``cols`` for variable ``j``'s model: its statistics
@@ -297,7 +291,7 @@ def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.n
     are yielded.
 
     The part that never changes, the designs' fixed cells (``D0``) and the layout of the
-    imputed cells, is kept in ``block.cache`` when it takes at most :func:`design_cache_bytes`:
+    imputed cells, is kept in ``block.cache`` when it takes at most ``plan.design_cache``:
     one entry per variable and key (its last ``rows`` and ``cols``), so a model whose
     predictors change (screening) replaces its entry instead of adding one.
     """
@@ -310,7 +304,7 @@ def model_designs(block: Block, plan: Plan, j: int, rows: np.ndarray, cols: np.n
         # column-major: each fill writes into one contiguous column, and the kernels'
         # products with X run faster on it
         hit = (rows, cols.copy(), np.asfortranarray(block.D0[rows][:, cols]), {})
-        if hit[2].nbytes <= design_cache_bytes(key):
+        if hit[2].nbytes <= plan.design_cache[0 if key == "obs" else 1]:
             block.cache[ck] = hit
             cached = True
         else:

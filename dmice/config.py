@@ -6,7 +6,9 @@ setting: ``dask.config.set``, a YAML file in dask's configuration directory, or
 ``DASK_DMICE__...`` environment variables.  :func:`get` reads one, checked: a value of the wrong
 kind is an :class:`~dmice.errors.InputError` naming the key and what it takes.
 
-None of these settings changes a result; they size partitions, rounds and caches.
+None of these settings changes a result; they size partitions, rounds and caches.  They are read
+on the client, where a run starts (the face and the runtime), and handed to the models and the
+per-partition code as plain values: those import no dask.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ Only :func:`quickpred` reaches the cluster, through :mod:`dmice.engine`.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -325,80 +324,3 @@ def _name_list(arg: Any, param: str, names: list[str]) -> list[str]:
     if unknown:
         raise InputError(f"{param} names unknown columns {unknown}; columns are {names}")
     return lst
-
-
-def quickpred(data: Any, *, mincor: float = 0.1, minpuc: float = 0.0, include: Iterable[str] | str = (),
-              exclude: Iterable[str] | str = (), method: str = "pearson", client: Any = None) -> pd.DataFrame:
-    """Predictor matrix selecting, for every incomplete variable, the predictors worth using.
-
-    Follows mice's ``quickpred``: variable k predicts incomplete variable j when the
-    larger of ``|cor(x_j, x_k)|`` (over rows where both are observed) and
-    ``|cor(r_j, x_k)|`` (``r_j`` the indicator that ``x_j`` is observed, over rows
-    where ``x_k`` is observed) exceeds ``mincor``, and the proportion of usable cases
-    (rows with ``x_j`` missing in which ``x_k`` is observed) is at least ``minpuc``.
-    Columns in ``exclude`` are then removed and columns in ``include`` added for every
-    row; complete variables get an empty row.
-
-    Parameters
-    ----------
-    data : dask.dataframe.DataFrame or pandas.DataFrame
-        The incomplete data.
-    mincor : float, default 0.1
-        Minimum absolute correlation.
-    minpuc : float, default 0
-        Minimum proportion of usable cases.
-    include, exclude : list of str, optional
-        Columns always / never used as predictors (``include`` wins).
-    method : {"pearson"}
-        Correlation type; only Pearson correlations are computed from distributed sums.
-    client : distributed.Client, optional
-        Client to run on (default: the active client, else a temporary LocalCluster).
-
-    Returns
-    -------
-    pandas.DataFrame
-        Square 0/1 matrix indexed and columned by the column names, to pass as
-        ``predictors=`` to :func:`dmice.impute`.
-
-    Notes
-    -----
-    The statistics are sums over the partitions of pairwise products, in one pass
-    after the schema pass.  Categorical columns enter as their level codes, like R's
-    ``data.matrix``; levels of a categorical dtype that are never observed are not
-    counted, which can change the codes (and the correlations) of such a column.
-    Columns of unsupported types get empty rows and columns.
-
-    Examples
-    --------
-    >>> pm = dmice.quickpred(ddf, mincor=0.2, include=["age"])   # doctest: +SKIP
-    >>> imp = dmice.impute(ddf, predictors=pm)                    # doctest: +SKIP
-    """
-    from dmice import api as _api
-    from dmice import engine as _engine
-    from dmice.schema import combine_summaries
-
-    if method != "pearson":
-        raise InputError(f"method must be 'pearson' (rank correlations cannot be reduced from sums), "
-                         f"got {method!r}")
-    for name, val in (("mincor", mincor), ("minpuc", minpuc)):
-        if isinstance(val, bool) or not isinstance(val, numbers.Real) or not 0 <= val <= 1:
-            raise InputError(f"{name} must be a number between 0 and 1, got {val!r}")
-    ddf = _api._as_dask(data)
-    names = [str(c) for c in ddf.columns]
-    include = _name_list(include, "include", names)
-    exclude = _name_list(exclude, "exclude", names)
-    cluster = None
-    if client is None:
-        client, cluster = _engine.get_client()
-    try:
-        parts = ddf.to_delayed()
-        variables = combine_summaries(_engine.summarize(client, parts), ddf.dtypes)
-        pieces = _engine.map_partitions(client, parts, quickpred_partition, variables)
-    finally:
-        if cluster is not None:
-            client.close()
-            cluster.close()
-    total = {k: sum(p[k] for p in pieces) for k in pieces[0]}
-    usable = np.array([v.kind != UNSUPPORTED for v in variables])
-    return quickpred_matrix(total, names, mincor=float(mincor), minpuc=float(minpuc), include=include,
-                            exclude=exclude, usable=usable)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import dask
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 from conftest import chain_design_stack, encoded_blocks, mixed_frame
@@ -137,8 +138,8 @@ def test_model_designs_of_some_chains_and_of_the_missing_rows(monkeypatch):
         for c, X in zip([2, 0], got):
             np.testing.assert_array_equal(X, _reference_design(plan, blk, rows, cols, c))
     assert ("mdesign", j, "obs") in blk.cache and ("mdesign", j, "mis") in blk.cache
-    monkeypatch.setitem(dask.config.config["dmice"]["design-cache"], "missing", 1000)
     _, plan, blk = _block()
+    plan = replace(plan, design_cache=(plan.design_cache[0], 1000))
     rows = blk.mis[j]
     for _ in range(2):  # built again each time, the same designs
         got = [X.copy() for X in B.model_designs(blk, plan, j, rows, cols, "mis")]
@@ -178,14 +179,14 @@ def test_model_designs_beyond_the_cache_limit_are_built_each_time(monkeypatch):
         for c in range(plan.m):
             np.testing.assert_array_equal(got[c], _reference_design(plan, blk, rows, cols, c))
 
-    monkeypatch.setitem(dask.config.config["dmice"]["design-cache"], "observed", 1000)
+    plan = replace(plan, design_cache=(1000, plan.design_cache[1]))
     check(cols)
     check(cols)
     assert ("mdesign", j, "obs") not in blk.cache
-    monkeypatch.setitem(dask.config.config["dmice"]["design-cache"], "observed", 1 << 30)
+    plan = replace(plan, design_cache=(1 << 30, plan.design_cache[1]))
     check(cols)
     assert ("mdesign", j, "obs") in blk.cache
-    monkeypatch.setitem(dask.config.config["dmice"]["design-cache"], "observed", 1000)
+    plan = replace(plan, design_cache=(1000, plan.design_cache[1]))
     check(cols[cols != cat.cols[0]])
     assert ("mdesign", j, "obs") not in blk.cache
 

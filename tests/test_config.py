@@ -103,15 +103,21 @@ def test_memory_fraction_is_named_when_a_run_does_not_fit(cluster_client):
                          progress=False)
 
 
-def test_the_workers_read_their_own_design_cache_settings(cluster_client):
-    """The design caches are kept on the workers: each reads its own dask configuration (an
-    embedded cluster's workers inherit the client's), with dmice's defaults registered there."""
-    def read():
-        from dmice import config
-
-        return config.get("design-cache.observed"), config.get("design-cache.missing")
-
-    assert set(cluster_client.run(read).values()) == {(32 * 2**20, 8 * 2**20)}
+def test_the_design_caches_set_where_impute_is_called_reach_the_workers(cluster_client):
+    """The workers keep the designs of the fitting rows between visits unless the client's
+    settings say they may not; the imputations are the same either way."""
+    df = mixed_frame(3000, seed=6)
+    got = {}
+    for size in ("32 MiB", 0):
+        with dask.config.set({"dmice.design-cache.observed": size, "dmice.design-cache.missing": size}):
+            imp = dmice.impute(df, m=2, max_iter=2, seed=3, client=cluster_client, progress=False)
+        kept = cluster_client.submit(lambda b: sorted(str(k[2]) for k in b.cache if k[0] == "mdesign"),
+                                     imp._engine.blocks[0]).result()
+        got[size] = (kept, [imp.complete(k).compute() for k in (1, 2)])
+        imp.close()
+    assert got["32 MiB"][0] and got[0][0] == []
+    for a, b in zip(got["32 MiB"][1], got[0][1]):
+        assert a.equals(b)
 
 
 def test_lock_ttl_from_dask_config_and_the_environment(monkeypatch):

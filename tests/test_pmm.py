@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -99,7 +98,7 @@ def test_pmm_default_matches_on_all_observed_rows(cluster_client):
     assert abs(got.mean() - ref.mean()) < 4 * se + 0.01, (got.mean(), ref.mean(), se)
 
 
-def _exact_visit(df, parts, m=3, seed=5):
+def _exact_visit(df, parts, m=3, seed=5, match_bytes=256 * 2**20):
     """One exact pmm visit of ``y`` on in-memory blocks, as the engine runs it: statistics, fit,
     draws, matching rounds, imputation.  Returns ``(model, plan, blocks, order, new_blocks)``."""
     from conftest import encoded_blocks
@@ -111,7 +110,8 @@ def _exact_visit(df, parts, m=3, seed=5):
     j = [v.name for v in variables].index("y")
     own = set(range(*variables[j].cols))
     xcols = np.array([c for c in range(plan.n_cols) if c not in own])
-    model = TargetModel(j, variables[j], xcols, m=m, seed=plan.seed, sample_pool=pools[j], exact=True)
+    model = TargetModel(j, variables[j], xcols, m=m, seed=plan.seed, sample_pool=pools[j], exact=True,
+                        match_bytes=match_bytes)
     req = model.request()
     assert "pool" not in req
     assert model.update(B.combine([B.get_out(B.visit(b, plan, None, req)) for b in blocks]), 1, [])
@@ -135,8 +135,7 @@ def test_exact_matching_takes_one_of_the_five_nearest_of_all_observed_rows(parts
 
     df = mixed_frame(3000, seed=2)
     df.loc[np.random.default_rng(9).random(len(df)) < 0.3, "y"] = np.nan
-    monkeypatch.setitem(dask.config.config["dmice"]["pmm"], "match-bytes", 1)  # one chain per matching round
-    model, plan, blocks, order, new, j = _exact_visit(df, parts)
+    model, plan, blocks, order, new, j = _exact_visit(df, parts, match_bytes=1)  # a chain per round
     cols = model.xcols
     for c in range(plan.m):
         Xo = np.concatenate([chain_design_stack(b, plan, b.obs[j], cols)[c] for b in blocks])

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from dmice import config as _config
 from dmice import rng as _rng
 from dmice.errors import InputError
 from dmice.methods import linear, newton
@@ -71,7 +70,8 @@ class TargetModel:
                  max_newton: int = 25, sample_pool: np.ndarray | None = None, chain0: int = 0,
                  labels: list[str] | None = None, screen: bool = True, stream: tuple[int, ...] = (),
                  separation: str = "firth", shrinkage: str | float | None = "auto",
-                 min_level_count: int = MIN_LEVEL_COUNT, exact: bool = False):
+                 min_level_count: int = MIN_LEVEL_COUNT, exact: bool = False,
+                 match_bytes: int = 256 * 2**20):
         self.j = j
         self.var = var
         self.method = var.method
@@ -79,6 +79,7 @@ class TargetModel:
         self.m = m
         self.seed = seed
         self.donors = donors
+        self.match_bytes = match_bytes  # exact pmm: most bytes gathered per matching round
         self.ridge = ridge
         self.newton_tol = newton_tol
         self.newton_accuracy = newton_accuracy
@@ -548,12 +549,12 @@ class TargetModel:
     def match_phases(self, order: dict[str, Any]) -> list[dict[str, Any]]:
         """The matching rounds of an exact pmm ``order``: the workers return the chains'
         predictions (:func:`dmice.block.pmm_candidates`), a few chains per round so that what
-        the client gathers stays within dask config ``dmice.pmm.match-bytes``."""
+        the client gathers stays within ``match_bytes`` (dask config ``dmice.pmm.match-bytes``)."""
         n_obs = int(self._fits[0].n) if self._fits else self.var.n_observed
         self._matched, self._scarce = {}, []
         return [{"var": self.j, "phase": "pmm-match", "xcols": order["xcols"], "chains": ch,
                  "coef": order["coef"][ch], "beta": order["beta"][ch], "iteration": order["iteration"]}
-                for ch in _pmm.chain_groups(self.m, n_obs, self.var.n_missing, _config.get("pmm.match-bytes"))]
+                for ch in _pmm.chain_groups(self.m, n_obs, self.var.n_missing, self.match_bytes)]
 
     def take_match(self, phase: dict[str, Any], res: dict[str, Any]) -> None:
         """Match the missing cells of the chains of one matching round (``res``: its statistics)."""
