@@ -541,6 +541,16 @@ def pmm_candidates(block: Block, plan: Plan, order: dict[str, Any]) -> dict[str,
     for i, c in enumerate(chains):
         yo[i], oy[i] = _argsort(yo[i])  # ties: any of them is drawn on the client (dmice.methods.pmm)
         q[i], block.cache[("pmm-order", j, c)] = _argsort(q[i])
+    if order.get("on_workers"):  # matched among the workers: kept here, the client gets quantiles
+        from dmice.methods import pmm as _pmm
+
+        # each cell's uniforms, as the client would draw them (dmice.methods.pmm.uniforms)
+        it = int(order["iteration"])
+        u = [_pmm.uniforms(_rng.generator(plan.seed, _rng.WORKER, plan.chain0 + c, it, j, block.part), len(mis))
+             for c in chains]
+        block.cache[("pmm-cand", j)] = {"chains": chains, "s": yo, "v": y[oy], "q": q, "u": u}
+        return {"pmm_quant": np.stack([_pmm.quantile_sample(yo[i]) for i in range(k)])[None],
+                "pmm_no": np.array([len(obs)]), "pmm_nq": np.array([len(mis)])}
     # the observed values once, whatever the number of chains, and each chain's order of them
     return {"pmm_oyh": yo, "pmm_oo": oy, "pmm_oy": y[None, :], "pmm_q": q,
             "pmm_no": np.array([len(obs)]), "pmm_nq": np.array([len(mis)])}
@@ -711,6 +721,10 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
             out["sum"]["smcfcs_failed"] = np.array(float(failed))
         elif len(rows) and "pmm_values" in order:  # pmm on all observed rows: matched on the client
             got = order["pmm_values"][block.part]  # each chain's in the order of its predictions
+            for c in range(plan.m):
+                vals[c, block.cache.pop(("pmm-order", j, c))] = got[c]
+        elif len(rows) and order.get("pmm_on_workers"):  # matched among the workers, kept here
+            got = block.cache.pop(("pmm-matched", j))
             for c in range(plan.m):
                 vals[c, block.cache.pop(("pmm-order", j, c))] = got[c]
         elif len(rows) and "groups" in order:

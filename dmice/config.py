@@ -28,6 +28,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "partition-rows": ("count", "a whole number of rows >= 1"),
     "memory.fraction": ("fraction", "a number > 0 and <= 1"),
     "pmm.match-bytes": ("bytes", "a size in bytes >= 1, such as '256 MiB'"),
+    "pmm.worker-match-bytes": ("bytes0", "a size in bytes >= 0, such as '32 MiB'"),
     "design-cache.observed": ("bytes0", "a size in bytes >= 0, such as '32 MiB'"),
     "design-cache.missing": ("bytes0", "a size in bytes >= 0, such as '8 MiB'"),
     "analysis.spec-sample-rows": ("count", "a whole number of rows >= 1"),

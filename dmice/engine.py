@@ -195,7 +195,10 @@ class Engine:
                 while not model.update(res, it, events):
                     res = self._round(None, model.request())
             order = model.order(it)
-            if order.get("match"):  # pmm on all observed rows: the donors are found first
+            if order.get("match") and self._match_among_workers(model):  # pmm, large: no gather
+                spec = model.range_spec(self._round(model.range_phase(order), None), len(self._where))
+                order = model.ranged_order(order, self._match_ranges(spec), it, events)
+            elif order.get("match"):  # pmm on all observed rows: the donors are found first
                 for phase in model.match_phases(order):
                     model.take_match(phase, self._round(phase, None))
                 order = model.matched_order(order, it, events)
@@ -216,6 +219,39 @@ class Engine:
                     progress.iteration(it, secs)
                 if after_iteration is not None and after_iteration(it):
                     break
+
+    # -- pmm matched among the workers --------------------------------------------------------
+    def _match_among_workers(self, model: Any) -> bool:
+        """Whether pmm's matching stays on the workers: more than one partition, and more to
+        gather than dask config ``dmice.pmm.worker-match-bytes``."""
+        from dmice import config
+
+        return len(self._where) > 1 and model.worker_match_bytes() > config.get("pmm.worker-match-bytes")
+
+    def _match_ranges(self, spec: dict[str, Any]) -> list[float]:
+        """Match the missing cells of one pmm visit on the workers (see :mod:`dmice.methods.pmm`):
+        each partition splits its kept predictions by range, the worker of partition r matches
+        range r, each partition collects its matched values.  Returns each chain's number of
+        scarce cells.  The payloads travel worker to worker, sealed."""
+        import operator
+
+        submit, where, parts = self.client.submit, self._where, range(len(self._where))
+        ranges = range(spec["n_ranges"])
+        split = [submit(_pmm_split, self._key, p, self._done, spec, workers=[where[p]], pure=False) for p in parts]
+        shares = [[submit(operator.getitem, split[p], r, workers=[where[p]], pure=False) for p in parts]
+                  for r in ranges]
+        matched = [submit(_pmm_match, shares[r], spec, workers=[where[r]], pure=False)
+                   for r in ranges]
+        back = [[submit(operator.getitem, matched[r], p, workers=[where[r]], pure=False) for r in ranges]
+                for p in parts]
+        try:
+            scarce = self.client.gather([submit(_pmm_collect, self._key, p, self._done, spec, back[p],
+                                                workers=[where[p]], pure=False) for p in parts])
+        except OSError as e:
+            if not self._gone():
+                raise
+            raise self._lost(e) from e
+        return [float(sum(s[c] for s in scarce)) for c in range(len(scarce[0]))] if scarce else []
 
     # -- state of the chains -------------------------------------------------------------
     def model_state(self) -> dict[str, Any]:
@@ -328,6 +364,57 @@ def _snapshot(key: str, part: int, done: int) -> _block.Block:
         pass
     raise RuntimeError(f"the imputation chains of partition {part} are not on this worker: the "
                        "worker that held them was lost; run the imputation again")
+
+
+def _resident(key: str, part: int, done: int) -> _block.Block:
+    """In a task: the block of partition ``part`` held by this worker, after round ``done``."""
+    from distributed import get_worker
+
+    entry = _RESIDENT.get((key, get_worker().address))
+    if entry is None or entry["round"] != done or part not in entry["blocks"]:
+        raise RuntimeError(f"the imputation chains of partition {part} are not on this worker at "
+                           f"round {done}")
+    return entry["blocks"][part]
+
+
+def _pmm_split(key: str, part: int, done: int, spec: dict[str, Any]) -> list[Sealed]:
+    """Task: partition ``part``'s share of every range, per chain (:func:`dmice.methods.pmm.range_pieces`)."""
+    from dmice.methods import pmm as _pmm
+
+    cand = _resident(key, part, done).cache[("pmm-cand", spec["var"])]
+    per_chain = [_pmm.range_pieces(cand["s"][i], cand["v"][i], cand["q"][i], cand["u"][i], spec["bounds"][c],
+                                   spec["donors"])
+                 for i, c in enumerate(cand["chains"])]
+    return [Sealed([pc[r] for pc in per_chain]) for r in range(spec["n_ranges"])]
+
+
+def _pmm_match(shares: list[Sealed], spec: dict[str, Any]) -> list[Sealed]:
+    """Task: match one range of every chain; per partition, its cells' values and scarce counts."""
+    from dmice.methods import pmm as _pmm
+
+    parts = [s.value for s in shares]
+    out: list[list[Any]] = [[] for _ in parts]
+    for i in range(len(parts[0]) if parts else 0):
+        for p, got in enumerate(_pmm.match_range([pp[i] for pp in parts], spec["donors"], spec["sigma"][i])):
+            out[p].append(got)
+    return [Sealed(o) for o in out]
+
+
+def _pmm_collect(key: str, part: int, done: int, spec: dict[str, Any], pieces: list[Sealed]) -> list[int]:
+    """Task: partition ``part``'s matched values, in the order of its sorted predictions, kept
+    for the imputation round; returns each chain's scarce cells."""
+    block = _resident(key, part, done)
+    cand = block.cache.pop(("pmm-cand", spec["var"]))
+    k, n_q = cand["q"].shape
+    vals = np.empty((k, n_q))
+    scarce = [0] * k
+    for piece in pieces:
+        for i, (q0, v, n_scarce) in enumerate(piece.value):
+            vals[i, q0:q0 + len(v)] = v
+            scarce[i] += int(n_scarce)
+    if n_q:
+        block.cache[("pmm-matched", spec["var"])] = vals
+    return scarce
 
 
 def _drop(key: str, dask_worker: Any = None) -> None:

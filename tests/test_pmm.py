@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -158,7 +159,7 @@ def test_exact_matching_uses_every_one_of_the_five_and_breaks_ties_at_random():
 
     g = np.random.default_rng(0)
     s = np.sort(g.normal(size=100))
-    pos, _ = P.match(s, np.full(20000, s[50] + 1e-9), 5, g, 1.0)
+    pos, _ = P.match(s, np.full(20000, s[50] + 1e-9), 5, P.uniforms(g, 20000), 1.0)
     counts = np.bincount(pos, minlength=100)
     near = np.argsort(np.abs(s - s[50]))[:5]
     assert set(np.nonzero(counts)[0]) == set(near)
@@ -166,13 +167,13 @@ def test_exact_matching_uses_every_one_of_the_five_and_breaks_ties_at_random():
     # 50 rows share each of two predictions: the 5 nearest to 0.1 are all in the first tie, and
     # each of its 50 rows is drawn with probability 1/50 (binomial bounds, 4 sd)
     s = np.repeat([0.0, 1.0], 50)
-    pos, _ = P.match(s, np.full(50_000, 0.1), 5, g, 1.0)
+    pos, _ = P.match(s, np.full(50_000, 0.1), 5, P.uniforms(g, 50_000), 1.0)
     counts = np.bincount(pos, minlength=100)
     sd = np.sqrt(50_000 * 0.02 * 0.98)
     assert counts[50:].sum() == 0
     assert np.all(np.abs(counts[:50] - 1000) < 4 * sd)
     # a run of 5 that straddles two ties (prediction halfway): every row of both drawn alike
-    pos, _ = P.match(s, np.full(50_000, 0.5), 5, g, 1.0)
+    pos, _ = P.match(s, np.full(50_000, 0.5), 5, P.uniforms(g, 50_000), 1.0)
     counts = np.bincount(pos, minlength=100)
     sd = np.sqrt(50_000 * 0.01 * 0.99)
     assert np.all(np.abs(counts - 500) < 4 * sd)
@@ -193,7 +194,7 @@ def test_exact_matching_does_not_depend_on_the_partitioning_of_the_donors():
         pys = [y[a:b][np.argsort(yh[a:b])] for a, b in zip(cuts, cuts[1:])]
         s, order = P.merge(np.concatenate(parts))
         ys = np.concatenate(pys)[order]
-        lo, _ = P.nearest_runs(s, t, 5, np.random.default_rng(0))
+        lo, _ = P.nearest_runs(s, t, 5, np.random.default_rng(0).random(len(t)))
         runs.append([frozenset(ys[a:a + 5]) for a in lo])
     assert runs[0] == runs[1]
 
@@ -242,3 +243,82 @@ def test_donor_pool_keeps_the_sample_based_matching(cluster_client):
                         client=cluster_client, progress=None).parameters["donor_pool"] is None
     with pytest.raises(dmice.InputError, match="donor_pool"):
         dmice.impute(df, donor_pool=0, client=cluster_client, progress=None)
+
+
+def test_ranges_hold_each_cells_nearest_donors_of_all_partitions():
+    """Matching among the workers: the predictions split into ranges, each partition sending each
+    range its rows in it and the d nearest beyond its ends; every cell gets exactly the value the
+    client's matching over all observed rows gives it with the same uniforms, one of the 5
+    nearest (brute force), ties, midpoints and empty partitions included."""
+    from dmice.methods import pmm as P
+
+    g = np.random.default_rng(11)
+    for trial in range(30):
+        n_parts = int(g.integers(2, 6))
+        parts = []
+        for _ in range(n_parts):
+            n_obs = int(g.integers(0, 400)) if trial % 5 else 0 if not parts else 300
+            yh = np.round(g.normal(size=n_obs), 1 if trial % 3 == 0 else 6)  # ties in a third
+            y = g.normal(size=n_obs)
+            srt = np.argsort(yh, kind="stable")
+            q = np.sort(g.normal(size=int(g.integers(0, 200))) * 1.5)
+            if trial % 3 == 0:
+                q = np.round(q, 1)  # cells at the observed values and at midpoints
+            parts.append((yh[srt], y[srt], q))
+        if sum(len(p[0]) for p in parts) < 5:
+            continue
+        counts = np.array([len(p[0]) for p in parts])
+        samples = np.stack([P.quantile_sample(p[0]) for p in parts])
+        bounds = P.range_bounds(samples, counts, n_parts)
+        assert np.all(np.diff(bounds) >= 0)
+        us = [P.uniforms(np.random.default_rng([trial, p]), len(q)) for p, (_, _, q) in enumerate(parts)]
+        pieces = [P.range_pieces(s, v, q, u, bounds, 5) for (s, v, q), u in zip(parts, us)]
+        all_s = np.concatenate([p[0] for p in parts])
+        all_v = np.concatenate([p[1] for p in parts])
+        got = [np.full(len(q), np.nan) for _, _, q in parts]
+        for r in range(n_parts):
+            for p, (q0, vals, _) in enumerate(P.match_range([pc[r] for pc in pieces], 5, 1.0)):
+                got[p][q0:q0 + len(vals)] = vals
+        # the client's matching: all observed rows merged, the same uniforms
+        s, order = P.merge(all_s)
+        for (_, _, q), u, vals in zip(parts, us, got):
+            assert not np.isnan(vals).any()
+            pos, _ = P.match(s, q, 5, u, 1.0)
+            np.testing.assert_array_equal(vals, all_v[order[pos]])
+            for t, v in zip(q, vals):
+                dist = np.abs(all_s - t)
+                assert dist[all_v == v].min() <= np.partition(dist, 4)[4] + 1e-12
+
+
+def test_matching_among_the_workers_fills_every_cell_the_same_for_any_number_of_workers(cluster_client):
+    """Above dmice.pmm.worker-match-bytes the workers match among themselves: the imputations are
+    those of the client's matching, on two workers and on one (the ranges follow the partitions,
+    not the workers), and donor scarcity is still logged."""
+    from distributed import Client, LocalCluster
+
+    df = _scenario(6000, 3)
+    ddf = dd.from_pandas(df, npartitions=3)
+    observed = set(df["y"].dropna())
+    runs = []
+    imp = dmice.impute(ddf, m=2, max_iter=2, seed=7, client=cluster_client, progress=False)  # the client's
+    runs.append([imp.complete(k).compute()["y"].to_numpy() for k in (1, 2)])
+    gathered = imp._engine.bytes_gathered
+    imp.close()
+    with dask.config.set({"dmice.pmm.worker-match-bytes": 0}):
+        imp = dmice.impute(ddf, m=2, max_iter=2, seed=7, client=cluster_client, progress=False)
+        # the predictions stayed on the workers: 4,000 observed rows' 2 chains, 2 visits, not gathered
+        assert gathered - imp._engine.bytes_gathered > 2 * (2 * 12 + 8) * 3000
+        runs.append([imp.complete(k).compute()["y"].to_numpy() for k in (1, 2)])
+        ev = imp.logged_events
+        imp.close()
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
+                Client(cl) as one:
+            imp = dmice.impute(ddf, m=2, max_iter=2, seed=7, client=one, progress=False)
+            runs.append([imp.complete(k).compute()["y"].to_numpy() for k in (1, 2)])
+            imp.close()
+    for y in runs[0]:
+        assert not np.isnan(y).any() and set(y) <= observed
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
+    assert ev["event"].str.startswith("donor scarcity").any()

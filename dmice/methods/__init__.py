@@ -575,8 +575,8 @@ class TargetModel:
             vals, scarce = [], 0
             for p in range(len(nq)):
                 g = _rng.generator(self.seed, _rng.WORKER, *key, p)
-                pos, k = _pmm.match(s, cat["pmm_q"][i, qstart[p]:qstart[p + 1]], self.donors, g, sigma,
-                                    ties)
+                t = cat["pmm_q"][i, qstart[p]:qstart[p + 1]]
+                pos, k = _pmm.match(s, t, self.donors, _pmm.uniforms(g, len(t)), sigma, ties)
                 rows = order[pos]  # in the partitions' runs, then in each partition's values
                 vals.append(yall[cat["pmm_oo"][i][rows] + ostart[rows]])
                 scarce += k
@@ -597,6 +597,40 @@ class TargetModel:
             self._matched[c] = vals
             self._scarce.append(scarce)
 
+    def worker_match_bytes(self) -> int:
+        """What matching on the client would gather per visit (all chains)."""
+        n_obs = int(self._fits[0].n) if self._fits else self.var.n_observed
+        return (12 * self.m + 8) * n_obs + 8 * self.m * self.var.n_missing
+
+    def range_phase(self, order: dict[str, Any]) -> dict[str, Any]:
+        """The round before matching among the workers: every chain's predictions computed and
+        kept on the workers, which return quantiles of the observed ones."""
+        self._scarce = []
+        return {"var": self.j, "phase": "pmm-match", "on_workers": True, "xcols": order["xcols"],
+                "chains": list(range(self.m)), "coef": order["coef"], "beta": order["beta"],
+                "iteration": order["iteration"]}
+
+    def range_spec(self, res: dict[str, Any], n_parts: int) -> dict[str, Any]:
+        """What the workers match with (:func:`dmice.methods.pmm.match_range`): per chain, the
+        boundaries of the ranges (one per partition, at most ``pmm.MAX_RANGES``) and the residual
+        sd, and the keys of the random streams."""
+        cat = res["cat"]
+        n_ranges = max(1, min(n_parts, _pmm.MAX_RANGES))
+        counts = cat["pmm_no"].astype(np.float64)
+        bounds = np.stack([_pmm.range_bounds(cat["pmm_quant"][:, c], counts, n_ranges) for c in range(self.m)])
+        sigmas = [float(np.sqrt(f.rss / f.df)) for f in self._fits]
+        return {"var": self.j, "bounds": bounds, "sigma": sigmas, "donors": self.donors, "seed": self.seed,
+                "chain0": self.chain0, "n_ranges": n_ranges}
+
+    def ranged_order(self, order: dict[str, Any], scarce: list[float], iteration: int,
+                     events: list[dict[str, Any]]) -> dict[str, Any]:
+        """``order`` for the imputation round after matching among the workers (the values wait
+        on the workers), and donor scarcity logged the first time it is seen."""
+        o = {k: v for k, v in order.items() if k not in ("match", "coef")}
+        o["pmm_on_workers"] = True
+        self._log_scarcity(self.var.n_missing, float(np.mean(scarce)) if scarce else 0.0, iteration, events)
+        return o
+
     def matched_order(self, order: dict[str, Any], iteration: int, events: list[dict[str, Any]]
                       ) -> dict[str, Any]:
         """``order`` with the matched donor values of every partition's missing cells (``(m, cells)``
@@ -606,7 +640,11 @@ class TargetModel:
         o = {k: v for k, v in order.items() if k not in ("match", "coef")}
         o["pmm_values"] = values
         n_mis = sum(v.shape[1] for v in values.values())
-        scarce = float(np.mean(self._scarce)) if self._scarce else 0.0
+        self._log_scarcity(n_mis, float(np.mean(self._scarce)) if self._scarce else 0.0, iteration, events)
+        self._matched, self._scarce = {}, []
+        return o
+
+    def _log_scarcity(self, n_mis: int, scarce: float, iteration: int, events: list[dict[str, Any]]) -> None:
         if n_mis and scarce / n_mis >= _pmm.SCARCE_SHARE and not self.scarcity_logged:
             self.scarcity_logged = True
             events.append({"iteration": iteration, "variable": self.var.name,
@@ -617,8 +655,6 @@ class TargetModel:
                                     "sd away); pmm is biased there when a variable drives the "
                                     "missingness strongly (von Hippel 2025): consider method 'norm' "
                                     "for this column"})
-        self._matched, self._scarce = {}, []
-        return o
 
     # -- drawing -----------------------------------------------------------------------
     def order(self, iteration: int) -> dict[str, Any]:
