@@ -491,7 +491,8 @@ def pmm_candidates(block: Block, plan: Plan, order: dict[str, Any]) -> dict[str,
     """Matching round of pmm on all observed rows (see :mod:`dmice.methods.pmm`), for the chains
     ``order['chains']``: the predictions of the fitting rows from ``order['coef']`` (beta_hat),
     sorted per chain (``pmm_oyh``: chains x rows) with the order of the observed values in them
-    (``pmm_oo``, int32, chains x rows) and those values once (``pmm_oy``: 1 x rows), the
+    (``pmm_oo``, chains x rows, uint16 up to 65,536 rows, else int32) and those values once
+    (``pmm_oy``: 1 x rows; left out when ``order['values']`` is False: the client has them), the
     predictions of the missing rows from ``order['beta']`` (beta*), sorted too (``pmm_q``), and
     the numbers of each (``pmm_no``, ``pmm_nq``).  The order of each chain's missing rows is kept
     in ``block.cache`` for the imputation round, whose matched values come in that order."""
@@ -537,7 +538,7 @@ def pmm_candidates(block: Block, plan: Plan, order: dict[str, Any]) -> dict[str,
                     add += Vc[:, cells, w] * B[w][:, None]
                 out[:, sel] += add
     y = block.values[j][obs]
-    oy = np.empty(yo.shape, dtype=np.int32)
+    oy = np.empty(yo.shape, dtype=np.uint16 if len(obs) <= 1 << 16 else np.int32)
     for i, c in enumerate(chains):
         yo[i], oy[i] = _argsort(yo[i])  # ties: any of them is drawn on the client (dmice.methods.pmm)
         q[i], block.cache[("pmm-order", j, c)] = _argsort(q[i])
@@ -551,9 +552,13 @@ def pmm_candidates(block: Block, plan: Plan, order: dict[str, Any]) -> dict[str,
         block.cache[("pmm-cand", j)] = {"chains": chains, "s": yo, "v": y[oy], "q": q, "u": u}
         return {"pmm_quant": np.stack([_pmm.quantile_sample(yo[i]) for i in range(k)])[None],
                 "pmm_no": np.array([len(obs)]), "pmm_nq": np.array([len(mis)])}
-    # the observed values once, whatever the number of chains, and each chain's order of them
-    return {"pmm_oyh": yo, "pmm_oo": oy, "pmm_oy": y[None, :], "pmm_q": q,
-            "pmm_no": np.array([len(obs)]), "pmm_nq": np.array([len(mis)])}
+    # the observed values once, whatever the number of chains (and only the first time: they
+    # never change), and each chain's order of them
+    out = {"pmm_oyh": yo, "pmm_oo": oy, "pmm_q": q, "pmm_no": np.array([len(obs)]),
+           "pmm_nq": np.array([len(mis)])}
+    if order.get("values", True):
+        out["pmm_oy"] = y[None, :]
+    return out
 
 
 def _argsort(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -80,6 +80,7 @@ class TargetModel:
         self.seed = seed
         self.donors = donors
         self.match_bytes = match_bytes  # exact pmm: most bytes gathered per matching round
+        self._obs_values: np.ndarray | None = None  # exact pmm: the observed values, once gathered
         self.ridge = ridge
         self.newton_tol = newton_tol
         self.newton_accuracy = newton_accuracy
@@ -553,7 +554,8 @@ class TargetModel:
         n_obs = int(self._fits[0].n) if self._fits else self.var.n_observed
         self._matched, self._scarce = {}, []
         return [{"var": self.j, "phase": "pmm-match", "xcols": order["xcols"], "chains": ch,
-                 "coef": order["coef"][ch], "beta": order["beta"][ch], "iteration": order["iteration"]}
+                 "coef": order["coef"][ch], "beta": order["beta"][ch], "iteration": order["iteration"],
+                 "values": self._obs_values is None}
                 for ch in _pmm.chain_groups(self.m, n_obs, self.var.n_missing, self.match_bytes)]
 
     def take_match(self, phase: dict[str, Any], res: dict[str, Any]) -> None:
@@ -564,7 +566,9 @@ class TargetModel:
         qstart = np.concatenate([[0], np.cumsum(nq)])
         # each chain's order of the observed values is local to its partition
         ostart = np.repeat(np.concatenate([[0], np.cumsum(no)[:-1]]), no)
-        yall = cat["pmm_oy"][0]
+        if "pmm_oy" in cat:  # the observed values, in partition order: they never change
+            self._obs_values = cat["pmm_oy"][0]
+        yall = self._obs_values
 
         def one(i: int, c: int) -> tuple[list[np.ndarray], int]:
             key = (self.chain0 + c, it, self.j)
