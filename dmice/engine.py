@@ -237,15 +237,16 @@ class Engine:
 
         submit, where, parts = self.client.submit, self._where, range(len(self._where))
         ranges = range(spec["n_ranges"])
-        split = [submit(_pmm_split, self._key, p, self._done, spec, workers=[where[p]], pure=False) for p in parts]
+        sealed = Sealed(spec)  # its boundaries are quantiles of predictions
+        split = [submit(_pmm_split, self._key, p, self._done, sealed, workers=[where[p]], pure=False) for p in parts]
         shares = [[submit(operator.getitem, split[p], r, workers=[where[p]], pure=False) for p in parts]
                   for r in ranges]
-        matched = [submit(_pmm_match, shares[r], spec, workers=[where[r]], pure=False)
+        matched = [submit(_pmm_match, shares[r], sealed, workers=[where[r]], pure=False)
                    for r in ranges]
         back = [[submit(operator.getitem, matched[r], p, workers=[where[r]], pure=False) for r in ranges]
                 for p in parts]
         try:
-            scarce = self.client.gather([submit(_pmm_collect, self._key, p, self._done, spec, back[p],
+            scarce = self.client.gather([submit(_pmm_collect, self._key, p, self._done, sealed, back[p],
                                                 workers=[where[p]], pure=False) for p in parts])
         except OSError as e:
             if not self._gone():
@@ -377,10 +378,11 @@ def _resident(key: str, part: int, done: int) -> _block.Block:
     return entry["blocks"][part]
 
 
-def _pmm_split(key: str, part: int, done: int, spec: dict[str, Any]) -> list[Sealed]:
+def _pmm_split(key: str, part: int, done: int, sealed: Sealed) -> list[Sealed]:
     """Task: partition ``part``'s share of every range, per chain (:func:`dmice.methods.pmm.range_pieces`)."""
     from dmice.methods import pmm as _pmm
 
+    spec = sealed.value
     cand = _resident(key, part, done).cache[("pmm-cand", spec["var"])]
     per_chain = [_pmm.range_pieces(cand["s"][i], cand["v"][i], cand["q"][i], cand["u"][i], spec["bounds"][c],
                                    spec["donors"])
@@ -388,10 +390,11 @@ def _pmm_split(key: str, part: int, done: int, spec: dict[str, Any]) -> list[Sea
     return [Sealed([pc[r] for pc in per_chain]) for r in range(spec["n_ranges"])]
 
 
-def _pmm_match(shares: list[Sealed], spec: dict[str, Any]) -> list[Sealed]:
+def _pmm_match(shares: list[Sealed], sealed: Sealed) -> list[Sealed]:
     """Task: match one range of every chain; per partition, its cells' values and scarce counts."""
     from dmice.methods import pmm as _pmm
 
+    spec = sealed.value
     parts = [s.value for s in shares]
     out: list[list[Any]] = [[] for _ in parts]
     for i in range(len(parts[0]) if parts else 0):
@@ -400,9 +403,10 @@ def _pmm_match(shares: list[Sealed], spec: dict[str, Any]) -> list[Sealed]:
     return [Sealed(o) for o in out]
 
 
-def _pmm_collect(key: str, part: int, done: int, spec: dict[str, Any], pieces: list[Sealed]) -> list[int]:
+def _pmm_collect(key: str, part: int, done: int, sealed: Sealed, pieces: list[Sealed]) -> list[int]:
     """Task: partition ``part``'s matched values, in the order of its sorted predictions, kept
     for the imputation round; returns each chain's scarce cells."""
+    spec = sealed.value
     block = _resident(key, part, done)
     cand = block.cache.pop(("pmm-cand", spec["var"]))
     k, n_q = cand["q"].shape
