@@ -617,14 +617,13 @@ class TargetModel:
     def range_spec(self, res: dict[str, Any], n_parts: int) -> dict[str, Any]:
         """What the workers match with (:func:`dmice.methods.pmm.match_range`): per chain, the
         boundaries of the ranges (one per partition, at most ``pmm.MAX_RANGES``) and the residual
-        sd, and the keys of the random streams."""
+        sd.  (The cells' uniforms were drawn where the cells live, by the round before.)"""
         cat = res["cat"]
         n_ranges = max(1, min(n_parts, _pmm.MAX_RANGES))
         counts = cat["pmm_no"].astype(np.float64)
         bounds = np.stack([_pmm.range_bounds(cat["pmm_quant"][:, c], counts, n_ranges) for c in range(self.m)])
         sigmas = [float(np.sqrt(f.rss / f.df)) for f in self._fits]
-        return {"var": self.j, "bounds": bounds, "sigma": sigmas, "donors": self.donors, "seed": self.seed,
-                "chain0": self.chain0, "n_ranges": n_ranges}
+        return {"var": self.j, "bounds": bounds, "sigma": sigmas, "donors": self.donors, "n_ranges": n_ranges}
 
     def ranged_order(self, order: dict[str, Any], scarce: list[float], iteration: int,
                      events: list[dict[str, Any]]) -> dict[str, Any]:
