@@ -510,9 +510,7 @@ def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[s
         vb = variables[plan.by]
         models[j] = StratifiedModel(
             {g: TargetModel(j, replace(v, name=f"{v.name} [{vb.name} level {g + 1}]"), xcols,
-                            sample_pool=pools[j], stream=(g + 1,),
-                            # within groups pmm still matches against a sample of the observed rows
-                            **{**common, "exact": False})
+                            sample_pool=pools[j], stream=(g + 1,), **common)
              for g in range(vb.n_levels)}, vb.name, list(vb.levels))
     return models
 

@@ -711,6 +711,12 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
     """Impute ``order['var']`` in all chains, then compute the statistics of ``request`` (or of
     each request of a list)."""
     if order is not None and order.get("phase") == "pmm-match":  # no imputation in this round
+        if "groups" in order:  # by=: each group matches among its own rows
+            cat = {}
+            for g, ph in order["groups"].items():
+                got = pmm_candidates(group_view(block, ph["var"], g), plan, ph)
+                cat.update({f"g{g}/{k}": a for k, a in got.items()})
+            return replace(block, out={"sum": {}, "cat": cat})
         return replace(block, out={"sum": {}, "cat": pmm_candidates(block, plan, order)})
     new = replace(block, imp=dict(block.imp), out=None)
     out: dict[str, Any] = {"sum": {}, "cat": {}}
@@ -779,6 +785,13 @@ def group_block(block: Block, j: int, g: int) -> Block:
     return replace(block, obs={**block.obs, j: obs_g}, pool={**block.pool, j: pool_g}, cache=sub)
 
 
+def group_view(block: Block, j: int, g: int) -> Block:
+    """:func:`group_block` with variable ``j``'s missing rows also those of group ``g`` only (pmm's
+    matching within groups; the group's own cache keeps its sorted order for the imputation)."""
+    gb = group_block(block, j, g)
+    return replace(gb, mis={**gb.mis, j: block.mis[j][block.group[block.mis[j]] == g]})
+
+
 def _stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, Any]:
     """:func:`model_stats`, or for a stratified request the statistics of every group (keys ``g<k>/``)."""
     if "groups" not in request:
@@ -800,6 +813,12 @@ def _impute_groups(block: Block, plan: Plan, order: dict[str, Any], rows: np.nda
     for g, o in order["groups"].items():
         sel = np.nonzero(grp == g)[0]
         if not len(sel):
+            continue
+        if "pmm_values" in o:  # matched on the client among the group's rows
+            got = o["pmm_values"][block.part]
+            cache = block.cache[("by-cache", g)]
+            for c in range(plan.m):
+                vals[c, sel[cache.pop(("pmm-order", j, c))]] = got[c]
             continue
         eta = None
         if o["method"] != "sample":

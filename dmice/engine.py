@@ -226,6 +226,8 @@ class Engine:
         gather than dask config ``dmice.pmm.worker-match-bytes``."""
         from dmice import config
 
+        if not hasattr(model, "worker_match_bytes"):  # by=: each group matches on the client
+            return False
         return len(self._where) > 1 and model.worker_match_bytes() > config.get("pmm.worker-match-bytes")
 
     def _match_ranges(self, spec: dict[str, Any]) -> list[float]:

@@ -322,3 +322,68 @@ def test_matching_among_the_workers_fills_every_cell_the_same_for_any_number_of_
         for a, b in zip(runs[0], other):
             np.testing.assert_array_equal(a, b)
     assert ev["event"].str.startswith("donor scarcity").any()
+
+
+def test_by_groups_match_on_all_their_observed_rows():
+    """by=: pmm matches each group's missing cells among all of that group's observed rows (no
+    sample), each imputed value one of the 5 nearest of the group by brute force, and no value
+    from another group."""
+    from dataclasses import replace
+
+    from conftest import chain_design_stack
+
+    from dmice import block as B
+    from dmice import schema as S
+    from dmice.methods import TargetModel
+    from dmice.methods.stratified import StratifiedModel
+
+    g = np.random.default_rng(8)
+    n, m = 3000, 2
+    site = g.choice(["a", "b", "c"], n)
+    x = g.normal(size=n)
+    y = x + 3.0 * (site == "b") - 2.0 * (site == "c") + g.normal(size=n)
+    df = pd.DataFrame({"x": x, "site": site, "y": y})
+    df.loc[g.random(n) < 0.3, "y"] = np.nan
+    variables = S.combine_summaries([S.summarize_partition(df)], df.dtypes)
+    S.assign_methods(variables, {"y": "pmm"})
+    names = [v.name for v in variables]
+    j, jg = names.index("y"), names.index("site")
+    plan = B.Plan(tuple(variables), S.layout(variables), m, 4,
+                  {k: 1.0 for k, v in enumerate(variables) if v.imputed}, by=jg)
+    cuts = [0, 1200, 2100, n]
+    blocks = [B.encode_partition(df.iloc[a:b], plan, i) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    pools = {k: np.concatenate([B.sample_values(b)[k] for b in blocks]) for k in blocks[0].mis}
+    blocks = [B.init_fill(b, plan, pools) for b in blocks]
+    skip = set(range(*variables[j].cols)) | set(range(*variables[jg].cols))
+    xcols = np.array([c for c in range(plan.n_cols) if c not in skip])
+    vb = variables[jg]
+    model = StratifiedModel({k: TargetModel(j, replace(variables[j], name=f"y [site level {k + 1}]"), xcols,
+                                            m=m, seed=plan.seed, sample_pool=pools[j], stream=(k + 1,),
+                                            exact=True)
+                             for k in range(vb.n_levels)}, "site", list(vb.levels))
+    req = model.request()
+    assert model.update(B.combine([B.get_out(B.visit(b, plan, None, req)) for b in blocks]), 1, [])
+    order = model.order(1)
+    assert order["match"]
+    for phase in model.match_phases(order):
+        model.take_match(phase, B.combine([B.get_out(B.visit(b, plan, phase, None)) for b in blocks]))
+    order = model.matched_order(order, 1, [])
+    new = [B.visit(b, plan, order, None) for b in blocks]
+    checked = 0
+    for k in range(vb.n_levels):
+        o = order["groups"][k]
+        for c in range(m):
+            obs = [b.obs[j][b.group[b.obs[j]] == k] for b in blocks]
+            mis = [b.mis[j][b.group[b.mis[j]] == k] for b in blocks]
+            yo = np.concatenate([b.values[j][r] for b, r in zip(blocks, obs)])
+            yh = np.concatenate([chain_design_stack(b, plan, r, xcols)[c] for b, r in zip(blocks, obs)]) \
+                @ model.models[k]._fits[c].coef
+            t = np.concatenate([chain_design_stack(b, plan, r, xcols)[c] for b, r in zip(blocks, mis)]) @ o["beta"][c]
+            got = np.concatenate([nb.imp[j][c][b.group[b.mis[j]] == k] for b, nb in zip(blocks, new)])
+            assert len(got) == len(t) > 100
+            for ti, v in zip(t, got):
+                assert (yo == v).any()  # a value of this group
+                dist = np.abs(yh - ti)
+                assert dist[yo == v].min() <= np.partition(dist, 4)[4] + 1e-12
+                checked += 1
+    assert checked > 1000

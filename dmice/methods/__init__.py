@@ -571,14 +571,14 @@ class TargetModel:
         yall = self._obs_values
 
         def one(i: int, c: int) -> tuple[list[np.ndarray], int]:
-            key = (self.chain0 + c, it, self.j)
+            key = (self.chain0 + c, it, self.j)  # by=: the group's stream follows the partition
             s, order = _pmm.merge(cat["pmm_oyh"][i])
             ties = bool((s[1:] == s[:-1]).any())
             f = self._fits[c]
             sigma = float(np.sqrt(f.rss / f.df))
             vals, scarce = [], 0
             for p in range(len(nq)):
-                g = _rng.generator(self.seed, _rng.WORKER, *key, p)
+                g = _rng.generator(self.seed, _rng.WORKER, *key, p, *self.stream)
                 t = cat["pmm_q"][i, qstart[p]:qstart[p + 1]]
                 pos, k = _pmm.match(s, t, self.donors, _pmm.uniforms(g, len(t)), sigma, ties)
                 rows = order[pos]  # in the partitions' runs, then in each partition's values

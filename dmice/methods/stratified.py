@@ -74,5 +74,28 @@ class StratifiedModel:
         return False
 
     def order(self, iteration: int) -> dict[str, Any]:
-        return {"var": self.j, "method": self.method, "iteration": iteration,
-                "groups": {g: m.order(iteration) for g, m in self.models.items()}}
+        o = {"var": self.j, "method": self.method, "iteration": iteration,
+             "groups": {g: m.order(iteration) for g, m in self.models.items()}}
+        if any(go.get("match") for go in o["groups"].values()):  # pmm on all the group's rows
+            o["match"] = True
+        return o
+
+    # -- pmm on all observed rows of each group: every group's matching in the same rounds ------
+    def match_phases(self, order: dict[str, Any]) -> list[dict[str, Any]]:
+        per = {g: self.models[g].match_phases(o) for g, o in order["groups"].items() if o.get("match")}
+        n = max((len(p) for p in per.values()), default=0)
+        return [{"var": self.j, "phase": "pmm-match", "groups": {g: p[k] for g, p in per.items() if k < len(p)}}
+                for k in range(n)]
+
+    def take_match(self, phase: dict[str, Any], res: dict[str, Any]) -> None:
+        for g, ph in phase["groups"].items():
+            pre = f"g{g}/"
+            sub = {part: {k[len(pre):]: a for k, a in res[part].items() if k.startswith(pre)}
+                   for part in ("sum", "cat")}
+            self.models[g].take_match(ph, sub)
+
+    def matched_order(self, order: dict[str, Any], iteration: int, events: list[dict[str, Any]]
+                      ) -> dict[str, Any]:
+        groups = {g: (self.models[g].matched_order(o, iteration, events) if o.get("match") else o)
+                  for g, o in order["groups"].items()}
+        return {**{k: v for k, v in order.items() if k != "match"}, "groups": groups}
