@@ -547,8 +547,7 @@ def pmm_candidates(block: Block, plan: Plan, order: dict[str, Any]) -> dict[str,
 
         # each cell's uniforms, as the client would draw them (dmice.methods.pmm.uniforms)
         it = int(order["iteration"])
-        u = [_pmm.uniforms(_rng.generator(plan.seed, _rng.WORKER, plan.chain0 + c, it, j, block.part), len(mis))
-             for c in chains]
+        u = [_pmm.cell_uniforms(plan.seed, plan.chain0 + c, it, j, block.part, len(mis)) for c in chains]
         block.cache[("pmm-cand", j)] = {"chains": chains, "s": yo, "v": y[oy], "q": q, "u": u}
         return {"pmm_quant": np.stack([_pmm.quantile_sample(yo[i]) for i in range(k)])[None],
                 "pmm_no": np.array([len(obs)]), "pmm_nq": np.array([len(mis)])}

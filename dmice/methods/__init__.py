@@ -551,12 +551,11 @@ class TargetModel:
         """The matching rounds of an exact pmm ``order``: the workers return the chains'
         predictions (:func:`dmice.block.pmm_candidates`), a few chains per round so that what
         the client gathers stays within ``match_bytes`` (dask config ``dmice.pmm.match-bytes``)."""
-        n_obs = int(self._fits[0].n) if self._fits else self.var.n_observed
         self._matched, self._scarce = {}, []
         return [{"var": self.j, "phase": "pmm-match", "xcols": order["xcols"], "chains": ch,
                  "coef": order["coef"][ch], "beta": order["beta"][ch], "iteration": order["iteration"],
                  "values": self._obs_values is None}
-                for ch in _pmm.chain_groups(self.m, n_obs, self.var.n_missing, self.match_bytes)]
+                for ch in _pmm.chain_groups(self.m, self._n_fitting(), self.var.n_missing, self.match_bytes)]
 
     def take_match(self, phase: dict[str, Any], res: dict[str, Any]) -> None:
         """Match the missing cells of the chains of one matching round (``res``: its statistics)."""
@@ -571,16 +570,15 @@ class TargetModel:
         yall = self._obs_values
 
         def one(i: int, c: int) -> tuple[list[np.ndarray], int]:
-            key = (self.chain0 + c, it, self.j)  # by=: the group's stream follows the partition
             s, order = _pmm.merge(cat["pmm_oyh"][i])
             ties = bool((s[1:] == s[:-1]).any())
             f = self._fits[c]
             sigma = float(np.sqrt(f.rss / f.df))
             vals, scarce = [], 0
             for p in range(len(nq)):
-                g = _rng.generator(self.seed, _rng.WORKER, *key, p, *self.stream)
                 t = cat["pmm_q"][i, qstart[p]:qstart[p + 1]]
-                pos, k = _pmm.match(s, t, self.donors, _pmm.uniforms(g, len(t)), sigma, ties)
+                u = _pmm.cell_uniforms(self.seed, self.chain0 + c, it, self.j, p, len(t), self.stream)
+                pos, k = _pmm.match(s, t, self.donors, u, sigma, ties)
                 rows = order[pos]  # in the partitions' runs, then in each partition's values
                 vals.append(yall[cat["pmm_oo"][i][rows] + ostart[rows]])
                 scarce += k
@@ -601,10 +599,13 @@ class TargetModel:
             self._matched[c] = vals
             self._scarce.append(scarce)
 
+    def _n_fitting(self) -> int:
+        """The observed rows the model is fitted on (pmm's donors)."""
+        return int(self._fits[0].n) if self._fits else self.var.n_observed
+
     def worker_match_bytes(self) -> int:
         """What matching on the client would gather per visit (all chains)."""
-        n_obs = int(self._fits[0].n) if self._fits else self.var.n_observed
-        return (12 * self.m + 8) * n_obs + 8 * self.m * self.var.n_missing
+        return (12 * self.m + 8) * self._n_fitting() + 8 * self.m * self.var.n_missing
 
     def range_phase(self, order: dict[str, Any]) -> dict[str, Any]:
         """The round before matching among the workers: every chain's predictions computed and

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dmice import rng as _rng
+
 #: a missing cell's donors are "far" when the farthest of its ``d`` nearest observed
 #: predictions is more than this many residual standard deviations from its own prediction
 SCARCE_SD = 0.5
@@ -84,6 +86,14 @@ def uniforms(g: np.random.Generator, n: int) -> np.ndarray:
     """The three uniforms of each of ``n`` missing cells (in the order of their predictions) that
     :func:`match` draws with: the run at a midpoint, the donor in the run, the row in a tie."""
     return g.random((3, n))
+
+
+def cell_uniforms(seed: int, chain: int, iteration: int, var: int, part: int, n: int,
+                  stream: tuple[int, ...] = ()) -> np.ndarray:
+    """:func:`uniforms` of partition ``part``'s ``n`` missing cells of ``var`` in one chain and
+    iteration, from their stream (the one the workers impute every other method with, and for
+    ``by=`` the group's ``stream`` after it): the client and the workers draw the same ones."""
+    return uniforms(_rng.generator(seed, _rng.WORKER, chain, iteration, var, part, *stream), n)
 
 
 def match(s: np.ndarray, t: np.ndarray, d: int, u: np.ndarray, sigma: float,
