@@ -41,6 +41,8 @@ from dmice import config as _config
 from dmice import formulas as _formulas
 from dmice._gc import frozen
 from dmice.errors import InputError
+from dmice.runtime import cluster as _cluster
+from dmice.runtime import passes as _passes
 
 Design = Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]]
 
@@ -737,23 +739,8 @@ def _fixed_pass(frames: list[Any], design: Any, family: str, link: str, betas: n
     tasks = [delayed(_group_stats)(delayed(_load_group)(design_d, family, ks, *pts),
                                    {k: betas[k] for k in ks}, family, link, False)
              for ks, pts in groups]
-    client = client if client is not None else _default_client()
-    if client is None:
-        return _reduce_groups(list(_compute(None, *tasks)), len(frames))
-    return _reduce_groups(list(client.gather(_spread(client, tasks, spread))), len(frames))
-
-
-def _spread(client: Any, loads: list[Any], spread: bool) -> list[Any]:
-    """Compute the group designs ``loads``; with ``spread``, group i preferably on worker i
-    modulo the number of workers.  Designs of data read from files have no input on any
-    worker, and the scheduler may then place every one on the same worker, where all passes
-    would follow them.  Designs of data already held on the cluster (``spread`` False)
-    are left where their data are."""
-    workers = sorted(client.scheduler_info()["workers"])
-    if not spread or len(workers) < 2:
-        return client.compute(loads)
-    return [client.compute(ld, workers=[workers[i % len(workers)]], allow_other_workers=True)
-            for i, ld in enumerate(loads)]
+    client = client if client is not None else _cluster.default_client()
+    return _reduce_groups(_passes.compute_spread(client, tasks, spread), len(frames))
 
 
 def _unplaced(data: Any, frames: list[Any]) -> bool:
@@ -763,18 +750,7 @@ def _unplaced(data: Any, frames: list[Any]) -> bool:
 
     if isinstance(data, MultipleImputation) and data._engine is not None:
         return False
-    from distributed import futures_of
-
-    return not any(futures_of(f) for f in frames)
-
-
-def _default_client() -> Any:
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
+    return not _passes.on_cluster(frames)
 
 
 @dataclass
@@ -798,60 +774,40 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     each pass is one task per group computing the statistics of the imputations still
     iterating (see :func:`_iterate` for the warm start of imputations 2..m).
     """
-    import dask
-
     m = len(frames)
     groups = _groups(frames, getattr(design, "columns", None), files)
     design_d = delayed(design, pure=True, traverse=False)
     robust = cov_type != "nonrobust"
-    client = client if client is not None else _default_client()
+    client = client if client is not None else _cluster.default_client()
     # imputations 2..m of written files are read by low-priority tasks after the first pass
     # is on its way (see below), not before it
     defer = client is not None and files is not None and m > 1 and isinstance(files[0][0], _StoredPart)
     loads = [delayed(_load_group)(design_d, family, ks, *pts, defer=defer) for ks, pts in groups]
-    prefetch: list[Any] = []
     if client is not None:
-        from distributed import wait
+        _cluster.tune_workers(client)  # numpy temporaries off mmap in the workers, as for impute
+    # each group's design is kept where it is built, and each pass runs there
+    held = _passes.Held(client, loads, spread)
+    queued = False
 
-        from dmice.engine import tune_workers
-
-        tune_workers(client)  # numpy temporaries off mmap in the workers, as for impute
-        held = _spread(client, loads, spread)
-        wait(held)
-
-        def one_pass(betas: dict[int, np.ndarray | None], grad: frozenset[int] = frozenset(),
-                     lean: frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
-            # each pass runs where its group's design is held (not moved to another worker
-            # by work stealing); a design lost with its worker is recomputed anywhere
-            where = client.who_has(held)
-            futs = [client.submit(_group_stats, g, {k: betas[k] for k in ks if k in betas},
-                                  family, link, robust, grad, lean, pure=False,
-                                  workers=list(where.get(g.key, ())) or None)
-                    for g, (ks, _) in zip(held, groups) if any(k in betas for k in ks)]
-            if defer and not prefetch:
-                # Reading imputations 2..m: tasks queued behind this pass (lower priority),
-                # on the worker holding the group, so that they run in its idle time between
-                # imputation 1's passes, while the client takes its Newton steps.  A pass
-                # that needs an imputation not read yet reads it itself (_Group.load).
-                prefetch.extend(client.submit(_prefetch, g, j, pure=False, priority=-1,
-                                              workers=list(where.get(g.key, ())) or None)
-                                for g, (ks, _) in zip(held, groups) for j in range(1, len(ks)))
-            return _reduce_active(client.gather(futs), betas)
-    else:
-        held = list(dask.compute(*loads))
-
-        def one_pass(betas: dict[int, np.ndarray | None], grad: frozenset[int] = frozenset(),
-                     lean: frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
-            outs = [_group_stats(g, {k: betas[k] for k in ks if k in betas}, family, link, robust,
-                                 grad, lean)
-                    for g, (ks, _) in zip(held, groups) if any(k in betas for k in ks)]
-            return _reduce_active(outs, betas)
+    def one_pass(betas: dict[int, np.ndarray | None], grad: frozenset[int] = frozenset(),
+                 lean: frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
+        nonlocal queued
+        outs = held.map(_group_stats, [({k: betas[k] for k in ks if k in betas}, family, link, robust,
+                                         grad, lean) if any(k in betas for k in ks) else None
+                                        for ks, _ in groups])
+        if defer and not queued:
+            # Reading imputations 2..m: tasks queued behind this pass (lower priority), on the
+            # worker holding the group, so that they run in its idle time between imputation
+            # 1's passes, while the client takes its Newton steps.  A pass that needs an
+            # imputation not read yet reads it itself (_Group.load).
+            held.queue(_prefetch, [(i, (j,)) for i, (ks, _) in enumerate(groups) for j in range(1, len(ks))])
+            queued = True
+        return _reduce_active(outs, betas)
 
     try:
         beta, res, it = _iterate(one_pass, m, p, link, tol, max_iter)
     finally:
-        if client is not None:
-            client.cancel(prefetch + held)  # release the designs held on the workers
+        held.release()  # the designs held on the workers
     n = int(res[0]["n"])
     # covariance from the last pass (its step was below tol, so the change is negligible)
     df_resid = n - p
@@ -1769,11 +1725,7 @@ def compare(full: AnalysisResult, reduced: AnalysisResult | None = None, *, meth
 
 
 def _compute(client: Any, *objs: Any) -> tuple:
-    import dask
-
-    if client is not None:
-        return tuple(client.gather(client.compute(list(objs))))
-    return dask.compute(*objs)
+    return _passes.compute(client, *objs)
 
 
 def _distinct(df: pd.DataFrame, columns: list[str]) -> dict[str, list[Any]]:

@@ -20,7 +20,6 @@ import pandas as pd
 from dmice import block as _block
 from dmice import config as _settings
 from dmice import disclosure as _disclosure
-from dmice import engine as _engine
 from dmice import formulas as _formulas
 from dmice import passive as _passive
 from dmice import post as _post
@@ -34,6 +33,9 @@ from dmice.errors import InputError, OutputError
 from dmice.methods import SEPARATION, TargetModel
 from dmice.methods.stratified import StratifiedModel
 from dmice.result import MultipleImputation, from_manifest
+from dmice.runtime import cluster as _cluster
+from dmice.runtime import engine as _engine
+from dmice.runtime import passes as _passes
 from dmice.schema import (
     BINARY,
     MIN_LEVEL_COUNT,
@@ -376,15 +378,15 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
 
     cluster = None
     if client is None:
-        client, cluster = _engine.get_client()
+        client, cluster = _cluster.get_client()
     try:
         t0 = time.perf_counter()
-        _engine.tune_workers(client)
+        _cluster.tune_workers(client)
         parts = ddf.to_delayed()
         if where is not None or ignore is not None:
             _check_markers(ddf, where, ignore)
             parts = _masked_parts(client, ddf, parts, where, ignore)
-        summaries = _engine.summarize(client, parts)
+        summaries = _passes.summarize(client, parts)
         variables = combine_summaries(summaries, ddf.dtypes)
         events = [{"iteration": 0, **e} for e in assign_methods(variables, method)]
         passive_idx = _passive_plan(variables, passive_specs)
@@ -413,9 +415,9 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
                            post=post_funcs, by=by_j,
                            design_cache=(_settings.get("design-cache.observed"),
                                          _settings.get("design-cache.missing")))
-        blocks = _engine.encode(client, parts, plan)
-        pools = _engine.gather_pools(client, blocks, plan)
-        blocks = _engine.init_fill(client, blocks, plan, pools)
+        blocks = _passes.encode(client, parts, plan)
+        pools = _passes.gather_pools(client, blocks, plan)
+        blocks = _passes.init_fill(client, blocks, plan, pools)
         setup = {"sets": sets, "labels": _pred.column_labels(variables, n_cols)}
         models = _make_models(plan, pools, params, setup, events)
         eng = _engine.Engine(client, plan, blocks, models, schema)
@@ -446,9 +448,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         else:
             eng.iteration = max_iter
     except BaseException:
-        if cluster is not None:
-            client.close()
-            cluster.close()
+        _cluster.close(client, cluster)
         raise
     result = MultipleImputation(
         m=m, iterations=eng.iteration, seed=seed, columns=[str(c) for c in ddf.columns],
@@ -545,8 +545,8 @@ def _fit_formulas(client: Any, ddf: Any, variables: list[Any], rhs: dict[str, st
             raise InputError(f"formula for {name!r}: the column is not imputed by a model "
                              f"(method {v.method!r}, {v.n_missing} missing)")
     frac = min(1.0, _formulas.SAMPLE_ROWS / max(n_rows, 1))
-    sample = _formulas.sample_frame(client.compute(ddf.sample(frac=frac, random_state=seed % 2**32))
-                                    .result(), variables)
+    (rows,) = _passes.compute(client, ddf.sample(frac=frac, random_state=seed % 2**32))
+    sample = _formulas.sample_frame(rows, variables)
     fitted = _formulas.fit(rhs, sample, variables) if rhs else {}
     if sub_rhs is None:
         return fitted, None
@@ -625,11 +625,7 @@ def _run(eng: _engine.Engine, iterations: int, seq: list[int], events: list[dict
                                    if eng.plan.m > 1 else float("nan"))
         return memo[eng.iteration]
 
-    dash = None
-    try:
-        dash = eng.client.dashboard_link
-    except Exception:  # noqa: BLE001 - no dashboard is not an error
-        pass
+    dash = _cluster.dashboard_link(eng.client)
     reporter = None if progress is None or progress is False else _progress.Reporter(
         progress, total=iterations, start=eng.iteration, visits_per_iteration=len(seq),
         max_rhat=rhat_now, dashboard=dash)
@@ -675,15 +671,14 @@ def _add_chains(result: MultipleImputation, k: int, progress: Any) -> None:
     plan = eng.plan
     client = eng.client
     new_plan = replace(plan, m=k, chain0=plan.chain0 + plan.m)
-    blocks = _engine.init_fill(client, eng.blocks, new_plan, eng.pools)
+    blocks = _passes.init_fill(client, eng.blocks, new_plan, eng.pools)
     models = _make_models(new_plan, eng.pools, result.parameters, eng.setup)
     new = _engine.Engine(client, new_plan, blocks, models, eng.schema)
     events: list[dict[str, Any]] = []
     if result._seq and eng.iteration:
         _run(new, eng.iteration, result._seq, events, progress, None, None, 1, None, result._config)
     # merge: the chains of both engines side by side, in chain order
-    eng.blocks = [client.submit(_block.concat_chains, [a, b], pure=False)
-                  for a, b in zip(eng.blocks, new.blocks)]
+    eng.append_chains(new)
     eng.plan = replace(plan, m=plan.m + k)
     merged = _make_models(eng.plan, eng.pools, result.parameters, eng.setup)
     for j, mod in merged.items():
@@ -924,7 +919,7 @@ def _masked_parts(client: Any, ddf: Any, parts: list[Any], where: Any, ignore: A
     def offsets() -> list[int]:
         nonlocal lens
         if lens is None:
-            lens = _engine.map_partitions(client, parts, len)
+            lens = _passes.map_partitions(client, parts, len)
         return lens
 
     if where is not None:
@@ -1024,11 +1019,7 @@ def _size(b: float) -> str:
 def _check_memory(client: Any, schema: Schema, m: int, n_cols: int,
                   summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Refuse a run whose chains cannot fit in the workers' memory, before any block is built."""
-    try:
-        workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    except TypeError:  # older distributed: no n_workers
-        workers = client.scheduler_info().get("workers", {})
-    limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
+    limits = _cluster.memory_limits(client)
     if not limits or not all(limits):
         return None  # no limit known: nothing to compare with
     missing = [{v.name: int(s[v.name]["n_missing"]) for v in schema.variables if v.imputed}
@@ -1058,11 +1049,7 @@ def _check_memory(client: Any, schema: Schema, m: int, n_cols: int,
 
 
 def _close_quietly(client: Any, cluster: Any) -> None:
-    try:
-        client.close()
-        cluster.close()
-    except Exception:  # noqa: BLE001 - interpreter shutdown
-        pass
+    _cluster.close(client, cluster, quiet=True)
 
 
 def open(url: str, *, storage_options: dict[str, Any] | None = None) -> MultipleImputation:  # noqa: A001
@@ -1144,15 +1131,13 @@ def quickpred(data: Any, *, mincor: float = 0.1, minpuc: float = 0.0, include: I
     exclude = _p._name_list(exclude, "exclude", names)
     cluster = None
     if client is None:
-        client, cluster = _engine.get_client()
+        client, cluster = _cluster.get_client()
     try:
         parts = ddf.to_delayed()
-        variables = combine_summaries(_engine.summarize(client, parts), ddf.dtypes)
-        pieces = _engine.map_partitions(client, parts, _p.quickpred_partition, variables)
+        variables = combine_summaries(_passes.summarize(client, parts), ddf.dtypes)
+        pieces = _passes.map_partitions(client, parts, _p.quickpred_partition, variables)
     finally:
-        if cluster is not None:
-            client.close()
-            cluster.close()
+        _cluster.close(client, cluster)
     total = {k: sum(p[k] for p in pieces) for k in pieces[0]}
     usable = np.array([v.kind != _p.UNSUPPORTED for v in variables])
     return _p.quickpred_matrix(total, names, mincor=float(mincor), minpuc=float(minpuc), include=include,

@@ -4,7 +4,7 @@ A :class:`Block` holds one partition, encoded once: the design matrix of the
 observed values, the internal values of each imputed variable, and the
 imputed cells of every chain.  A *visit* (:func:`visit`) imputes one variable
 in all m chains and, in the same pass, computes the sufficient statistics of
-the next variable's model, so each visit is one round (see :mod:`dmice.engine`).
+the next variable's model, so each visit is one round (see :mod:`dmice.runtime.engine`).
 
 Blocks are treated as immutable: a visit returns a new block that shares every
 array it did not change.  Tasks are therefore pure functions of their inputs

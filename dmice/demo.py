@@ -113,8 +113,9 @@ def run_demo(*, n: int = 200_000, m: int = 5, max_iter: int = 10, seed: int = 1,
 
     from dmice.analysis import fit_glm
     from dmice.api import impute
-    from dmice.engine import get_client
     from dmice.pooling import pool
+    from dmice.runtime import cluster as _cluster
+    from dmice.runtime import passes as _passes
 
     t0 = time.perf_counter()
     full = make_cohort(n, seed=seed)
@@ -123,14 +124,14 @@ def run_demo(*, n: int = 200_000, m: int = 5, max_iter: int = 10, seed: int = 1,
     echo(f"dmice demo: synthetic cohort of {n:,} patients, {len(data.columns)} columns")
     echo("missing values (MAR, depending on age, sex and the outcome): "
          + ", ".join(f"{c} {v / n:.0%}" for c, v in miss.items() if v))
-    client, cluster = get_client(n_workers=n_workers)
+    client, cluster = _cluster.get_client(n_workers=n_workers)
     try:
-        echo(f"cluster: {len(client.scheduler_info()['workers'])} workers "
+        echo(f"cluster: {len(_cluster.workers(client))} workers "
              f"({'embedded LocalCluster' if cluster is not None else 'existing client'})")
         # the partitions go to the workers once, rather than inside every task graph
         nparts = max(2, n // 100_000)
         bounds = np.linspace(0, n, nparts + 1).astype(int)
-        chunks = client.scatter([data.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        chunks = _passes.scatter(client, [data.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
         ddf = dd.from_delayed(chunks, meta=data.iloc[:0], verify_meta=False)
         t1 = time.perf_counter()
 
@@ -156,9 +157,7 @@ def run_demo(*, n: int = 200_000, m: int = 5, max_iter: int = 10, seed: int = 1,
         X_cc, y_cc = outcome_design(cc)
         cc_fit = sm.GLM(y_cc, X_cc, family=sm.families.Binomial()).fit()
     finally:
-        if cluster is not None:
-            client.close()
-            cluster.close()
+        _cluster.close(client, cluster)
     table = pd.DataFrame({
         "term": terms,
         "truth": [TRUE_COEF[t] for t in terms],

@@ -676,14 +676,14 @@ def impute_step(job: JobSpec, ddf: Any, client: Any, checkpoint: str) -> Any:
 
 def _compute_and_write(job: JobSpec, info: InputInfo, run_id: str, prefix: str) -> dict[str, Any]:
     """Impute, write every file below ``prefix`` and return the run's manifest."""
-    from dmice import engine
+    from dmice.runtime import cluster as _cluster
 
     url, so = job.output.url, job.output.storage_options
     snapshot = store.snapshot_input(job.input.url, job.input.format, job.input.storage_options)
     if [(f["path"], f["bytes"]) for f in snapshot["files"]] != [(f["path"], f["bytes"]) for f in info.files]:
         raise InputError("input.url: the input changed while it was being read; try again")
     ddf = _read_input(job, snapshot, info.meta)
-    client, cluster = engine.get_client(job.cluster.address, job.cluster.n_workers)
+    client, cluster = _cluster.get_client(job.cluster.address, job.cluster.n_workers)
     own_client = cluster is not None or job.cluster.address is not None
     try:
         with impute_step(job, ddf, client, checkpoint_url(job)) as imp:

@@ -64,9 +64,9 @@ def _mpl() -> Any:
 
 def _compute(*tasks: Any) -> tuple[Any, ...]:
     """Compute dask tasks on the active client (or dask's default scheduler)."""
-    import dask
+    from dmice.runtime.passes import compute
 
-    return dask.compute(*tasks)
+    return compute(None, *tasks)
 
 
 # ---------------------------------------------------------------------------

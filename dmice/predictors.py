@@ -9,7 +9,7 @@
 * :func:`screen` finds constant and (near-)collinear predictors of a model from
   its Gram matrix (mice's ``remove.lindep``).
 
-Only :func:`quickpred` reaches the cluster, through :mod:`dmice.engine`.
+Only :func:`quickpred` reaches the cluster, through :mod:`dmice.runtime`.
 """
 
 from __future__ import annotations

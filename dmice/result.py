@@ -192,7 +192,7 @@ class MultipleImputation:
             return dd.concat(frames)
         k = self._check_k(k)
         if self._engine is not None:
-            from dmice.engine import complete_frame
+            from dmice.runtime.passes import complete_frame
 
             return complete_frame(self._ddf, self._engine.blocks, self._engine.plan, k - 1)
         if self.url is None:
@@ -371,7 +371,7 @@ class MultipleImputation:
                              f"{self.url!r}")
         if layout not in ("full", "cells"):
             raise InputError(f"layout must be 'full' or 'cells', got {layout!r}")
-        from dmice.engine import write_parquet
+        from dmice.runtime.passes import write_parquet
 
         if layout == "full":
             writer = functools.partial(store.write_partition, prefix=prefix)
@@ -403,7 +403,7 @@ class MultipleImputation:
                      row_offsets: list[int]) -> list[list[dict[str, Any]]]:
         import functools
 
-        from dmice.engine import write_parquet
+        from dmice.runtime.passes import write_parquet
 
         # one writer per partition: each needs its own row offset
         eng = self._engine

@@ -108,7 +108,7 @@ def test_in_process_cluster_gives_the_same_chains(cluster_client):
 def test_first_linear_visit_rides_along_with_the_cold_start(cluster_client, monkeypatch):
     """The statistics of the first visit (pmm) are computed in the first round of the Newton
     cold start: one round fewer, and the same chains as when they take a round of their own."""
-    from dmice import engine as _engine
+    from dmice.runtime import engine as _engine
 
     ddf = dd.from_pandas(mixed_frame(2000, seed=6), npartitions=2)
     imp = dmice.impute(ddf, m=2, max_iter=2, seed=4)

@@ -203,7 +203,7 @@ def test_embedded_cluster_listens_on_loopback_only(monkeypatch):
     psutil = pytest.importorskip("psutil")
     import distributed
 
-    from dmice import engine
+    from dmice.runtime import cluster as engine
 
     def no_client():
         raise ValueError("no client")

@@ -1,6 +1,6 @@
-"""The chained-equations loop: the only module that talks to the scheduler.
+"""The chained-equations loop on the cluster.
 
-Data flow of a run:
+Data flow of a run (the passes of steps 1-3 are in :mod:`dmice.runtime.passes`):
 
 1. one pass of per-partition summaries infers the schema (kinds, levels, moments);
 2. each partition is encoded once into a :class:`dmice.block.Block`, held on the workers;
@@ -33,7 +33,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from dask import delayed
 from dask.sizeof import sizeof
 from distributed import Client, Future, wait
 
@@ -256,6 +255,12 @@ class Engine:
             raise self._lost(e) from e
         return [float(sum(s[c] for s in scarce)) for c in range(len(scarce[0]))] if scarce else []
 
+    def append_chains(self, other: Engine) -> None:
+        """Put the chains of ``other`` (the same partitions) after this engine's, partition by
+        partition (its plan and models are the caller's to merge)."""
+        self.blocks = [self.client.submit(_block.concat_chains, [a, b], pure=False)
+                       for a, b in zip(self.blocks, other.blocks)]
+
     # -- state of the chains -------------------------------------------------------------
     def model_state(self) -> dict[str, Any]:
         """What the client side of the chains needs to continue: the Newton warm starts."""
@@ -464,102 +469,3 @@ async def _visit_resident(key: str, rnd: int, order: Sealed, request: Sealed,
                                  for p in parts])
     entry["previous"], entry["blocks"], entry["round"] = blocks, dict(zip(parts, new)), rnd
     return {p: _block.get_out(b) for p, b in zip(parts, new)}
-
-
-def tune_workers(client: Client) -> None:
-    """Allocator settings that keep numpy temporaries off mmap in the workers (see dmice._malloc)."""
-    from dmice import _malloc
-
-    try:
-        client.run(_malloc.tune)
-    except Exception as e:  # noqa: BLE001 - a performance setting, never a reason to fail
-        log.debug("could not tune worker allocators: %s", type(e).__name__)
-
-
-def summarize(client: Client, parts: list[Any]) -> list[dict[str, Any]]:
-    """Per-partition summaries, computed on the cluster (one pass over the data)."""
-    from dmice.schema import summarize_partition
-
-    futs = client.compute([delayed(summarize_partition)(p) for p in parts])
-    return client.gather(futs)
-
-
-def encode(client: Client, parts: list[Any], plan: _block.Plan) -> list[Future]:
-    """Encode every partition into a block held on the workers."""
-    futs = client.compute([delayed(_block.encode_partition)(p, plan, i) for i, p in enumerate(parts)])
-    wait(futs)
-    return futs
-
-
-def gather_pools(client: Client, blocks: list[Future], plan: _block.Plan) -> dict[int, np.ndarray]:
-    """The sampling pool of observed values of each imputed variable, in partition order."""
-    pieces = client.gather([client.submit(_block.sample_values, b, pure=False) for b in blocks])
-    return {j: np.concatenate([p[j] for p in pieces]) for j in pieces[0]} if pieces else {}
-
-
-def init_fill(client: Client, blocks: list[Future], plan: _block.Plan,
-              pools: dict[int, np.ndarray]) -> list[Future]:
-    # nothing to scatter when no column is imputed (distributed refuses an empty scatter)
-    pools_f = client.scatter(pools, broadcast=True) if len(blocks) > 1 and pools else pools
-    return [client.submit(_block.init_fill, b, plan, pools_f, pure=False) for b in blocks]
-
-
-def complete_frame(ddf: Any, blocks: list[Future], plan: _block.Plan, chain: int) -> Any:
-    """Lazy dask DataFrame of one completed data set."""
-    import dask.dataframe as dd
-
-    from dmice.schema import conform
-
-    parts = ddf.to_delayed()
-    meta = conform(ddf._meta, plan.variables)  # categorical columns: the categories of every partition
-    pieces = [delayed(_block.complete_partition)(p, b, plan, chain) for p, b in zip(parts, blocks)]
-    import dask
-
-    with dask.config.set({"dataframe.convert-string": False}):  # the input's own dtypes
-        return dd.from_delayed(pieces, meta=meta, divisions=ddf.divisions, verify_meta=False)
-
-
-def write_parquet(client: Client, ddf: Any, blocks: list[Future], plan: _block.Plan, url: str,
-                  storage_options: dict[str, Any] | None, writer: Any = None) -> list[list[dict[str, Any]]]:
-    """Write every imputation of every partition; one task per partition writes all m files
-    (``writer``, default :func:`dmice.store.write_partition`, called with the same arguments)."""
-    from dmice import store
-
-    parts = ddf.to_delayed()
-    tasks = [delayed(writer or store.write_partition)(p, b, plan, url, i, storage_options)
-             for i, (p, b) in enumerate(zip(parts, blocks))]
-    return client.gather(client.compute(tasks))
-
-
-#: the only interface the embedded cluster listens on
-LOOPBACK = "127.0.0.1"
-
-
-def get_client(address: str | None = None, n_workers: int | None = None) -> tuple[Client, Any]:
-    """The active client, or a new embedded LocalCluster (returned so it can be closed)."""
-    from distributed import LocalCluster
-    from distributed import get_client as _get
-
-    if address:
-        return Client(address), None
-    try:
-        return _get(), None
-    except ValueError:
-        pass
-    import os
-
-    n = n_workers or max(1, min(os.cpu_count() or 1, 4))
-    # loopback only: scheduler, workers and the (unauthenticated) dashboard are not reachable
-    # from other machines
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host=LOOPBACK,
-                           dashboard_address=f"{LOOPBACK}:0", silence_logs=logging.ERROR)
-    client = Client(cluster)
-    log.info("dmice: embedded cluster of %d workers at %s, dashboard %s", n, cluster.scheduler_address,
-             client.dashboard_link)
-    return client, cluster
-
-
-def map_partitions(client: Client, parts: list[Any], func: Callable[..., Any], *args: Any) -> list[Any]:
-    """``func(partition, *args)`` computed on the cluster for every partition, gathered in order."""
-    futs = client.compute([delayed(func)(p, *args) for p in parts])
-    return client.gather(futs)
