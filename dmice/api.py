@@ -11,7 +11,6 @@ import posixpath
 import time
 import weakref
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,13 +28,13 @@ from dmice import rng as _rng
 from dmice import store
 from dmice._gc import frozen
 from dmice.disclosure import MIN_CELL_COUNT
-from dmice.errors import InputError, OutputError
-from dmice.methods import SEPARATION, TargetModel
-from dmice.methods.stratified import StratifiedModel
+from dmice.errors import InputError, OutputError, check_int
+from dmice.methods import SEPARATION
 from dmice.result import MultipleImputation, from_manifest
 from dmice.runtime import cluster as _cluster
 from dmice.runtime import engine as _engine
 from dmice.runtime import passes as _passes
+from dmice.runtime import session as _session
 from dmice.schema import (
     BINARY,
     MIN_LEVEL_COUNT,
@@ -88,12 +87,6 @@ def _check_columns(ddf: Any) -> None:
                          "labels of another type (rename them, e.g. df.columns = df.columns.map(str))")
     if len(set(ddf.columns)) != len(ddf.columns):
         raise InputError("column names must be unique strings; some labels occur more than once")
-
-
-def _check_int(name: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
-        raise InputError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
 
 
 def _visit_sequence(schema: Schema, visit_sequence: str | list[str]) -> list[int]:
@@ -321,15 +314,15 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     >>> imp.complete(1).head()                              # doctest: +SKIP
     """
     ddf = _as_dask(data)
-    m = _check_int("m", m, 1)
-    max_iter = _check_int("max_iter", max_iter, 0)
-    donors = _check_int("donors", donors, 1)
+    m = check_int("m", m, 1)
+    max_iter = check_int("max_iter", max_iter, 0)
+    donors = check_int("donors", donors, 1)
     if donor_pool is not None:
-        donor_pool = _check_int("donor_pool", donor_pool, 1)
-    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
+        donor_pool = check_int("donor_pool", donor_pool, 1)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
     if seed is None:
         seed = _rng.fresh_seed()
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0)
     if method is not None and not isinstance(method, dict):
         raise InputError(f"method must be a dict of column -> method name, got {type(method).__name__}")
     if not isinstance(ridge, numbers.Real) or not ridge >= 0:
@@ -342,7 +335,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise InputError(f"checkpoint must be a URL string, got {type(checkpoint).__name__}")
     _progress.check(progress)
-    min_level_count = _check_int("min_level_count", min_level_count, 0)
+    min_level_count = check_int("min_level_count", min_level_count, 0)
     min_cell_count = _disclosure.check(min_cell_count)
     if collapse is not None and not isinstance(collapse, dict):
         raise InputError(f"collapse must be a dict of column -> {{level: group}}, got "
@@ -419,11 +412,11 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         pools = _passes.gather_pools(client, blocks, plan)
         blocks = _passes.init_fill(client, blocks, plan, pools)
         setup = {"sets": sets, "labels": _pred.column_labels(variables, n_cols)}
-        models = _make_models(plan, pools, params, setup, events)
+        models = _session.make_models(plan, pools, params, setup, events)
         eng = _engine.Engine(client, plan, blocks, models, schema)
-        eng.pools = pools
-        eng.setup = setup
         config = _config_hash(params, variables, rows)
+        session = _session.Session(eng, pools=pools, setup=setup, params=params, seq=seq, events=events,
+                                   config=config, cluster=cluster)
         log.info("dmice: %d rows, %d partitions, %d columns to impute, m=%d; set up in %.2f s",
                  schema.n_rows, len(parts), len(models), m, time.perf_counter() - t0)
         restored = _state if _state is not None else None
@@ -443,8 +436,8 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
             events[:] = meta["events"]
             log.info("dmice: resumed the chains at iteration %d", eng.iteration)
         if seq:
-            _run(eng, max_iter - eng.iteration, seq, events, progress, until_rhat,
-                 checkpoint, checkpoint_every, storage_options, config)
+            session.run(max_iter - eng.iteration, progress, until_rhat, checkpoint, checkpoint_every,
+                        storage_options)
         else:
             eng.iteration = max_iter
     except BaseException:
@@ -456,63 +449,12 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         n_rows=schema.n_rows, visit_sequence=[variables[j].name for j in seq],
         logged_events=events, chain_stats=eng.chain_stats,
         dtypes={str(c): str(t) for c, t in ddf.dtypes.items()},
-        engine=eng, ddf=ddf, schema=schema, cluster=cluster)
+        session=session, ddf=ddf, schema=schema)
     # not part of the configuration hash: it changes what is written about the chains, not them
     result.parameters = {**params, "min_cell_count": min_cell_count}
-    result._config = config
-    result._seq = seq
     if cluster is not None:
         weakref.finalize(result, _close_quietly, client, cluster)
     return result
-
-
-def _make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[str, Any],
-                 setup: dict[str, Any], events: list[dict[str, Any]] | None = None) -> dict[int, Any]:
-    """The conditional model of every imputed variable (passive variables have none).
-
-    ``setup`` holds the predictor set of each variable (``sets``) and the names of the encoded
-    columns (``labels``, for logged events).
-    """
-    models: dict[int, Any] = {}
-    variables = list(plan.variables)
-    common = {"m": plan.m, "seed": plan.seed, "donors": params["donors"], "ridge": params["ridge"],
-              "chain0": plan.chain0, "labels": setup["labels"], "separation": params["separation"],
-              "shrinkage": params["shrinkage"], "min_level_count": params["min_level_count"],
-              # pmm matches on all observed rows unless a donor sample size is given
-              "exact": params.get("donor_pool") is None, "match_bytes": _settings.get("pmm.match-bytes")}
-    for j, v in enumerate(variables):
-        if not v.imputed or v.method == "passive":
-            continue
-        if v.method == "smcfcs":
-            from dmice.methods.smcfcs import SmcfcsModel
-
-            sub = plan.substantive
-            own = {c for k in sub.model.inputs if k != j for c in range(*variables[k].cols)}
-            xcols = np.array([0] + sorted(own), dtype=np.int64)
-            models[j] = SmcfcsModel(j, v, xcols, sample_pool=pools[j], substantive=sub,
-                                    n_sub=sub.model.width, **common)
-            continue
-        if j in plan.formulas:
-            xcols = np.arange(plan.formulas[j].width)
-        else:
-            xcols = _pred.xcols(variables, setup["sets"][j])
-            for p, (_, idx) in plan.passive.items():  # a passive variable never predicts its own inputs
-                pc = set(range(*variables[p].cols))
-                if j in idx and pc & set(xcols.tolist()):
-                    xcols = np.array([c for c in xcols if c not in pc], dtype=np.int64)
-                    if events is not None:
-                        events.append({"iteration": 0, "variable": v.name,
-                                       "event": f"passive {variables[p].name!r} removed from the "
-                                                "predictors (it is computed from this variable)"})
-        if plan.by is None:
-            models[j] = TargetModel(j, v, xcols, sample_pool=pools[j], **common)
-            continue
-        vb = variables[plan.by]
-        models[j] = StratifiedModel(
-            {g: TargetModel(j, replace(v, name=f"{v.name} [{vb.name} level {g + 1}]"), xcols,
-                            sample_pool=pools[j], stream=(g + 1,), **common)
-             for g in range(vb.n_levels)}, vb.name, list(vb.levels))
-    return models
 
 
 def _parse_substantive(substantive: Any, family: Any, columns: list[str]) -> tuple[str, str] | None:
@@ -607,91 +549,6 @@ def _config_hash(params: dict[str, Any], variables: list[Any], rows: list[int]) 
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _run(eng: _engine.Engine, iterations: int, seq: list[int], events: list[dict[str, Any]],
-         progress: Any, until_rhat: float | None, checkpoint: str | None, every: int,
-         storage_options: dict[str, Any] | None, config: str) -> None:
-    """Run the loop with progress reporting, the R-hat stopping rule and checkpoints."""
-    from dmice.diagnostics import max_rhat
-
-    if iterations <= 0:
-        return
-
-    memo: dict[int, float] = {}  # one R-hat per iteration, shared by the progress line and the stop rule
-
-    def rhat_now() -> float:
-        if eng.iteration not in memo:
-            memo.clear()
-            memo[eng.iteration] = (max_rhat(pd.DataFrame(eng.chain_stats), eng.iteration)
-                                   if eng.plan.m > 1 else float("nan"))
-        return memo[eng.iteration]
-
-    dash = _cluster.dashboard_link(eng.client)
-    reporter = None if progress is None or progress is False else _progress.Reporter(
-        progress, total=iterations, start=eng.iteration, visits_per_iteration=len(seq),
-        max_rhat=rhat_now, dashboard=dash)
-
-    def after(it: int) -> bool:
-        if checkpoint is not None and it % every == 0:
-            d = store.checkpoint_dir(checkpoint, it)
-            eng.save_state(d, storage_options, {"config": config, "events": events},
-                           pd.DataFrame(eng.chain_stats))
-            store.publish_checkpoint(checkpoint, storage_options, {"dir": d, "iteration": it,
-                                                                   "config": config})
-        if until_rhat is not None:
-            r = rhat_now()
-            if r == r and r < until_rhat:  # not NaN
-                log.info("dmice: every R-hat below %.3f at iteration %d; stopping", until_rhat, it)
-                return True
-        return False
-
-    try:
-        eng.run(iterations, seq, events, reporter, after)
-    finally:
-        if reporter is not None:
-            reporter.close()
-
-
-def _continue(result: MultipleImputation, iterations: int, progress: Any,
-              until_rhat: float | None) -> None:
-    """Run more iterations of an in-memory result (see :meth:`MultipleImputation.iterate`)."""
-    eng = result._engine
-    start = eng.iteration
-    try:
-        _run(eng, iterations, result._seq, result._events, progress, until_rhat, None, 1, None,
-             result._config)
-    finally:  # an interrupted run keeps the iterations it completed
-        result.iterations = eng.iteration
-        result._chain = eng.chain_stats
-    log.info("dmice: continued from iteration %d to %d", start, eng.iteration)
-
-
-def _add_chains(result: MultipleImputation, k: int, progress: Any) -> None:
-    """Run ``k`` new chains for as many iterations as the existing ones and append them."""
-    eng = result._engine
-    plan = eng.plan
-    client = eng.client
-    new_plan = replace(plan, m=k, chain0=plan.chain0 + plan.m)
-    blocks = _passes.init_fill(client, eng.blocks, new_plan, eng.pools)
-    models = _make_models(new_plan, eng.pools, result.parameters, eng.setup)
-    new = _engine.Engine(client, new_plan, blocks, models, eng.schema)
-    events: list[dict[str, Any]] = []
-    if result._seq and eng.iteration:
-        _run(new, eng.iteration, result._seq, events, progress, None, None, 1, None, result._config)
-    # merge: the chains of both engines side by side, in chain order
-    eng.append_chains(new)
-    eng.plan = replace(plan, m=plan.m + k)
-    merged = _make_models(eng.plan, eng.pools, result.parameters, eng.setup)
-    for j, mod in merged.items():
-        mod.set_state(_merge_states(eng.models[j].get_state(), new.models[j].get_state()))
-    eng.models = merged
-    for r in new.chain_stats:
-        eng.chain_stats.append({**r, "chain": r["chain"] + plan.m})
-    result._events.extend({**e, "event": f"added chains: {e['event']}"} for e in events)
-    result.m = plan.m + k
-    result.parameters = {**result.parameters, "m": plan.m + k}
-    result._chain = eng.chain_stats
-
-
 def _mask_param(mask: Any) -> Any:
     """The manifest's entry of ``where`` or ``ignore``: the names of marker columns, which a
     continued run can apply again (``{"column": ...}`` or ``{"columns": {...}}``), else a
@@ -710,22 +567,6 @@ def _fingerprint(obj: Any) -> str | None:
     from dask.base import tokenize
 
     return tokenize(obj)
-
-
-def _merge_states(a: Any, b: Any) -> Any:
-    """The model state of chains ``a`` followed by chains ``b``: warm starts side by side."""
-    if isinstance(a, dict):
-        out = {}
-        for k, va in a.items():
-            vb = b.get(k) if isinstance(b, dict) else None
-            if k == "beta":
-                out[k] = None if va is None or vb is None else np.concatenate([va, vb])
-            elif k == "curvature":
-                out[k] = max(va, vb or 0.0)
-            else:
-                out[k] = _merge_states(va, vb)
-        return out
-    return a
 
 
 def _reopen(result: MultipleImputation, iterations: int, progress: Any, until_rhat: float | None,
@@ -1068,7 +909,7 @@ def open(url: str, *, storage_options: dict[str, Any] | None = None) -> Multiple
         When the output is incomplete (no ``_SUCCESS`` marker).
     """
     manifest = store.read_manifest(url, storage_options)
-    return from_manifest(url, manifest, storage_options)
+    return from_manifest(url, manifest, storage_options, reopen=_reopen)
 
 
 def quickpred(data: Any, *, mincor: float = 0.1, minpuc: float = 0.0, include: Iterable[str] | str = (),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import platform
 import posixpath
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -12,8 +14,10 @@ import numpy as np
 import pandas as pd
 
 from dmice import store
-from dmice.errors import InputError
+from dmice.errors import InputError, check_int
 from dmice.schema import Schema, _jsonable
+
+log = logging.getLogger("dmice")
 
 
 def _versions() -> dict[str, str]:
@@ -57,9 +61,9 @@ class MultipleImputation:
                  method: dict[str, str], n_missing: dict[str, int], n_rows: int,
                  visit_sequence: list[str], logged_events: list[dict[str, Any]],
                  chain_stats: list[dict[str, Any]], dtypes: dict[str, str],
-                 engine: Any = None, ddf: Any = None, schema: Schema | None = None,
-                 cluster: Any = None, url: str | None = None,
-                 storage_options: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None):
+                 session: Any = None, ddf: Any = None, schema: Schema | None = None,
+                 url: str | None = None, storage_options: dict[str, Any] | None = None,
+                 manifest: dict[str, Any] | None = None, reopen: Callable[..., Any] | None = None):
         self.m = m
         self.iterations = iterations
         self.seed = seed
@@ -71,16 +75,19 @@ class MultipleImputation:
         self._events = logged_events
         self._chain = chain_stats
         self.dtypes = dtypes
-        self._engine = engine
+        self._session = session  # dmice.runtime.session.Session: the chains on the cluster
         self._ddf = ddf
         self.schema = schema
-        self._cluster = cluster
         self.url = url
         self._storage_options = storage_options
         self.manifest = manifest
         self.parameters: dict[str, Any] = dict((manifest or {}).get("parameters") or {})
-        self._config: str | None = None
-        self._seq: list[int] = []
+        self._reopen = reopen  # rebuilds the chains of a written output (given by dmice.open)
+
+    @property
+    def _engine(self) -> Any:
+        """The engine of the chains held on the cluster (None for a result read from disk)."""
+        return self._session.engine if self._session is not None else None
 
     # -- views ------------------------------------------------------------------------------
     @property
@@ -233,14 +240,20 @@ class MultipleImputation:
         state, and a new result held on the cluster is returned (the output on disk is not
         changed; write the new result with :meth:`to_parquet`).
         """
-        from dmice import api
-
-        iterations = api._check_int("iterations", iterations, 0)
-        if self._engine is None:
+        iterations = check_int("iterations", iterations, 0)
+        if self._session is None:
             if self.url is None:
                 raise InputError("this result holds no chains to continue")
-            return api._reopen(self, iterations, progress, until_rhat, client)
-        api._continue(self, iterations, progress, until_rhat)
+            if self._reopen is None:
+                raise InputError(f"open {self.url!r} with dmice.open to continue its chains")
+            return self._reopen(self, iterations, progress, until_rhat, client)
+        start = self._engine.iteration
+        try:
+            self._session.run(iterations, progress, until_rhat)
+        finally:  # an interrupted run keeps the iterations it completed
+            self.iterations = self._engine.iteration
+            self._chain = self._engine.chain_stats
+        log.info("dmice: continued from iteration %d to %d", start, self.iterations)
         return self
 
     def add_imputations(self, k: int, *, progress: Any = "auto") -> MultipleImputation:
@@ -251,13 +264,14 @@ class MultipleImputation:
         the cluster only: for a result read from disk, call :meth:`iterate` with 0 iterations
         first.
         """
-        from dmice import api
-
-        k = api._check_int("k", k, 1)
-        if self._engine is None:
+        k = check_int("k", k, 1)
+        if self._session is None:
             raise InputError("add_imputations needs the chains on the cluster; call iterate(0) on a "
                              "result read from disk first")
-        api._add_chains(self, k, progress)
+        self._session.add_chains(k, progress)
+        self.m = self._engine.plan.m
+        self.parameters = {**self.parameters, "m": self.m}
+        self._chain = self._engine.chain_stats
         return self
 
     # -- writing ----------------------------------------------------------------------------
@@ -391,7 +405,7 @@ class MultipleImputation:
         # the state keeps the parameters and chain statistics as they are (level names included):
         # continuing the chains needs them; the manifest holds the versions safe to show
         written = self._engine.save_state(posixpath.join(url.rstrip("/"), state_rel), storage_options,
-                                          {"config": self._config, "events": self._events,
+                                          {"config": self._session.config, "events": self._events,
                                            "parameters": self.parameters,
                                            "categories": self._categories()},
                                           pd.DataFrame(self._chain))
@@ -454,15 +468,9 @@ class MultipleImputation:
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
         """Release the imputed cells and close the embedded cluster, if dmice started one."""
-        eng, self._engine = self._engine, None
-        if eng is not None:
-            eng.blocks = []
-        if self._cluster is not None:
-            client = getattr(eng, "client", None)
-            if client is not None:
-                client.close()
-            self._cluster.close()
-            self._cluster = None
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
 
     def __enter__(self) -> MultipleImputation:
         return self
@@ -482,10 +490,12 @@ class _PerPartition:
         return self.writers[i](df, block, plan, url, i, storage_options)
 
 
-def from_manifest(url: str, manifest: dict[str, Any],
-                  storage_options: dict[str, Any] | None) -> MultipleImputation:
+def from_manifest(url: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None,
+                  reopen: Callable[..., Any] | None = None) -> MultipleImputation:
     """A lazily read result from the manifest of a complete output (``layout`` ``full`` or
-    ``cells``, written directly or under a job's run prefix)."""
+    ``cells``, written directly or under a job's run prefix).  ``reopen(result, iterations,
+    progress, until_rhat, client)`` rebuilds its chains on the cluster (see
+    :meth:`MultipleImputation.iterate`)."""
     return MultipleImputation(
         m=manifest["m"], iterations=manifest["iterations"], seed=manifest["seed"],
         columns=manifest["columns"], method=manifest["method"], n_missing=manifest["n_missing"],
@@ -494,4 +504,4 @@ def from_manifest(url: str, manifest: dict[str, Any],
         chain_stats=store.read_diagnostics(url, storage_options,
                                            prefix=manifest.get("data_prefix", "")).to_dict("records"),
         dtypes=manifest["dtypes"],
-        url=url, storage_options=storage_options, manifest=manifest)
+        url=url, storage_options=storage_options, manifest=manifest, reopen=reopen)

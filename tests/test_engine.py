@@ -166,10 +166,10 @@ g = np.random.default_rng(0)
 df = pd.DataFrame({"a": g.normal(size=500), "b": g.normal(size=500)})
 df.loc[::7, "a"] = np.nan
 with dmice.impute(df, m=2, max_iter=1, seed=1) as imp:
-    cluster = imp._cluster
+    cluster = imp._session.cluster
     assert cluster is not None and len(cluster.workers) >= 1
     assert imp.complete(2).compute().isna().sum().sum() == 0
-assert imp._cluster is None and cluster.status.name == "closed"
+assert imp._session is None and cluster.status.name == "closed"
 print("ok")
 """
     res = subprocess.run([sys.executable, "-c", "if __name__ == '__main__':\n" +
