@@ -11,6 +11,7 @@ import posixpath
 import time
 import weakref
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,18 +19,16 @@ import pandas as pd
 
 from dmice import block as _block
 from dmice import config as _settings
-from dmice import disclosure as _disclosure
 from dmice import formulas as _formulas
 from dmice import passive as _passive
 from dmice import post as _post
 from dmice import predictors as _pred
 from dmice import progress as _progress
-from dmice import rng as _rng
 from dmice import store
 from dmice._gc import frozen
 from dmice.disclosure import MIN_CELL_COUNT
 from dmice.errors import InputError, OutputError, check_int
-from dmice.methods import SEPARATION
+from dmice.parameters import ImputationConfig
 from dmice.result import MultipleImputation, from_manifest
 from dmice.runtime import cluster as _cluster
 from dmice.runtime import engine as _engine
@@ -313,61 +312,44 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
     >>> imp = dmice.impute(ddf, m=5, max_iter=10, seed=1)   # doctest: +SKIP
     >>> imp.complete(1).head()                              # doctest: +SKIP
     """
+    config = ImputationConfig(
+        m=m, max_iter=max_iter, seed=seed, method=method, visit_sequence=visit_sequence, donors=donors,
+        donor_pool=donor_pool, ridge=ridge, formulas=formulas, passive=passive, substantive=substantive,
+        substantive_family=substantive_family, predictors=predictors, where=where, ignore=ignore, post=post,
+        delta=delta, by=by, until_rhat=until_rhat, min_level_count=min_level_count, collapse=collapse,
+        separation=separation, shrinkage=shrinkage, min_cell_count=min_cell_count)
+    return run(data, config, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+               storage_options=storage_options, client=client, progress=progress, _state=_state)
+
+
+def run(data: Any, config: ImputationConfig, *, checkpoint: str | None = None, checkpoint_every: int = 1,
+        storage_options: dict[str, Any] | None = None, client: Any = None, progress: Any = "auto",
+        _state: str | None = None) -> MultipleImputation:
+    """:func:`impute` with its parameters as one :class:`dmice.parameters.ImputationConfig` (how
+    job files and continued outputs run); the other arguments as for :func:`impute`."""
     ddf = _as_dask(data)
-    m = check_int("m", m, 1)
-    max_iter = check_int("max_iter", max_iter, 0)
-    donors = check_int("donors", donors, 1)
-    if donor_pool is not None:
-        donor_pool = check_int("donor_pool", donor_pool, 1)
+    config = config.checked()
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
-    if seed is None:
-        seed = _rng.fresh_seed()
-    seed = check_int("seed", seed, 0)
-    if method is not None and not isinstance(method, dict):
-        raise InputError(f"method must be a dict of column -> method name, got {type(method).__name__}")
-    if not isinstance(ridge, numbers.Real) or not ridge >= 0:
-        raise InputError(f"ridge must be a number >= 0, got {ridge!r}")
-    if until_rhat is not None and (isinstance(until_rhat, bool) or not isinstance(until_rhat, numbers.Real)
-                                   or not until_rhat > 1):
-        raise InputError(f"until_rhat must be a number > 1 (e.g. 1.05), got {until_rhat!r}")
-    if until_rhat is not None and m < 2:
-        raise InputError("until_rhat needs at least two chains (m >= 2)")
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise InputError(f"checkpoint must be a URL string, got {type(checkpoint).__name__}")
     _progress.check(progress)
-    min_level_count = check_int("min_level_count", min_level_count, 0)
-    min_cell_count = _disclosure.check(min_cell_count)
-    if collapse is not None and not isinstance(collapse, dict):
-        raise InputError(f"collapse must be a dict of column -> {{level: group}}, got "
-                         f"{type(collapse).__name__}")
-    if separation not in SEPARATION:
-        raise InputError(f"separation must be one of {list(SEPARATION)}, got {separation!r}")
-    if not (shrinkage is None or shrinkage == "auto"
-            or (isinstance(shrinkage, numbers.Real) and not isinstance(shrinkage, bool) and shrinkage > 0)):
-        raise InputError(f"shrinkage must be 'auto', a prior standard deviation > 0 or None, got {shrinkage!r}")
+    m, max_iter, seed, method = config.m, config.max_iter, config.seed, config.method
+    visit_sequence, donor_pool, by = config.visit_sequence, config.donor_pool, config.by
+    predictors, where, ignore, post, delta = config.predictors, config.where, config.ignore, config.post, config.delta
+    min_level_count, collapse, until_rhat = config.min_level_count, config.collapse, config.until_rhat
+    substantive_family = config.substantive_family
     _check_columns(ddf)
-    passive_specs = _passive.parse(passive, [str(c) for c in ddf.columns])
+    passive_specs = _passive.parse(config.passive, [str(c) for c in ddf.columns])
     if method and set(method) & set(passive_specs):
         raise InputError(f"columns {sorted(set(method) & set(passive_specs))} are passive; they take no "
                          "method")
     ddf = _passive.prepare(ddf, passive_specs)
-    formula_rhs = _formulas.parse(formulas, [str(c) for c in ddf.columns])
-    sub_rhs = _parse_substantive(substantive, substantive_family, [str(c) for c in ddf.columns])
+    formula_rhs = _formulas.parse(config.formulas, [str(c) for c in ddf.columns])
+    sub_rhs = _parse_substantive(config.substantive, substantive_family, [str(c) for c in ddf.columns])
     both = set(formula_rhs) & set(passive_specs)
     if both:
         raise InputError(f"columns {sorted(both)} are passive; they take no formula")
-    params = {"m": m, "seed": seed, "method": dict(method or {}),
-              "visit_sequence": visit_sequence if isinstance(visit_sequence, str) else list(visit_sequence),
-              "donors": donors, "donor_pool": donor_pool, "ridge": float(ridge),
-              "passive": {k: p.expression for k, p in passive_specs.items()},
-              "formulas": {k: f"{k} ~ {v}" for k, v in formula_rhs.items()},
-              "substantive": substantive, "substantive_family": substantive_family,
-              "predictors": _pred.as_json(predictors), "delta": dict(delta or {}), "by": by,
-              "min_level_count": min_level_count, "collapse": collapse, "separation": separation,
-              "shrinkage": shrinkage,
-              # masks by marker columns are stored; others only fingerprinted: a checkpoint must come
-              # from the same masks and functions
-              "where": _mask_param(where), "ignore": _mask_param(ignore), "post": _fingerprint(post)}
+    params = config.record({k: p.expression for k, p in passive_specs.items()}, formula_rhs)
 
     cluster = None
     if client is None:
@@ -414,9 +396,9 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         setup = {"sets": sets, "labels": _pred.column_labels(variables, n_cols)}
         models = _session.make_models(plan, pools, params, setup, events)
         eng = _engine.Engine(client, plan, blocks, models, schema)
-        config = _config_hash(params, variables, rows)
+        config_hash = _config_hash(params, variables, rows)
         session = _session.Session(eng, pools=pools, setup=setup, params=params, seq=seq, events=events,
-                                   config=config, cluster=cluster)
+                                   config=config_hash, cluster=cluster)
         log.info("dmice: %d rows, %d partitions, %d columns to impute, m=%d; set up in %.2f s",
                  schema.n_rows, len(parts), len(models), m, time.perf_counter() - t0)
         restored = _state if _state is not None else None
@@ -427,7 +409,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
                 restored = ptr["dir"]
         if restored is not None:
             meta, model_state, chains = store.read_state_meta(restored, state_so)
-            if meta.get("config") != config:
+            if meta.get("config") != config_hash:
                 raise OutputError(f"the chain state at {restored!r} belongs to another configuration "
                                   "(data, seed or parameters differ); remove it or use another "
                                   "checkpoint URL")
@@ -451,7 +433,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         dtypes={str(c): str(t) for c, t in ddf.dtypes.items()},
         session=session, ddf=ddf, schema=schema)
     # not part of the configuration hash: it changes what is written about the chains, not them
-    result.parameters = {**params, "min_cell_count": min_cell_count}
+    result.parameters = {**params, "min_cell_count": config.min_cell_count}
     if cluster is not None:
         weakref.finalize(result, _close_quietly, client, cluster)
     return result
@@ -549,26 +531,6 @@ def _config_hash(params: dict[str, Any], variables: list[Any], rows: list[int]) 
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _mask_param(mask: Any) -> Any:
-    """The manifest's entry of ``where`` or ``ignore``: the names of marker columns, which a
-    continued run can apply again (``{"column": ...}`` or ``{"columns": {...}}``), else a
-    fingerprint of the data given."""
-    if isinstance(mask, str):
-        return {"column": mask}
-    if isinstance(mask, dict) and mask and all(isinstance(v, str) for v in mask.values()):
-        return {"columns": {str(k): v for k, v in mask.items()}}
-    return _fingerprint(mask)
-
-
-def _fingerprint(obj: Any) -> str | None:
-    """A deterministic token of an argument that cannot be stored in the manifest (None if unset)."""
-    if obj is None:
-        return None
-    from dask.base import tokenize
-
-    return tokenize(obj)
-
-
 def _reopen(result: MultipleImputation, iterations: int, progress: Any, until_rhat: float | None,
             client: Any) -> MultipleImputation:
     """Continue the chains of a written output: rebuild the incomplete data from imputation 1
@@ -586,22 +548,15 @@ def _reopen(result: MultipleImputation, iterations: int, progress: Any, until_rh
     if not params or not man.get("state"):
         raise InputError(f"the output {result.url!r} holds no chain state to continue from (written "
                          "by an older version, or without state)")
-    named = {k: params[k] for k in ("where", "ignore") if isinstance(params.get(k), dict)}
-    kept = [k for k in ("where", "ignore", "post") if params.get(k) and k not in named]
-    if kept:
-        raise InputError(f"the output {result.url!r} was imputed with {kept}, which are not stored with "
-                         "it; continue the chains in the session that made them")
-    params = {k: v for k, v in params.items() if k not in ("where", "ignore", "post")}
-    # masks by marker columns: the same columns of the written data
-    params.update({k: v.get("column", v.get("columns")) for k, v in named.items()})
+    config = replace(ImputationConfig.from_record(params, result.url),
+                     max_iter=result.iterations + iterations, until_rhat=until_rhat)
     state_url = posixpath.join(result.url.rstrip("/"), man["state"])
     first = result.complete(1)
     parts = [delayed(store.incomplete_partition)(p, state_url, i, result.columns, result._storage_options)
              for i, p in enumerate(first.to_delayed())]
     ddf = dd.from_delayed(parts, meta=first._meta, verify_meta=False)
-    return impute(ddf, **params, max_iter=result.iterations + iterations, until_rhat=until_rhat,
-                  storage_options=result._storage_options, client=client, progress=progress,
-                  _state=state_url)
+    return run(ddf, config, storage_options=result._storage_options, client=client, progress=progress,
+               _state=state_url)
 
 
 def _check_by(variables: list[Any], by: str | None, method: dict[str, str] | None) -> int | None:

@@ -37,9 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dmice import formulas as _formulas
 from dmice import store
-from dmice.disclosure import MIN_CELL_COUNT
 from dmice.errors import InputError, OutputError
-from dmice.schema import ALL_METHODS, MIN_LEVEL_COUNT
+from dmice.parameters import ImputationConfig, defaults, later_settings
+from dmice.schema import ALL_METHODS
 
 log = logging.getLogger("dmice")
 
@@ -126,22 +126,26 @@ class PostSpec(_Strict):
         return out
 
 
+#: the defaults of the imputation's parameters (one definition: dmice.parameters)
+_D = defaults()
+
+
 class ImputationSpec(_Strict):
     """Arguments of :func:`dmice.impute`."""
 
-    m: PositiveInt = 5
-    max_iter: NonNegativeInt = 10
+    m: PositiveInt = _D["m"]
+    max_iter: NonNegativeInt = _D["max_iter"]
     seed: NonNegativeInt = Field(description="required: a re-run must reproduce the output")
     method: dict[str, MethodName] = Field(default_factory=dict,
                                           description="method per column; '' leaves it as is")
     predictors: dict[str, list[str]] | None = Field(
         None, description="predictor columns per imputed column (default: all other columns)")
-    visit_sequence: Literal["roman", "arabic", "monotone"] | list[str] = "roman"
-    donors: PositiveInt = 5
+    visit_sequence: Literal["roman", "arabic", "monotone"] | list[str] = _D["visit_sequence"]
+    donors: PositiveInt = _D["donors"]
     donor_pool: PositiveInt | None = Field(
         None, description="pmm: match against a fixed sample of this many observed rows instead of "
                           "all of them (the former default, 10000)")
-    ridge: Annotated[float, Field(ge=0)] = 1e-5
+    ridge: Annotated[float, Field(ge=0)] = _D["ridge"]
     until_rhat: Annotated[float, Field(gt=1)] | None = Field(
         None, description="stop before max_iter once every R-hat is below this value")
     formulas: dict[str, str] = Field(
@@ -152,7 +156,7 @@ class ImputationSpec(_Strict):
                                           "{bmi: 'weight / (height / 100) ** 2'}")
     substantive: str | None = Field(
         None, description="analysis model whose continuous covariates are imputed compatibly (SMC-FCS)")
-    substantive_family: Literal["gaussian", "binomial"] = "gaussian"
+    substantive_family: Literal["gaussian", "binomial"] = _D["substantive_family"]
     by: str | None = Field(None, description="complete categorical column: models fitted within each level")
     where: dict[str, str] = Field(
         default_factory=dict, description="{column: boolean marker column}: observed cells of the "
@@ -165,18 +169,22 @@ class ImputationSpec(_Strict):
     post: dict[str, PostSpec] = Field(default_factory=dict,
                                       description="post-processing of a continuous column's imputed values")
     min_level_count: NonNegativeInt = Field(
-        MIN_LEVEL_COUNT, description="predictor levels observed fewer times share one design column")
+        _D["min_level_count"], description="predictor levels observed fewer times share one design column")
     collapse: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="{column: {level: group}} merges of predictor levels "
                                           "(levels of string or categorical columns)")
-    separation: Literal["firth", "ridge", "error", "none"] = "firth"
+    separation: Literal["firth", "ridge", "error", "none"] = _D["separation"]
     shrinkage: Literal["auto"] | Annotated[float, Field(gt=0)] | None = Field(
-        "auto", description="prior on polyreg coefficients: auto (empirical Bayes for rare levels), "
+        _D["shrinkage"], description="prior on polyreg coefficients: auto (empirical Bayes for rare levels), "
                             "a prior standard deviation, or null")
     min_cell_count: PositiveInt = Field(
-        MIN_CELL_COUNT, description="small-cell rule of what is written about the data (manifest, "
+        _D["min_cell_count"], description="small-cell rule of what is written about the data (manifest, "
                                     "diagnostics): levels seen fewer times are not named, smaller "
                                     "counts are merged; 1 switches it off")
+
+    def to_config(self) -> ImputationConfig:
+        """The imputation's :class:`~dmice.parameters.ImputationConfig`."""
+        return ImputationConfig(**self.arguments())
 
     def arguments(self) -> dict[str, Any]:
         """Keyword arguments of :func:`dmice.impute` (``checkpoint`` and the rest excepted)."""
@@ -196,9 +204,7 @@ class ImputationSpec(_Strict):
 
 #: imputation settings added after the first job files were written: left out of the
 #: configuration hash while at their defaults, so existing jobs keep their hash (and outputs)
-_LATER_SETTINGS = ("formulas", "passive", "substantive", "substantive_family", "by", "delta", "post",
-                   "min_level_count", "collapse", "separation", "shrinkage", "where", "ignore",
-                   "min_cell_count")
+_LATER_SETTINGS = later_settings()
 
 
 class AnalysisSpec(_Strict):
@@ -667,11 +673,11 @@ def impute_step(job: JobSpec, ddf: Any, client: Any, checkpoint: str) -> Any:
     """The imputation of a run, checkpointed every ``output.checkpoint_every`` iterations to
     ``checkpoint``; when that holds the state of an earlier, killed run of the same job, the
     chains resume from it and the result equals an uninterrupted run."""
-    from dmice.api import impute
+    from dmice.api import run
 
-    return impute(ddf, **job.imputation.arguments(), checkpoint=checkpoint,
-                  checkpoint_every=job.output.checkpoint_every,
-                  storage_options=job.output.storage_options, client=client, progress="log")
+    return run(ddf, job.imputation.to_config(), checkpoint=checkpoint,
+               checkpoint_every=job.output.checkpoint_every,
+               storage_options=job.output.storage_options, client=client, progress="log")
 
 
 def _compute_and_write(job: JobSpec, info: InputInfo, run_id: str, prefix: str) -> dict[str, Any]:
