@@ -257,7 +257,7 @@ def impute(data: Any, *, m: int = 5, max_iter: int = 10, seed: int | None = None
         keeps unnamed) and summarised in the logged events.
     separation : {"firth", "ridge", "error", "none"}, default "firth"
         What to do when a logistic or multinomial fit is separated (see
-        :class:`dmice.methods.TargetModel` for the rule): refit a binary target with Firth's
+        :class:`dmice.models.glm.NewtonModel` for the rule): refit a binary target with Firth's
         bias-reduced logistic regression (``logreg.firth``; multinomial targets get the ridge
         penalty), refit with a ridge penalty, raise, or keep the maximum-likelihood fit
         (mice's behaviour).  Each detection is a logged event.

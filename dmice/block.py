@@ -15,6 +15,7 @@ result.  Nothing here touches dask.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -583,32 +584,56 @@ def donor_y(order: dict[str, Any], c: int) -> np.ndarray:
     return order["donor_values"][order["donor_order"][c]]
 
 
+def _draw_sample(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int, g: np.random.Generator) -> np.ndarray:
+    pool = order["values"]
+    return pool[g.integers(0, len(pool), eta.shape[0])]
+
+
+def _draw_norm(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int, g: np.random.Generator) -> np.ndarray:
+    return v.center + v.scale * (eta + order["sigma"][c] * g.standard_normal(eta.shape[0]))
+
+
+def _draw_pmm(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int, g: np.random.Generator) -> np.ndarray:
+    return _match(eta, order["donor_yhat"][c], donor_y(order, c), order["donors"], g)
+
+
+def _draw_binary(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int, g: np.random.Generator) -> np.ndarray:
+    return (g.random(eta.shape[0]) < expit(eta)).astype(np.float64)
+
+
+def _draw_poisson(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int, g: np.random.Generator) -> np.ndarray:
+    # exp(40) keeps the rate inside the range of numpy's Poisson sampler
+    return g.poisson(np.exp(np.minimum(eta, 40.0))).astype(np.float64)
+
+
+def _draw_polr(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int, g: np.random.Generator) -> np.ndarray:
+    cum = expit(order["cuts"][c][None, :] - eta[:, None])  # P(Y <= k), k = 0..K-2
+    u = g.random(eta.shape[0])
+    return (cum < u[:, None]).sum(axis=1).astype(np.float64)
+
+
+def _draw_polyreg(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int, g: np.random.Generator) -> np.ndarray:
+    P = stats.softmax0(eta)
+    u = g.random(eta.shape[0])
+    return np.minimum((P.cumsum(axis=1) < u[:, None]).sum(axis=1), eta.shape[1]).astype(float)
+
+
+#: the workers' draw of each method's missing values from their linear predictor(s)
+DRAWS: dict[str, Callable[..., np.ndarray]] = {
+    "sample": _draw_sample, "norm": _draw_norm, "pmm": _draw_pmm, "logreg": _draw_binary,
+    "logreg.firth": _draw_binary, "poisson": _draw_poisson, "polr": _draw_polr, "polyreg": _draw_polyreg,
+}
+
+
 def impute_values(eta: np.ndarray, order: dict[str, Any], v: Variable, c: int,
                   g: np.random.Generator) -> np.ndarray:
-    """New internal values for the missing rows of one chain from their linear predictor(s)."""
-    method = order["method"]
-    n = eta.shape[0]
-    if method == "sample":
-        pool = order["values"]
-        return pool[g.integers(0, len(pool), n)]
-    if method == "norm":
-        return v.center + v.scale * (eta + order["sigma"][c] * g.standard_normal(n))
-    if method == "pmm":
-        return _match(eta, order["donor_yhat"][c], donor_y(order, c), order["donors"], g)
-    if method in ("logreg", "logreg.firth"):
-        return (g.random(n) < expit(eta)).astype(np.float64)
-    if method == "poisson":
-        # exp(40) keeps the rate inside the range of numpy's Poisson sampler
-        return g.poisson(np.exp(np.minimum(eta, 40.0))).astype(np.float64)
-    if method == "polr":
-        cum = expit(order["cuts"][c][None, :] - eta[:, None])  # P(Y <= k), k = 0..K-2
-        u = g.random(n)
-        return (cum < u[:, None]).sum(axis=1).astype(np.float64)
-    if method == "polyreg":
-        P = stats.softmax0(eta)
-        u = g.random(n)
-        return np.minimum((P.cumsum(axis=1) < u[:, None]).sum(axis=1), eta.shape[1]).astype(float)
-    raise ValueError(f"unknown method {method!r}")
+    """New internal values for the missing rows of one chain from their linear predictor(s)
+    (``eta``: one row per missing row; ``sample`` reads only its length)."""
+    try:
+        draw = DRAWS[order["method"]]
+    except KeyError:
+        raise ValueError(f"unknown method {order['method']!r}") from None
+    return draw(eta, order, v, c, g)
 
 
 def _chain_summary(vals: np.ndarray, v: Variable) -> np.ndarray:
@@ -631,6 +656,30 @@ def _full_coef(plan: Plan, xcols: np.ndarray, beta: np.ndarray) -> np.ndarray:
     B = np.zeros((plan.m, plan.n_cols) + beta.shape[2:])
     B[:, xcols] = beta
     return B
+
+
+def _polr_stats(X: np.ndarray, y: np.ndarray, b: np.ndarray, c: int, request: dict[str, Any],
+                v: Variable) -> dict[str, np.ndarray]:
+    keep = np.asarray(request["xcols"]) != 0  # the cutpoints take the intercept's place
+    km1 = v.n_levels - 1
+    return stats.polr(X[:, keep], y, b[:km1], b[km1:])
+
+
+def _firth_stats(X: np.ndarray, y: np.ndarray, b: np.ndarray, c: int, request: dict[str, Any],
+                 v: Variable) -> dict[str, np.ndarray]:
+    inv = request.get("inv_info")
+    return stats.logistic_firth(X, y, b, None if inv is None else inv[c])
+
+
+#: the statistics of each Newton family's fit on one chain's design ``X`` of the fitting rows, at
+#: its estimate ``b`` (``c``: the chain, ``request``: what the client asked, ``v``: the target)
+NEWTON_KERNELS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
+    "logistic": lambda X, y, b, c, request, v: stats.logistic(X, y, b),
+    "multinomial": lambda X, y, b, c, request, v: stats.multinomial(X, y, b),
+    "poisson": lambda X, y, b, c, request, v: stats.poisson(X, y, b),
+    "firth": _firth_stats,
+    "polr": _polr_stats,
+}
 
 
 def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, Any]:
@@ -685,21 +734,11 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
             return ((c, X[:, xcols]) for c, X in enumerate(formula_designs(block, plan, j, obs, "obs"))
                     if c in chains)
         return zip(chains, model_designs(block, plan, j, obs, xcols, chains=chains))
-    if kind in ("logistic", "multinomial", "poisson"):
-        kernel = {"logistic": stats.logistic, "multinomial": stats.multinomial,
-                  "poisson": stats.poisson}[kind]
-        res = [kernel(X, y, beta[c]) for c, X in designs()]
-    elif kind == "firth":
-        inv = request.get("inv_info")
-        res = [stats.logistic_firth(X, y, beta[c], None if inv is None else inv[c])
-               for c, X in designs()]
-    elif kind == "polr":
-        keep = np.asarray(xcols) != 0  # the cutpoints take the intercept's place
-        km1 = v.n_levels - 1
-        res = [stats.polr(X[:, keep], y, beta[c][:km1], beta[c][km1:])
-               for c, X in designs()]
-    else:
-        raise ValueError(f"unknown statistics {kind!r}")
+    try:
+        kernel = NEWTON_KERNELS[kind]
+    except KeyError:
+        raise ValueError(f"unknown statistics {kind!r}") from None
+    res = [kernel(X, y, beta[c], c, request, v) for c, X in designs()]
     for key in res[0] if res else ():
         out_sum[key] = np.stack([r[key] for r in res])
     return {"sum": out_sum, "cat": out_cat}

@@ -24,7 +24,7 @@ from dmice import predictors as _pred
 from dmice import rng as _rng
 from dmice.disclosure import MIN_CELL_COUNT
 from dmice.errors import InputError, check_int
-from dmice.methods import SEPARATION
+from dmice.models import SEPARATION
 from dmice.schema import MIN_LEVEL_COUNT
 
 #: ``metadata`` of the fields added after the first job files were written: a job's configuration

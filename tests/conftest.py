@@ -101,18 +101,18 @@ def chain_design_stack(block, plan, rows, cols) -> np.ndarray:
 
 def fit_target(df: pd.DataFrame, target: str, method=None, m: int = 1, parts: int = 1, setup=None, **kw):
     """Fit ``target``'s conditional model to convergence on in-memory blocks, as the engine does
-    (statistics of every partition combined, then ``TargetModel.update``); keyword arguments go to
-    :class:`dmice.methods.TargetModel`, ``setup`` to :func:`encoded_blocks`.  Returns
+    (statistics of every partition combined, then the model's ``update``); keyword arguments go to
+    :func:`dmice.models.make_model`, ``setup`` to :func:`encoded_blocks`.  Returns
     ``(model, plan, blocks, xcols, events)``."""
     from dmice import block as B
-    from dmice.methods import TargetModel
+    from dmice.models import make_model
 
     variables, plan, blocks, pools = encoded_blocks(df, method, m=m, parts=parts, **(setup or {}))
     j = [v.name for v in variables].index(target)
     v = variables[j]
     own = set(range(*v.cols))
     xcols = np.array([c for c in range(plan.n_cols) if c not in own])
-    model = TargetModel(j, v, xcols, m=m, seed=plan.seed, sample_pool=pools[j], **kw)
+    model = make_model(j, v, xcols, m=m, seed=plan.seed, sample_pool=pools[j], **kw)
     events: list = []
     for _ in range(200):
         outs = [B.get_out(B.visit(b, plan, None, model.request())) for b in blocks]

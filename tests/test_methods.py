@@ -65,7 +65,7 @@ def test_pmm_donor_predictions_equal_the_dense_design(parts):
     brings, also when screening drops a predictor in a later visit."""
     from conftest import encoded_blocks
 
-    from dmice.methods import TargetModel
+    from dmice.models import make_model
 
     df = _data()
     df["x2copy"] = df["x2"]  # collinear with x2: screening drops one of them
@@ -77,7 +77,7 @@ def test_pmm_donor_predictions_equal_the_dense_design(parts):
     j = [v.name for v in variables].index("y")
     own = set(range(*variables[j].cols))
     xcols = np.array([c for c in range(plan.n_cols) if c not in own])
-    model = TargetModel(j, variables[j], xcols, m=3, seed=plan.seed, sample_pool=pools[j], screen=False)
+    model = make_model(j, variables[j], xcols, m=3, seed=plan.seed, sample_pool=pools[j], screen=False)
     for visit in range(2):
         if visit == 1:
             model.screen = True  # the drop happens on a visit whose donors' design is already kept

@@ -105,13 +105,13 @@ def _exact_visit(df, parts, m=3, seed=5, match_bytes=256 * 2**20):
     from conftest import encoded_blocks
 
     from dmice import block as B
-    from dmice.methods import TargetModel
+    from dmice.models import make_model
 
     variables, plan, blocks, pools = encoded_blocks(df, {"y": "pmm"}, m=m, parts=parts, seed=seed)
     j = [v.name for v in variables].index("y")
     own = set(range(*variables[j].cols))
     xcols = np.array([c for c in range(plan.n_cols) if c not in own])
-    model = TargetModel(j, variables[j], xcols, m=m, seed=plan.seed, sample_pool=pools[j], exact=True,
+    model = make_model(j, variables[j], xcols, m=m, seed=plan.seed, sample_pool=pools[j], exact=True,
                         match_bytes=match_bytes)
     req = model.request()
     assert "pool" not in req
@@ -334,8 +334,8 @@ def test_by_groups_match_on_all_their_observed_rows():
 
     from dmice import block as B
     from dmice import schema as S
-    from dmice.methods import TargetModel
-    from dmice.methods.stratified import StratifiedModel
+    from dmice.models import make_model
+    from dmice.models.stratified import StratifiedModel
 
     g = np.random.default_rng(8)
     n, m = 3000, 2
@@ -357,7 +357,7 @@ def test_by_groups_match_on_all_their_observed_rows():
     skip = set(range(*variables[j].cols)) | set(range(*variables[jg].cols))
     xcols = np.array([c for c in range(plan.n_cols) if c not in skip])
     vb = variables[jg]
-    model = StratifiedModel({k: TargetModel(j, replace(variables[j], name=f"y [site level {k + 1}]"), xcols,
+    model = StratifiedModel({k: make_model(j, replace(variables[j], name=f"y [site level {k + 1}]"), xcols,
                                             m=m, seed=plan.seed, sample_pool=pools[j], stream=(k + 1,),
                                             exact=True)
                              for k in range(vb.n_levels)}, "site", list(vb.levels))

@@ -37,7 +37,7 @@ from dask.sizeof import sizeof
 from distributed import Client, Future, wait
 
 from dmice import block as _block
-from dmice.methods import NEWTON_STATS, TargetModel
+from dmice.models import NEWTON_STATS, ConditionalModel
 from dmice.schema import Schema
 
 log = logging.getLogger("dmice")
@@ -47,7 +47,7 @@ class Engine:
     """Runs the chained loop for one imputation object on a distributed client."""
 
     def __init__(self, client: Client, plan: _block.Plan, blocks: list[Future],
-                 models: dict[int, TargetModel], schema: Schema):
+                 models: dict[int, ConditionalModel], schema: Schema):
         self.client = client
         self.plan = plan
         self._blocks = list(blocks)

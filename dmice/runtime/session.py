@@ -22,8 +22,8 @@ from dmice import config as _settings
 from dmice import predictors as _pred
 from dmice import progress as _progress
 from dmice import store
-from dmice.methods import TargetModel
-from dmice.methods.stratified import StratifiedModel
+from dmice.models import make_model
+from dmice.models.stratified import StratifiedModel
 from dmice.runtime import cluster as _cluster
 from dmice.runtime.engine import Engine
 
@@ -60,7 +60,7 @@ def make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[st
         if not v.imputed or v.method == "passive":
             continue
         if v.method == "smcfcs":
-            from dmice.methods.smcfcs import SmcfcsModel
+            from dmice.models.smcfcs import SmcfcsModel
 
             sub = plan.substantive
             own = {c for k in sub.model.inputs if k != j for c in range(*variables[k].cols)}
@@ -81,11 +81,11 @@ def make_models(plan: _block.Plan, pools: dict[int, np.ndarray], params: dict[st
                                        "event": f"passive {variables[p].name!r} removed from the "
                                                 "predictors (it is computed from this variable)"})
         if plan.by is None:
-            models[j] = TargetModel(j, v, xcols, sample_pool=pools[j], **common)
+            models[j] = make_model(j, v, xcols, sample_pool=pools[j], **common)
             continue
         vb = variables[plan.by]
         models[j] = StratifiedModel(
-            {g: TargetModel(j, replace(v, name=f"{v.name} [{vb.name} level {g + 1}]"), xcols,
+            {g: make_model(j, replace(v, name=f"{v.name} [{vb.name} level {g + 1}]"), xcols,
                             sample_pool=pools[j], stream=(g + 1,), **common)
              for g in range(vb.n_levels)}, vb.name, list(vb.levels))
     return models

@@ -1,6 +1,6 @@
 """Stratified imputation (``by=``): one conditional model per level of a complete grouping variable.
 
-A :class:`StratifiedModel` holds one :class:`~dmice.methods.TargetModel` per
+A :class:`StratifiedModel` holds one conditional model (:mod:`dmice.models`) per
 group and looks like a single model to the engine.  Its request carries each
 group's request; the workers compute each group's statistics from the rows of
 that group only (:func:`dmice.block.group_block`) and return them under keys
@@ -16,13 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from dmice.errors import InputError
-from dmice.methods import TargetModel
+from dmice.models.base import BaseModel
 
 
 class StratifiedModel:
     """The conditional model of one incomplete variable, fitted separately within each group."""
 
-    def __init__(self, models: dict[int, TargetModel], by_name: str, levels: list[Any]):
+    def __init__(self, models: dict[int, BaseModel], by_name: str, levels: list[Any]):
         first = next(iter(models.values()))
         self.models = models
         self.j = first.j
