@@ -26,7 +26,6 @@ import itertools
 import math
 import re
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,324 +33,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from dask import delayed
-from scipy import special
-from scipy.special import expit, ndtr, ndtri
 
 from dmice import config as _config
 from dmice import formulas as _formulas
 from dmice._gc import frozen
 from dmice.errors import InputError
+from dmice.glm import irls as _irls
+from dmice.glm.irls import PatchedX, array_stats
+from dmice.glm.links import COV_TYPES, check_family, check_outcome, outcome_constants
+from dmice.glm.solve import iterate
 from dmice.runtime import cluster as _cluster
 from dmice.runtime import passes as _passes
 
 Design = Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]]
 
-FAMILIES = {"gaussian": ("identity",), "binomial": ("logit", "probit", "cloglog"), "poisson": ("log",)}
-COV_TYPES = ("nonrobust", "HC0", "HC1")
-_CANONICAL = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
-_SQRT_2PI = math.sqrt(2 * math.pi)
-
-
-# ------------------------------------------------------------------------------------------
-# families and links
-# ------------------------------------------------------------------------------------------
-def _inverse_link(link: str, eta: np.ndarray,
-                  second: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``mu``, ``dmu/deta`` and ``d2mu/deta2`` of a link at ``eta`` (the last ``None``
-    for the canonical links unless ``second``)."""
-    if link == "identity":
-        return eta, np.ones_like(eta), np.zeros_like(eta) if second else None
-    if link == "log":
-        mu = np.exp(eta)
-        return mu, mu, mu
-    if link == "logit":
-        mu = expit(eta)
-        d1 = mu * (1.0 - mu)
-        return mu, d1, d1 * (1.0 - 2.0 * mu) if second else None
-    if link == "probit":
-        mu = ndtr(eta)
-        d1 = np.exp(-0.5 * eta**2) / _SQRT_2PI
-        return mu, d1, -eta * d1
-    if link == "cloglog":
-        ee = np.exp(eta)
-        mu = -np.expm1(-ee)
-        d1 = np.exp(eta - ee)
-        return mu, d1, d1 * (1.0 - ee)
-    raise AssertionError(link)
-
-
-def _mean(link: str, eta: np.ndarray) -> np.ndarray:
-    """``mu`` alone at ``eta`` (a score needs no derivative of the mean)."""
-    if link == "logit":
-        return expit(eta)
-    if link == "log":
-        return np.exp(eta)
-    return _inverse_link(link, eta, second=False)[0]
-
-
-def _link(link: str, mu: np.ndarray) -> np.ndarray:
-    """The link function ``eta = g(mu)``."""
-    if link == "identity":
-        return mu
-    if link == "log":
-        return np.log(mu)
-    if link == "logit":
-        return np.log(mu / (1.0 - mu))
-    if link == "probit":
-        return ndtri(mu)
-    if link == "cloglog":
-        return np.log(-np.log1p(-mu))
-    raise AssertionError(link)
-
-
-def _starting_mu(family: str, y: np.ndarray) -> np.ndarray:
-    """Starting means of the first IRLS pass, as statsmodels' ``family.starting_mu``.
-
-    For poisson the mean of ``y`` is the partition's (at least 0.1), so the start, not
-    the estimates, depends on the partitioning.
-    """
-    if family == "gaussian":
-        return y
-    if family == "binomial":
-        return (y + 0.5) / 2.0
-    ybar = max(float(y.mean()), 0.1) if len(y) else 1.0
-    return (y + ybar) / 2.0
-
-
-def _variance(family: str, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Variance function ``V(mu)`` and its derivative ``V'(mu)``."""
-    if family == "gaussian":
-        return np.ones_like(mu), np.zeros_like(mu)
-    if family == "poisson":
-        return mu, np.ones_like(mu)
-    return mu * (1.0 - mu), 1.0 - 2.0 * mu
-
-
-def _check_family(family: str, link: str | None) -> str:
-    if family not in FAMILIES:
-        raise InputError(f"family must be one of {list(FAMILIES)}, got {family!r}")
-    links = FAMILIES[family]
-    if link is None:
-        return links[0]
-    if link not in links:
-        raise InputError(f"link for family {family!r} must be one of {list(links)}, got {link!r}")
-    return link
-
-
-# ------------------------------------------------------------------------------------------
-# per-partition statistics
-# ------------------------------------------------------------------------------------------
-def _check_outcome(family: str, y: np.ndarray) -> None:
-    if family == "binomial" and np.any((y < 0) | (y > 1)):
-        raise InputError("a binomial outcome must be 0/1 or a proportion in [0, 1]")
-    if family == "poisson" and np.any(y < 0):
-        raise InputError("a poisson outcome must be a count >= 0")
-
-
-def _outcome_constants(family: str, y: np.ndarray, w: np.ndarray | None) -> dict[str, float]:
-    """Sums that depend only on the outcome and the weights (``None``: all 1), computed once
-    per block: ``sum(log w)`` and the parts of the deviance (``cdev``) and of the
-    log-likelihood (``cll``) that do not depend on the means; ``binary`` (1.0 or 0.0) says
-    whether a binomial outcome is 0/1 (its log-likelihood is then one log per row)."""
-    ones = w is None
-    w = np.ones(len(y)) if ones else w
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sumlogw = 0.0 if ones else float(np.sum(np.log(w[w > 0])))
-        if family == "binomial":
-            inside = (y > 0) & (y < 1)
-            if not np.any(inside):  # 0/1: every term of the entropy is 0
-                return {"sumlogw": sumlogw, "cdev": 0.0, "cll": 0.0, "binary": 1.0}
-            ent = np.where(inside, special.xlogy(y, y) + special.xlogy(1 - y, 1 - y), 0.0)
-            return {"sumlogw": sumlogw, "cdev": float(np.sum(w * ent)), "cll": 0.0,
-                    "binary": 0.0}
-        if family == "poisson":
-            return {"sumlogw": sumlogw, "cdev": float(np.sum(w * (special.xlogy(y, y) - y))),
-                    "cll": float(np.sum(w * special.gammaln(y + 1.0))), "binary": 0.0}
-    return {"sumlogw": sumlogw, "cdev": 0.0, "cll": 0.0, "binary": 0.0}
-
-
-def _loglik_terms(family: str, y: np.ndarray, mu: np.ndarray, binary: bool) -> np.ndarray:
-    """Per-row terms of the log-likelihood kernel at the means ``mu`` (binomial: without
-    the binomial coefficient; poisson: without ``log(y!)``; gaussian: the squared
-    residuals, whose weighted sum is the deviance)."""
-    if family == "gaussian":
-        return (y - mu) ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if family == "poisson":
-            return special.xlogy(y, mu) - mu
-        if binary:  # y in {0, 1}: log(mu) where y = 1, log(1 - mu) where y = 0
-            return np.log(np.where(y > 0, mu, 1.0 - mu))
-        # xlogy(y, mu) = y log(mu), 0 where y = 0; xlog1py(1 - y, -mu) = (1 - y) log(1 - mu),
-        # 0 where y = 1
-        t = special.xlogy(y, mu)
-        t += special.xlog1py(1.0 - y, -mu)
-        return t
-
-
-def _deviance_loglik(family: str, kern: float, c: dict[str, float]) -> tuple[float, float]:
-    """Deviance and log-likelihood (binomial without the binomial coefficient; 0 for
-    gaussian, whose log-likelihood depends on the dispersion) from the weighted sum
-    ``kern`` of :func:`_loglik_terms`."""
-    if family == "gaussian":
-        return kern, 0.0
-    if family == "poisson":
-        return 2.0 * c["cdev"] - 2.0 * kern, kern - c["cll"]
-    return 2.0 * c["cdev"] - 2.0 * kern, kern
-
-
-#: rows per block of :func:`_array_stats`: the temporaries of a block (a few vectors of
-#: this length and one array of X's width) stay in the CPU caches
-ROW_BLOCK = 16384
-
-
-def _array_stats(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray | None,
-                 family: str, link: str, beta: np.ndarray | None, robust: bool = True,
-                 consts: dict[str, float] | None = None,
-                 work: np.ndarray | None = None, grad_only: bool = False,
-                 lean: bool = False) -> dict[str, Any]:
-    """Statistics of one block of rows at ``beta``, summed over its rows.
-
-    Returns the expected information ``XtWX``, the score ``g`` (both without the
-    dispersion), the observed information ``Hobs``, the meat of the sandwich ``meat``
-    (sum of the outer products of the per-row scores; zeros unless ``robust``), the
-    Pearson chi-square, the deviance, the log-likelihood kernel ``loglik`` (binomial
-    and poisson), ``sum(log w)``, the sums ``sw = sum(w)``, ``swy = sum(w y)``,
-    ``swe``, ``swe2`` (of ``w eta0`` and ``w eta0**2`` with ``eta0 = X beta``, used for
-    R-squared) and the row count.  With ``beta=None`` (the first IRLS pass) the
-    statistics are taken at the starting means instead, and ``g`` is
-    ``X'W(z - offset)`` with the working response ``z``, so that ``solve(XtWX, g)`` is
-    the first estimate.
-
-    The rows are taken :data:`ROW_BLOCK` at a time, so that the per-row temporaries stay
-    in the CPU caches; ``work``, an array of shape ``(ROW_BLOCK, p)``, is the scratch space
-    of the weighted design (kept from pass to pass instead of allocated anew).
-
-    With ``grad_only`` (a canonical link and a ``beta``), only the score ``g`` and the row
-    count ``n`` are computed (see :func:`_score`).  With ``lean``, what only a fit's last
-    pass needs is left out: the log-likelihood and deviance (their logarithms cost a
-    quarter of a pass) and the sandwich's meat.
-    """
-    n, p = X.shape
-    if grad_only:
-        return _score(X, y, w, off, link, beta)
-    c = _outcome_constants(family, y, w) if consts is None else consts
-    start = None
-    if beta is None:  # the starting means depend on the whole block (poisson: its mean y)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            start = _link(link, _starting_mu(family, y))
-    if work is None or work.shape != (ROW_BLOCK, p):
-        work = np.empty((ROW_BLOCK, p), order="F")
-    sums = {"XtWX": np.zeros((p, p)), "g": np.zeros(p), "Hobs": np.zeros((p, p)),
-            "meat": np.zeros((p, p)), "pearson": 0.0, "kern": 0.0, "sw": 0.0, "swy": 0.0,
-            "swe": 0.0, "swe2": 0.0}
-    # a patched matrix's blocks are assembled in one buffer (see _PatchedX.block)
-    xbuf = np.empty((ROW_BLOCK, p), order="F") if isinstance(X, _PatchedX) else None
-    for s in range(0, n, ROW_BLOCK):
-        rows = slice(s, s + ROW_BLOCK)
-        Xb = X[rows] if xbuf is None else X.block(rows, xbuf[:min(ROW_BLOCK, n - s)])
-        _row_block_stats(sums, Xb, y[rows], None if w is None else w[rows],
-                         None if off is None else off[rows], family, link, beta,
-                         None if start is None else start[rows], robust and not lean,
-                         c["binary"] > 0, work[:min(ROW_BLOCK, n - s)], lean)
-    if _CANONICAL.get(family) == link:  # observed == expected information, exactly
-        sums["Hobs"] = sums["XtWX"]
-    kern = sums.pop("kern")
-    if lean:
-        del sums["meat"]
-    out = {k: (v if isinstance(v, np.ndarray) else np.array(v)) for k, v in sums.items()}
-    if not lean:
-        deviance, loglik = _deviance_loglik(family, kern, c)
-        out.update(deviance=np.array(deviance), loglik=np.array(loglik))
-    out.update(sumlogw=np.array(c["sumlogw"]), n=np.array(float(n)))
-    return out
-
-
-def _score(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, off: np.ndarray | None, link: str,
-           beta: np.ndarray) -> dict[str, Any]:
-    """The score ``X'W(y - mu)`` of a canonical link at ``beta`` (a chord pass of
-    :func:`_iterate`: a few products with X, no information matrix), and ``n``."""
-    n = X.shape[0]
-    g = np.zeros(X.shape[1])
-    patched = isinstance(X, _PatchedX)
-    for s in range(0, n, ROW_BLOCK):
-        rows = slice(s, s + ROW_BLOCK)
-        if patched:  # this imputation's own columns, and imputation 1's where they apply
-            parts = [(X.own(rows), X.cols)] + [(X.base[rows, c], c) for c in X.keep]
-        else:
-            parts = [(X[rows], slice(None))]
-        eta = None
-        for A, c in parts:
-            # a product with a single column as a vector's (numpy's matrix product is slow
-            # on an (n, 1) view)
-            t = A[:, 0] * beta[c][0] if A.shape[1] == 1 else A @ beta[c]
-            eta = t if eta is None else np.add(eta, t, out=eta)
-        if off is not None:
-            eta += off[rows]
-        u = np.subtract(y[rows], _mean(link, eta), out=eta)
-        if w is not None:
-            u *= w[rows]
-        for A, c in parts:
-            g[c] += A.T @ u
-    return {"g": g, "n": np.array(float(n))}
-
-
-def _row_block_stats(sums: dict[str, Any], X: np.ndarray, y: np.ndarray, w: np.ndarray | None,
-                     off: np.ndarray | None, family: str, link: str, beta: np.ndarray | None,
-                     start: np.ndarray | None, robust: bool, binary: bool,
-                     work: np.ndarray, lean: bool = False) -> None:
-    """Add the statistics of the rows ``X, y, w, off`` to ``sums`` (see :func:`_array_stats`;
-    ``start``: the linear predictor at the starting means when ``beta`` is None)."""
-    canonical = _CANONICAL.get(family) == link
-    if beta is None:
-        eta = start
-        eta0 = eta if off is None else eta - off
-    else:
-        eta0 = X @ beta
-        eta = eta0 if off is None else eta0 + off
-    mu, d1, d2 = _inverse_link(link, eta, second=not canonical)
-    resid = y - mu
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if canonical:  # d1 == V: the IRLS weights are d1, the score factor y - mu
-            V = d1
-            wexp = d1 if w is None else w * d1
-            u = resid if w is None else w * resid
-        else:
-            V, dV = _variance(family, mu)
-            wexp = d1**2 / V if w is None else w * d1**2 / V  # IRLS weights (expected information)
-            u = resid * d1 / V if w is None else w * resid * d1 / V  # score_i = u_i x_i
-        r2v = resid**2 / V
-        sums["pearson"] += float(np.sum(r2v if w is None else w * r2v))
-    Xe = np.multiply(X, wexp[:, None], out=work)
-    sums["XtWX"] += X.T @ Xe
-    if beta is None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sums["g"] += Xe.T @ (eta0 + resid / d1)
-    else:
-        sums["g"] += X.T @ u
-    if not canonical:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # observed information: -d(score)/d(eta) = wexp - w (y - mu) d/deta(d1 / V)
-            ddeta = (d2 * V - d1**2 * dV) / V**2
-            wobs = wexp - (resid * ddeta if w is None else w * resid * ddeta)
-        sums["Hobs"] += X.T @ np.multiply(X, wobs[:, None], out=work)
-    if robust:
-        Xu = np.multiply(X, u[:, None], out=work)
-        sums["meat"] += Xu.T @ Xu
-    if not lean:
-        t = _loglik_terms(family, y, mu, binary)
-        sums["kern"] += float(np.sum(t) if w is None else np.dot(w, t))
-    sums["sw"] += float(len(y) if w is None else np.sum(w))
-    sums["swy"] += float(np.sum(y) if w is None else np.dot(w, y))
-    sums["swe"] += float(np.sum(eta0) if w is None else np.dot(w, eta0))
-    sums["swe2"] += float(np.dot(eta0, eta0) if w is None else np.dot(w * eta0, eta0))
-
 
 def _partition_stats(df: pd.DataFrame, design: Callable[[pd.DataFrame], tuple], family: str,
                      link: str, beta: np.ndarray | None) -> dict[str, Any]:
-    """:func:`_array_stats` of the design ``(X, y, w, offset)`` of one pandas partition."""
+    """:func:`array_stats` of the design ``(X, y, w, offset)`` of one pandas partition."""
     X, y, w, off = _arrays(design(design.prepare(df)) if hasattr(design, "prepare") else design(df))
-    _check_outcome(family, y)
-    return _array_stats(X, y, w, off, family, link, beta)
+    check_outcome(family, y)
+    return array_stats(X, y, w, off, family, link, beta)
 
 
 def _arrays(d: tuple) -> tuple:
@@ -407,14 +109,14 @@ class _Group:
     rows where its analysis columns differ from the first (``rows``), or all its rows
     (``rows is None``) when the partitions are not the same length or when more than
     half of its rows differ.  With a direct design, an imputation's X is a
-    :class:`_PatchedX` of the first's instead (``rows is None``).
+    :class:`PatchedX` of the first's instead (``rows is None``).
     """
 
     ks: list[int]
     base: tuple
     diffs: list[tuple[np.ndarray | None, tuple] | None]
     consts: dict[int, dict[str, float]] = field(default_factory=dict)
-    work: np.ndarray | None = None  # scratch space of the passes (see _array_stats)
+    work: np.ndarray | None = None  # scratch space of the passes (see array_stats)
     #: imputations whose files are read when first needed (see :func:`_load_group`):
     #: position -> its :class:`_StoredPart`, and what reading them needs
     later: dict[int, Any] = field(default_factory=dict)
@@ -432,7 +134,7 @@ class _Group:
         for d in self.diffs:
             if d is not None:
                 arrays += [d[0], *d[1]]
-        return 1000 + sum(a.nbytes for a in arrays if isinstance(a, (np.ndarray, _PatchedX)))
+        return 1000 + sum(a.nbytes for a in arrays if isinstance(a, (np.ndarray, PatchedX)))
 
     def load(self, j: int) -> None:
         """Read and design imputation ``j``'s file if it was deferred (once, whichever task
@@ -606,14 +308,14 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: Any, defer: boo
         dfs, _ = _read_parts(parts[:1], getattr(design, "columns", None))
         first = prepare(dfs[0])
         base = _arrays(design(first))
-        _check_outcome(family, base[1])
+        check_outcome(family, base[1])
         return _Group(list(ks), base, [None] * len(parts),
                       later={j: p for j, p in enumerate(parts) if j},
                       source=(design, family, first, parts[0].path))
     dfs, own = _read_parts(parts, getattr(design, "columns", None))
     frames = [prepare(p) for p in dfs]
     base = _arrays(design(frames[0]))
-    _check_outcome(family, base[1])
+    check_outcome(family, base[1])
     diffs: list[tuple[np.ndarray | None, tuple] | None] = [None]
     for df in frames[1:]:
         diffs.append(_design_diff(design, family, base, frames[0], df, own))
@@ -632,7 +334,7 @@ def _design_diff(design: Any, family: str, base: tuple, first: pd.DataFrame, df:
     any)."""
     if len(df) != len(first):
         arr = _arrays(design(df))
-        _check_outcome(family, arr[1])
+        check_outcome(family, arr[1])
         return None, arr
     differ = None if own is None else [c for c in df.columns if c in own]
     if getattr(design, "recipes", None) is not None:
@@ -644,16 +346,16 @@ def _design_diff(design: Any, family: str, base: tuple, first: pd.DataFrame, df:
         # most rows differ: the whole partition's arrays (at most twice the memory of the
         # differing rows alone), so that a pass does not rebuild them
         arr = _arrays(design(df))
-        _check_outcome(family, arr[1])
+        check_outcome(family, arr[1])
         return None, arr
     arr = _arrays(design(df.iloc[rows]))
-    _check_outcome(family, arr[1])
+    check_outcome(family, arr[1])
     return rows, arr
 
 
 def _patched(design: Any, family: str, base: tuple, first: pd.DataFrame, df: pd.DataFrame,
              differ: list[str] | None) -> tuple[None, tuple] | None:
-    """The arrays of frame ``df`` as a :class:`_PatchedX` of ``base`` (the arrays of
+    """The arrays of frame ``df`` as a :class:`PatchedX` of ``base`` (the arrays of
     ``first``): only the model columns reading a column that differs are recomputed, and
     the outcome, weights and offset are ``df``'s own where they differ (``None``: nothing
     differs)."""
@@ -670,12 +372,12 @@ def _patched(design: Any, family: str, base: tuple, first: pd.DataFrame, df: pd.
         columns = np.empty((len(df), len(js)), order="F")
         for i, j in enumerate(js):
             _fill_column(columns[:, i], recipes[j], values, codes)
-        X = _PatchedX(base[0], js, columns)
+        X = PatchedX(base[0], js, columns)
     own = []
     for arr, col in zip(base[1:], (ycol, design.weights, design.offset)):
         own.append(df[col].to_numpy(dtype=float) if col is not None and col in changed else arr)
     if ycol in changed:
-        _check_outcome(family, own[0])
+        check_outcome(family, own[0])
     return None, (X, *own)
 
 
@@ -684,22 +386,22 @@ def _group_stats(group: _Group, betas: dict[int, np.ndarray | None], family: str
                  lean: frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
     """Statistics of the imputations ``k`` of a group that ``betas`` names, each at its own
     ``betas[k]`` (``None``: at the starting means); only the score for those in ``grad``,
-    without what only a last pass needs for those in ``lean`` (see :func:`_array_stats`)."""
+    without what only a last pass needs for those in ``lean`` (see :func:`array_stats`)."""
     out = {}
     for j, k in enumerate(group.ks):
         if k not in betas:  # not iterated in this pass (converged, or not started yet)
             continue
         X, y, w, off = group.arrays(j)
         if k in grad:
-            out[k] = _array_stats(X, y, w, off, family, link, betas[k], grad_only=True)
+            out[k] = array_stats(X, y, w, off, family, link, betas[k], grad_only=True)
             continue
         if j not in group.consts:  # kept with the group on the worker for the next passes
             # imputations that share imputation 1's outcome and weights share their constants
             same = j > 0 and 0 in group.consts and y is group.base[1] and w is group.base[2]
-            group.consts[j] = group.consts[0] if same else _outcome_constants(family, y, w)
+            group.consts[j] = group.consts[0] if same else outcome_constants(family, y, w)
         if group.work is None:
-            group.work = np.empty((ROW_BLOCK, group.base[0].shape[1]), order="F")
-        out[k] = _array_stats(X, y, w, off, family, link, betas[k], robust, group.consts[j],
+            group.work = np.empty((_irls.ROW_BLOCK, group.base[0].shape[1]), order="F")
+        out[k] = array_stats(X, y, w, off, family, link, betas[k], robust, group.consts[j],
                               group.work, lean=k in lean)
     return out
 
@@ -772,7 +474,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     The design of every partition group (the m versions of a partition) is built once,
     kept in the workers' memory (with a distributed client) and reused by every pass;
     each pass is one task per group computing the statistics of the imputations still
-    iterating (see :func:`_iterate` for the warm start of imputations 2..m).
+    iterating (see :func:`iterate` for the warm start of imputations 2..m).
     """
     m = len(frames)
     groups = _groups(frames, getattr(design, "columns", None), files)
@@ -805,7 +507,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
         return _reduce_active(outs, betas)
 
     try:
-        beta, res, it = _iterate(one_pass, m, p, link, tol, max_iter)
+        beta, res, it = iterate(one_pass, m, p, link, tol, max_iter)
     finally:
         held.release()  # the designs held on the workers
     n = int(res[0]["n"])
@@ -825,171 +527,6 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
             covs[k] = (c + c.T) / 2
     return _Fits(beta, covs, scales, np.array([float(r["deviance"]) for r in res]), n, it, res)
 
-
-#: warm start of imputations 2..m: they start from imputation 1's estimate once its relative
-#: step is at most this (or it has converged, or after WARM_MAX_LEAD passes)
-WARM_START_STEP = 1e-1
-WARM_MAX_LEAD = 6
-#: a chord step larger than this fraction of the one before returns the fit to full passes
-CHORD_MAX_RATE = 0.25
-#: a fit whose last Newton step was larger than this (relative; and than 10 sqrt(tol)) takes a
-#: lean pass next (see _array_stats): Newton's next step is then far above tol, so that pass is
-#: not its last (should it converge there all the same, one more pass takes every statistic)
-LEAN_ABOVE = 1e-3
-
-
-def _chord_step(k: int, r: dict[str, Any], beta: list[Any], chord: dict[int, float],
-                info0: np.ndarray, tol: float, secant: dict[int, tuple]) -> float:
-    """Apply fit ``k``'s chord step (its chord matrix against its score ``r["g"]``) and
-    decide whether its next pass is a chord again (see :func:`_iterate`); returns the
-    step's relative size.
-
-    The chord matrix is imputation 1's information ``info0`` at the fit's first chord, then
-    Broyden's update of the one before: the smallest change that maps the fit's last step
-    onto the change of its score it caused (``secant[k]``: matrix, score and step of its
-    last chord)."""
-    g = r["g"]
-    if not np.all(np.isfinite(g)):
-        raise InputError("the model's statistics are not finite: check the outcome's range "
-                         "for the family and the transformations in the formula")
-    B = info0
-    if k in secant:
-        B, g_prev, s_prev = secant[k]
-        B = B + np.outer((g_prev - g) - B @ s_prev, s_prev) / (s_prev @ s_prev)
-    step = np.linalg.solve(B, g)
-    secant[k] = (B, g, step)
-    rel = float(np.max(np.abs(step) / (1.0 + np.abs(beta[k]))))
-    beta[k] = beta[k] + step
-    prev = chord[k]
-    rate = rel / prev if np.isfinite(prev) and prev > 0 else None
-    if rate is not None and (rate > CHORD_MAX_RATE or rel * rate <= tol):
-        del chord[k]  # too slow, or close enough for a full pass to confirm convergence
-    elif rel <= tol:
-        del chord[k]
-    else:
-        chord[k] = rel
-    return rel
-
-
-def _iterate(one_pass: Callable, m: int, p: int, link: str, tol: float,
-             max_iter: int) -> tuple[np.ndarray, list[dict[str, Any]], int]:
-    """Fisher scoring (IRLS) of the m fits; returns the estimates, the statistics of each
-    fit's last pass and the number of passes over the data.
-
-    Every fit stops at its own convergence: its step is at most ``tol * (1 + |beta|)`` in
-    every coordinate (the estimate is then ``beta + step`` and its statistics those of
-    that last pass, as for a single fit).  Imputation 1 iterates from the starting means,
-    exactly as a fit on its data alone.  With a non-identity link and m > 1, imputations
-    2..m wait until imputation 1's relative step is at most :data:`WARM_START_STEP` (or
-    it has converged, or has run :data:`WARM_MAX_LEAD` passes, or one pass is left before
-    ``max_iter``) and then start from its
-    current estimate: completed data sets differ only in their imputed values, so their
-    estimates are close and a warm start needs fewer passes than the starting means.  An
-    identity link converges in one step from the starting means, so there every fit
-    starts there.
-
-    With a canonical link (logit, log), the warm-started fits first iterate by chords:
-    their steps solve a chord matrix against their own score, so their passes compute
-    the score alone (a few products with X instead of the information matrix, the
-    likelihood and the other statistics).  The matrix is imputation 1's information at
-    the fit's first chord, corrected after each chord by Broyden's update (see
-    :func:`_chord_step`).  Without the update the chord converges linearly, at the rate
-    of the relative difference between the information matrices of two completed data
-    sets (about 1e-2 for typical imputations); the update makes the later steps faster
-    (superlinear convergence).  Once the rate measured over two steps predicts a
-    remaining error below ``tol``, the fit takes full passes
-    again, so that it stops, as every fit does, on a full pass whose own Newton step is at
-    most ``tol`` and whose statistics are those of its final estimate.  A chord slower
-    than :data:`CHORD_MAX_RATE` per pass, and every fit on the last pass that
-    ``max_iter`` allows, returns to full passes.
-
-    A full pass that cannot be a fit's last (its previous step was above
-    :data:`LEAN_ABOVE`, so its Newton step is far above ``tol``) is lean: it leaves out
-    the log-likelihood, the deviance and the sandwich's meat, which only the last pass
-    reports.  Should a fit converge on a lean pass all the same, it takes one more pass.
-    """
-    beta: list[np.ndarray | None] = [None] * m
-    res: list[dict[str, Any] | None] = [None] * m
-    done = [False] * m
-    lead = m > 1 and link != "identity" and max_iter >= 2
-    chords = lead and link in ("logit", "log")
-    chord: dict[int, float] = {}  # fit -> relative size of its last chord step
-    info0: np.ndarray | None = None  # imputation 1's latest information: a chord's first matrix
-    secant: dict[int, tuple] = {}  # fit -> its last chord's matrix, score and step
-    active = [0] if lead else list(range(m))
-    nrows = None
-    it = 0
-    last_rel = [np.inf] * m  # each fit's last relative Newton step
-    while True:
-        last = it + 1 >= max_iter
-        grad = frozenset(k for k in active if k in chord) if not last else frozenset()
-        # a pass that cannot be a fit's last (its step would be far above tol) leaves out the
-        # likelihood and the meat: from a step above LEAN_ABOVE, Newton's next is above tol
-        lean = frozenset(k for k in active if k not in grad and link != "identity" and not last
-                         and last_rel[k] > max(LEAN_ABOVE, 10.0 * math.sqrt(tol)))
-        out = one_pass({k: beta[k] for k in active}, grad, lean)
-        it += 1
-        for k in active:
-            n = int(out[k]["n"])
-            nrows = n if nrows is None else nrows
-            if n == 0:
-                raise InputError("the analysis data have no rows")
-            if n != nrows:
-                raise InputError("the completed data sets have different numbers of rows")
-        rel0 = np.inf
-        for k in active:
-            r = out[k]
-            if k in grad:
-                last_rel[k] = _chord_step(k, r, beta, chord, info0, tol, secant)
-                continue
-            chord.pop(k, None)
-            if not (np.all(np.isfinite(r["XtWX"])) and np.all(np.isfinite(r["g"]))
-                    and np.isfinite(r["pearson"])):
-                raise InputError("the model's statistics are not finite: check the outcome's range "
-                                 "for the family and the transformations in the formula")
-            # Fisher scoring (IRLS); for non-canonical links, Newton's method (observed
-            # information) from the third pass on, while that information is positive
-            # definite: quadratic instead of linear convergence.
-            info = r["XtWX"]
-            if beta[k] is not None and it >= 3 and link not in ("logit", "log", "identity"):
-                try:
-                    np.linalg.cholesky(r["Hobs"])
-                    info = r["Hobs"]
-                except np.linalg.LinAlgError:
-                    pass
-            try:
-                step = np.linalg.solve(info, r["g"])
-            except np.linalg.LinAlgError:
-                raise InputError("the model matrix is singular (collinear terms or an empty "
-                                 "category level)") from None
-            res[k] = r
-            if k == 0:
-                info0 = info
-            if beta[k] is None:  # first pass: the solution is the first estimate, not a step
-                beta[k] = step
-            else:
-                rel = np.abs(step) / (1.0 + np.abs(beta[k]))
-                # converged, on a pass with every statistic (else one more pass takes them)
-                done[k] = bool(np.all(rel <= tol)) and k not in lean
-                beta[k] = beta[k] + step
-                last_rel[k] = float(np.max(rel))
-                if k == 0:
-                    rel0 = float(np.max(rel))
-        if lead and active == [0] and (done[0] or rel0 <= WARM_START_STEP
-                                         or it >= min(WARM_MAX_LEAD, max_iter - 1)):
-            for k in range(1, m):
-                beta[k] = beta[0].copy()
-                if chords:
-                    chord[k] = np.inf
-            active = list(range(m))
-        active = [k for k in active if not done[k]]
-        if not active:
-            break
-        if it >= max_iter:
-            warnings.warn(f"the model did not converge in max_iter={max_iter} passes",
-                          RuntimeWarning, stacklevel=4)
-            break
-    return np.array(beta), res, it
 
 
 # ------------------------------------------------------------------------------------------
@@ -1064,7 +601,7 @@ def fit_glm(frames: list[Any], design: Design, terms: list[str], *, family: str 
     """
     if family not in ("binomial", "gaussian"):
         raise InputError(f"family must be 'binomial' or 'gaussian', got {family!r}")
-    link = _check_family(family, None)
+    link = check_family(family, None)
     fits = _fit(list(frames), _XYDesign(design), len(terms), family=family, link=link, tol=tol,
                 max_iter=max_iter, client=client)
     return GLMFit(list(terms), fits.params, fits.cov, fits.nobs, fits.nobs - len(terms), family,
@@ -1242,59 +779,6 @@ def _fill_column(out: np.ndarray, factors: list[_Factor], values: dict[str, np.n
             out[:] = v
         else:
             out *= v
-
-
-class _PatchedX:
-    """The model matrix of an imputation whose analysis columns differ from imputation 1's
-    in some columns only (a direct design, see :func:`_column_recipes`): imputation 1's
-    matrix ``base`` with the model columns ``cols`` replaced by this imputation's ``own``
-    (rows by ``len(cols)``, column-major), so that its full matrix is never stored.
-    ``keep``: the runs of ``base``'s other columns, as slices (their products with a
-    block are views of ``base``, not copies)."""
-
-    def __init__(self, base: np.ndarray, cols: list[int], own: np.ndarray):
-        self.base = base
-        self.cols = cols
-        self._own = own
-        self.shape = base.shape
-        mine = set(cols)
-        self.keep = [slice(a, b) for a, b in _runs([j for j in range(base.shape[1]) if j not in mine])]
-        # the runs of cols: (columns of the matrix, columns of own)
-        self.own_runs, i = [], 0
-        for a, b in _runs(cols):
-            self.own_runs.append((slice(a, b), slice(i, i + b - a)))
-            i += b - a
-
-    @property
-    def nbytes(self) -> int:  # its own array (the base is imputation 1's)
-        return self._own.nbytes
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        n = len(range(*rows.indices(self.shape[0])))
-        return self.block(rows, np.empty((n, self.shape[1]), order="F"))
-
-    def block(self, rows: slice, out: np.ndarray) -> np.ndarray:
-        """The block ``rows`` of the matrix, written into ``out`` (one copy of each column)."""
-        for c in self.keep:
-            out[:, c] = self.base[rows, c]
-        for c, o in self.own_runs:
-            out[:, c] = self._own[rows, o]
-        return out
-
-    def own(self, rows: slice) -> np.ndarray:
-        """The replaced columns (:attr:`cols`) of the block ``rows`` (a view)."""
-        return self._own[rows]
-
-
-def _runs(js: list[int]) -> list[tuple[int, int]]:
-    """The runs of consecutive integers in the sorted ``js``, as ``(first, last + 1)``."""
-    out: list[tuple[int, int]] = []
-    for j in js:
-        if out and out[-1][1] == j:
-            out[-1] = (out[-1][0], j + 1)
-        else:
-            out.append((j, j + 1))
-    return out
 
 
 def _float_columns(df: pd.DataFrame) -> np.ndarray:
@@ -1945,7 +1429,7 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     2..m start from imputation 1's estimate once its relative step is at most 0.1
     (their estimates differ only through the imputed values, so they need fewer
     passes), with a logit or log link by chords (passes computing their score alone,
-    see :func:`_iterate`), and every fit stops at its own convergence on a full pass
+    see :func:`iterate`), and every fit stops at its own convergence on a full pass
     (the same criterion, ``tol``).  ``iterations`` counts the passes over the data.
 
     Examples
@@ -1955,7 +1439,7 @@ def analyze(data: Any, formula: str, *, family: str = "gaussian", link: str | No
     """
     from dmice.pooling import pool
 
-    link = _check_family(family, link)
+    link = check_family(family, link)
     if cov_type not in COV_TYPES:
         raise InputError(f"cov_type must be one of {list(COV_TYPES)}, got {cov_type!r}")
     if isinstance(data, str):  # a written output, opened as dmice.open does

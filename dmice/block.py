@@ -25,7 +25,7 @@ from scipy.special import expit
 
 from dmice import post as _post
 from dmice import rng as _rng
-from dmice import stats
+from dmice.glm import kernels as stats
 from dmice.schema import CONTINUOUS, NOMINAL, ORDINAL, Variable, conform, from_codes, to_codes
 
 
@@ -683,7 +683,7 @@ NEWTON_KERNELS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
 
 
 def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, Any]:
-    """Sufficient statistics of one conditional model for all chains (see :mod:`dmice.stats`)."""
+    """Sufficient statistics of one conditional model for all chains (see :mod:`dmice.glm.kernels`)."""
     j = request["var"]
     v = plan.variables[j]
     xcols = request["xcols"]
@@ -722,7 +722,7 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
                 out_cat["pool_y"] = block.values[j][rows]
         return {"sum": out_sum, "cat": out_cat}
     # Newton models: the weights differ per chain everywhere, so each chain's design of the
-    # observed rows is built once and the kernels of dmice.stats run on it directly
+    # observed rows is built once and the kernels of dmice.glm.kernels run on it directly
     y = block.values[j][obs]
     beta = request["beta"]
     chains = request.get("chains")  # the chains whose fits still iterate (default: all)

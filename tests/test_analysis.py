@@ -12,6 +12,7 @@ from conftest import mixed_frame
 
 import dmice
 from dmice.errors import InputError
+from dmice.glm import irls
 
 N = 1200
 LEVELS = ["a", "b", "c", "d"]
@@ -150,7 +151,7 @@ def test_imputations_with_their_own_columns_patch_imputation_one(frames, monkeyp
     statistics equal those of the dense matrix formulaic builds on their data."""
     import dmice.analysis as A
 
-    monkeypatch.setattr(A, "ROW_BLOCK", 97)  # many blocks, the last one partial
+    monkeypatch.setattr(irls, "ROW_BLOCK", 97)  # many blocks, the last one partial
     base = _typed(frames[0])
     other = base.copy()
     redo = np.random.default_rng(3).random(N) < 0.4  # "imputed" cells
@@ -160,7 +161,7 @@ def test_imputations_with_their_own_columns_patch_imputation_one(frames, monkeyp
     assert design.recipes is not None
     group = A._load_group(design, "binomial", [0, 1], base, other)
     X, y, w, off = group.arrays(1)
-    assert isinstance(X, A._PatchedX) and y is group.base[1] and off is group.base[3]
+    assert isinstance(X, irls.PatchedX) and y is group.base[1] and off is group.base[3]
     assert [terms[j] for j in X.cols] == [t for t in terms if "x" in t.split(":") or "grp" in t]
     assert sorted(set(X.cols) | {j for c in X.keep for j in range(len(terms))[c]}) == \
         list(range(len(terms)))
@@ -169,8 +170,8 @@ def test_imputations_with_their_own_columns_patch_imputation_one(frames, monkeyp
     np.testing.assert_array_equal(blocks, dense)
     beta = np.linspace(-0.3, 0.3, len(terms))
     for grad_only in (True, False):
-        got = A._array_stats(X, y, None, off, "binomial", "logit", beta, False, grad_only=grad_only)
-        ref = A._array_stats(dense, yd, None, offd, "binomial", "logit", beta, False,
+        got = irls.array_stats(X, y, None, off, "binomial", "logit", beta, False, grad_only=grad_only)
+        ref = irls.array_stats(dense, yd, None, offd, "binomial", "logit", beta, False,
                              grad_only=grad_only)
         for key in ref:
             np.testing.assert_allclose(got[key], ref[key], rtol=1e-12, atol=1e-12)
@@ -226,8 +227,8 @@ def test_deferred_imputations_are_read_once_when_first_needed(frames, tmp_path):
                     if want is None:
                         assert got is None
                     else:
-                        Xg = got[slice(0, N)] if isinstance(got, A._PatchedX) else got
-                        Xw = want[slice(0, N)] if isinstance(want, A._PatchedX) else want
+                        Xg = got[slice(0, N)] if isinstance(got, irls.PatchedX) else got
+                        Xw = want[slice(0, N)] if isinstance(want, irls.PatchedX) else want
                         np.testing.assert_array_equal(Xg, Xw)
         assert not lazy.later and lazy.source is None
     finally:
@@ -345,7 +346,8 @@ def test_chord_passes_reach_the_newton_estimates_and_end_on_a_full_pass(frames, 
     """Imputations 2..m iterate by chords (score-only passes against imputation 1's
     information) and still end on a full pass at their final estimate: the estimates and
     statistics equal those of Newton's method with full passes throughout."""
-    from dmice.analysis import _group_stats, _iterate
+    from dmice.analysis import _group_stats
+    from dmice.glm.solve import iterate as _iterate
 
     group, p = _shared_group(frames, family)
     seen = []
@@ -375,7 +377,7 @@ def test_chord_matrix_follows_broyden_and_solves_a_linear_score_in_2p_steps():
     the change of the score that step caused (the secant equation), and on a linear score
     it finds the root in at most 2p steps (Gay, 1979), where the fixed first matrix alone
     still converges linearly at its rate."""
-    from dmice.analysis import _chord_step
+    from dmice.glm.solve import chord_step as _chord_step
 
     rng = np.random.default_rng(5)
     p = 3
@@ -407,7 +409,8 @@ def test_chord_matrix_follows_broyden_and_solves_a_linear_score_in_2p_steps():
 
 
 def test_max_iter_during_chords_ends_on_a_full_pass(frames):
-    from dmice.analysis import _group_stats, _iterate
+    from dmice.analysis import _group_stats
+    from dmice.glm.solve import iterate as _iterate
 
     group, p = _shared_group(frames)
     seen = []
@@ -803,7 +806,8 @@ def test_cli_analyze_prints_mc_errors_and_r_squared(cluster_client, golden_frame
 def test_pass_statistics_equal_statsmodels_over_several_row_blocks(family, link):
     """One pass's statistics (taken ROW_BLOCK rows at a time, with weights and offset) equal
     statsmodels' score, information, per-row scores, log-likelihood and deviance."""
-    from dmice.analysis import ROW_BLOCK, _array_stats
+    from dmice.glm.irls import ROW_BLOCK
+    from dmice.glm.irls import array_stats as _array_stats
 
     g = np.random.default_rng(5)
     n = 2 * ROW_BLOCK + 777  # two full row blocks and a partial one
@@ -849,7 +853,8 @@ def test_pass_statistics_equal_statsmodels_over_several_row_blocks(family, link)
 def test_binary_outcome_log_likelihood_equals_the_general_binomial_one(link):
     """The one-log-per-row log-likelihood of a 0/1 outcome equals the general binomial
     expression (y log mu + (1 - y) log(1 - mu)) to rounding."""
-    from dmice.analysis import _array_stats, _outcome_constants
+    from dmice.glm.irls import array_stats as _array_stats
+    from dmice.glm.links import outcome_constants as _outcome_constants
 
     g = np.random.default_rng(6)
     n = 5000

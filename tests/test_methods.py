@@ -15,7 +15,8 @@ from conftest import chain_design_stack, fit_target
 from scipy import stats as sps
 
 from dmice import block as B
-from dmice.methods import linear, newton
+from dmice.glm import newton
+from dmice.methods import linear
 
 
 def _data(n=4000, seed=0):
@@ -175,7 +176,7 @@ def test_polyreg_equals_mnlogit():
 def test_multinomial_and_logistic_kernels_equal_statsmodels(shifted, monkeypatch):
     """Score, information and log-likelihood of the kernels against statsmodels' MNLogit and
     Logit at the same coefficients (``shifted``: the overflow-safe path of large predictors)."""
-    from dmice import stats
+    from dmice.glm import kernels as stats
 
     if shifted:
         monkeypatch.setattr(stats, "_SAFE_ETA", -np.inf)
@@ -207,7 +208,7 @@ def test_newton_warm_start_rule_lands_on_the_mle():
     the outcome redrawn from the model), the estimate it accepts is within 1% of a standard error
     of the exact MLE, usually after a single step.
     """
-    from dmice.stats import logistic
+    from dmice.glm.kernels import logistic
 
     g = np.random.default_rng(11)
     n = 20000

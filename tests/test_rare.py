@@ -1,6 +1,6 @@
 """Rare categories and separation: polr, poisson, Firth, collapsing, shrinkage.
 
-Model fits run through the worker kernels (dmice.block, dmice.stats) and the client Newton code
+Model fits run through the worker kernels (dmice.block, dmice.glm.kernels) and the client Newton code
 (dmice.methods) on in-memory partitions and are checked against statsmodels or a direct
 single-machine implementation on the same design; the end-to-end tests run dmice.impute on the
 real cluster.

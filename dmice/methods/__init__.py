@@ -2,9 +2,11 @@
 use, and the per-partition side of the methods that need one.
 
 * :mod:`dmice.methods.linear`: Bayesian linear regression from a Gram matrix;
-* :mod:`dmice.methods.newton`: Newton steps and draws of Newton-fitted models;
 * :mod:`dmice.methods.pmm`: predictive mean matching on sorted predictions;
 * :mod:`dmice.methods.smcfcs`: SMC-FCS's substantive model and rejection sampling.
+
+The GLM kernels (Newton steps and draws, the statistics of the Newton-fitted models) are in
+:mod:`dmice.glm`, which the analysis uses too.
 
 Pure numpy; nothing here touches dask.
 """

@@ -36,7 +36,7 @@ import pandas as pd
 from scipy.special import expit
 
 from dmice import rng as _rng
-from dmice import stats
+from dmice.glm import kernels as stats
 
 #: candidates tried per missing cell before its previous value is kept (smcfcs's rjlimit)
 MAX_CANDIDATES = 5000

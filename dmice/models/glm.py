@@ -4,7 +4,7 @@
 The workers compute each chain's score and information at its current estimate (the
 statistics named in :data:`NEWTON_STATS`); the client takes Newton steps (one round each,
 warm-started from the previous visit) until the fit converges, then draws from the normal
-approximation of the posterior (:mod:`dmice.methods.newton`).
+approximation of the posterior (:mod:`dmice.glm.newton`).
 
 Pure numpy; nothing here touches dask.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dmice.errors import InputError
-from dmice.methods import newton
+from dmice.glm import newton
 from dmice.models.base import FALLBACK_PENALTY, BaseModel
 from dmice.schema import MIN_LEVEL_COUNT
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from dmice.methods import linear, newton
+from dmice.glm import newton
+from dmice.methods import linear
 from dmice.methods.smcfcs import Substantive
 from dmice.models.base import BaseModel
 
