@@ -36,6 +36,7 @@ from dask import delayed
 
 from dmice import config as _config
 from dmice import formulas as _formulas
+from dmice import store
 from dmice._gc import frozen
 from dmice.errors import InputError
 from dmice.glm import irls as _irls
@@ -118,7 +119,7 @@ class _Group:
     consts: dict[int, dict[str, float]] = field(default_factory=dict)
     work: np.ndarray | None = None  # scratch space of the passes (see array_stats)
     #: imputations whose files are read when first needed (see :func:`_load_group`):
-    #: position -> its :class:`_StoredPart`, and what reading them needs
+    #: position -> its :class:`dmice.store.StoredPart`, and what reading them needs
     later: dict[int, Any] = field(default_factory=dict)
     source: tuple | None = None  # (design, family, first's prepared frame, its file's path)
     lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -174,125 +175,22 @@ class _Group:
         return tuple(out)
 
 
-@dataclass(frozen=True)
-class _StoredPart:
-    """One partition of one imputation of an output written by dmice (``full`` layout), read
-    by the task that designs it (:func:`_load_group`) instead of by a dask task of its own:
-    the m versions of a partition are read where they are designed, in one task, without
-    moving frames between workers.
-
-    ``shared`` names the columns that no imputation changes (the complete ones, which
-    the manifest records as not imputed): a group reads them from its first
-    imputation's file only.
-    """
-
-    url: str
-    path: str  # relative to url, as listed in the manifest
-    storage_options: dict[str, Any] | None
-    dtypes: dict[str, str]
-    shared: tuple[str, ...] = ()
-
-    def read(self, columns: list[str] | None) -> pd.DataFrame:
-        from dmice import store
-
-        return store.read_part(self.path, self.url, self.storage_options, self.dtypes, columns)
-
-    def onto(self, first: pd.DataFrame, first_path: str) -> tuple[pd.DataFrame, list[str]]:
-        """This imputation's frame of the partition: ``first`` (the first imputation's, read
-        from ``first_path``) with the columns this file does not share replaced by its own,
-        which alone are read; and those columns."""
-        mine = [c for c in first.columns if c not in self.shared]
-        df = self.read(mine)
-        if len(df) != len(first):
-            raise InputError(f"the imputations' files {first_path!r} and {self.path!r} have "
-                             "different numbers of rows")
-        full = pd.DataFrame({c: (df if c in mine else first)[c].array for c in first.columns},
-                            index=first.index, copy=False)  # no column copied
-        return full, mine
-
-
-@dataclass(frozen=True)
-class _CellsPart:
-    """One partition of imputation ``k`` of a ``cells`` output: its input file (``item[0]``,
-    an entry of the input snapshot) and the files of its imputed cells (``item[1]``).  The
-    group of the m imputations reads the input file and each cells file once (see
-    :func:`_read_parts`)."""
-
-    item: tuple[dict[str, Any], list[dict[str, Any]]]
-    k: int
-    url: str
-    storage_options: dict[str, Any] | None
-    snapshot_url: str
-    fmt: str
-    dtypes: dict[str, str]
-
-
-def _read_cells_group(parts: tuple[_CellsPart, ...], columns: list[str] | None
-                      ) -> tuple[list[pd.DataFrame], list[str]]:
-    """The m completed frames of one partition of a ``cells`` output: the input file read
-    once (checked against its snapshot checksum), each variable's cells read once and
-    filled in for every imputation."""
-    from dmice import store
-
-    first = parts[0]
-    f, entries = first.item
-    df = store.read_input_file(first.snapshot_url, f["path"], first.fmt, first.storage_options,
-                               f["sha256"], first.dtypes)
-    df = df if columns is None else df[columns]
-    df.index = pd.RangeIndex(len(df))
-    cells = store.read_cells(first.url, first.storage_options,
-                             [e for e in entries if e["variable"] in df.columns])
-    frames = []
-    for p in parts:
-        frames.append(store.fill_cells(df, {v: c[c["imputation"] == p.k] for v, c in cells.items()},
-                                       int(f["offset"])))
-    return frames, sorted(cells)
-
-
 def _stored_files(data: Any) -> list[list[Any]] | None:
     """The Parquet files of a result read from a written output, by imputation and
-    partition (:class:`_StoredPart` of a ``full`` output, :class:`_CellsPart` of a
-    ``cells`` one; ``None`` for a result held on the cluster or frames)."""
-    from dmice import store
+    partition (see :func:`dmice.store.stored_parts`; ``None`` for a result held on the
+    cluster or frames)."""
     from dmice.result import MultipleImputation
 
     if not isinstance(data, MultipleImputation) or data._engine is not None or data.url is None:
         return None
-    man = data.manifest or {}
-    if man.get("layout") == "cells" and man.get("input_snapshot"):
-        snap = man["input_snapshot"]
-        items = store.cells_items(man)
-        return [[_CellsPart(item, k, data.url, data._storage_options, snap["url"], snap["format"],
-                            man["input_dtypes"]) for item in items] for k in range(1, data.m + 1)]
-    files = [store.part_files(man, k) for k in range(1, data.m + 1)]
-    if any(f is None or len(f) != len(files[0]) for f in files):
-        return None  # not one file per imputation and partition: read through dask
-    imputed = set(data.imputed_columns)
-    shared = tuple(c for c in data.columns if c not in imputed)
-    return [[_StoredPart(data.url, rel, data._storage_options, dict(data.dtypes),
-                         shared if k > 0 else ()) for rel in f] for k, f in enumerate(files)]
-
-
-def _read_parts(parts: tuple[Any, ...], columns: list[str] | None
-                ) -> tuple[list[pd.DataFrame], list[str] | None]:
-    """The pandas frames of a group's parts (stored parts are read here) and the columns that
-    can differ between them (``None``: any)."""
-    if parts and isinstance(parts[0], _CellsPart):
-        return _read_cells_group(parts, columns)
-    if not parts or not isinstance(parts[0], _StoredPart):
-        return list(parts), None
-    first = parts[0].read(columns)
-    frames, own = [first], None
-    for p in parts[1:]:
-        full, own = p.onto(first, parts[0].path)
-        frames.append(full)
-    return frames, own
+    return store.stored_parts(data.url, data.manifest or {}, data._storage_options, data.m, data.columns,
+                              set(data.imputed_columns), data.dtypes)
 
 
 def _load_group(design: Any, family: str, ks: list[int], *parts: Any, defer: bool = False
                 ) -> _Group:
     """Build the design of one partition for the imputations ``ks`` (one pandas frame or
-    :class:`_StoredPart` each).
+    :class:`dmice.store.StoredPart` each).
 
     The formula is evaluated once on the first imputation's partition and, for every
     other imputation, only on the rows whose analysis columns differ from it (the
@@ -304,15 +202,15 @@ def _load_group(design: Any, family: str, ks: list[int], *parts: Any, defer: boo
     fill the worker's idle time between the first imputation's passes (see :func:`_fit`).
     """
     prepare = getattr(design, "prepare", lambda d: d)
-    if defer and len(parts) > 1 and isinstance(parts[0], _StoredPart):
-        dfs, _ = _read_parts(parts[:1], getattr(design, "columns", None))
+    if defer and len(parts) > 1 and isinstance(parts[0], store.StoredPart):
+        dfs, _ = store.read_group(parts[:1], getattr(design, "columns", None))
         first = prepare(dfs[0])
         base = _arrays(design(first))
         check_outcome(family, base[1])
         return _Group(list(ks), base, [None] * len(parts),
                       later={j: p for j, p in enumerate(parts) if j},
                       source=(design, family, first, parts[0].path))
-    dfs, own = _read_parts(parts, getattr(design, "columns", None))
+    dfs, own = store.read_group(parts, getattr(design, "columns", None))
     frames = [prepare(p) for p in dfs]
     base = _arrays(design(frames[0]))
     check_outcome(family, base[1])
@@ -483,7 +381,7 @@ def _fit(frames: list[Any], design: Callable[[pd.DataFrame], tuple], p: int, *, 
     client = client if client is not None else _cluster.default_client()
     # imputations 2..m of written files are read by low-priority tasks after the first pass
     # is on its way (see below), not before it
-    defer = client is not None and files is not None and m > 1 and isinstance(files[0][0], _StoredPart)
+    defer = client is not None and files is not None and m > 1 and isinstance(files[0][0], store.StoredPart)
     loads = [delayed(_load_group)(design_d, family, ks, *pts, defer=defer) for ks, pts in groups]
     if client is not None:
         _cluster.tune_workers(client)  # numpy temporaries off mmap in the workers, as for impute
@@ -802,8 +700,7 @@ def _as_frames(data: Any) -> list[Any]:
         out = []
         for i, f in enumerate(data):
             if isinstance(f, pd.DataFrame):
-                rows = _config.get("partition-rows")
-                out.append(dd.from_pandas(f, npartitions=max(1, math.ceil(len(f) / rows)), sort=False))
+                out.append(_passes.from_pandas(f))
             elif isinstance(f, dd.DataFrame):
                 out.append(f)
             else:
@@ -943,12 +840,25 @@ class AnalysisResult:
         imputations, as Stata's ``mi estimate, mcerror``; ``recommended_m`` from von
         Hippel's quadratic rule for a standard error whose coefficient of variation
         over repeated imputation is ``target_cv``).
+
+        Parameters
+        ----------
+        target_cv : float, default 0.05
+            Coefficient of variation of the standard error that the recommended m aims at.
         """
         return self.pooled_result.mc_error(target_cv=target_cv)
 
     def table(self, exponentiate: bool = False, target_cv: float = 0.05) -> pd.DataFrame:
         """The printed table: :meth:`summary` with ``fmi``, the Monte-Carlo errors of the
-        estimate, standard error and p-value, and the recommended m of each term."""
+        estimate, standard error and p-value, and the recommended m of each term.
+
+        Parameters
+        ----------
+        exponentiate : bool, default False
+            Show ``exp(estimate)`` and exponentiated bounds (odds or rate ratios).
+        target_cv : float, default 0.05
+            As in :meth:`mc_error`.
+        """
         out = self.summary(conf_int=True, exponentiate=exponentiate)
         mc = self.mc_error(target_cv=target_cv)
         for c in ("fmi", "mc_se_estimate", "mc_se_std_error", "mc_se_p_value", "recommended_m"):
@@ -986,7 +896,14 @@ class AnalysisResult:
         return pool_r_squared(self.r_squared_values(adjusted), self.nobs, adjusted=adjusted)
 
     def r_squared_values(self, adjusted: bool = False) -> np.ndarray:
-        """R-squared (or adjusted R-squared) of each imputation's fit (see :meth:`r_squared`)."""
+        """R-squared (or adjusted R-squared) of each imputation's fit (see :meth:`r_squared`).
+
+        Parameters
+        ----------
+        adjusted : bool, default False
+            The adjusted R-squared, ``1 - (1 - R^2)(n - 1) / (n - p)`` (``n - 1`` becomes ``n``
+            without an intercept).
+        """
         if self.family != "gaussian":
             raise InputError(f"R-squared is defined for gaussian models, this one is {self.family!r}")
         n, p = self.nobs, len(self.terms)
@@ -1201,7 +1118,21 @@ def compare(full: AnalysisResult, reduced: AnalysisResult | None = None, *, meth
             dfcom: float | None = None, ariv: str = "default") -> ModelComparison:
     """Pooled test of nested models: ``full.compare(reduced, method=...)``.
 
-    See :meth:`AnalysisResult.compare`.
+    Parameters
+    ----------
+    full : AnalysisResult
+        The larger model, from :func:`analyze`.
+    reduced : AnalysisResult, optional
+        The nested model (default: the intercept-only model).
+    method : {"D1", "D2", "D3"}, default "D1"
+        Multivariate Wald test (D1), pooled Wald chi-squares (D2) or the Meng--Rubin
+        likelihood-ratio test (D3).
+    dfcom : float, optional
+        Complete-data df for D1 (default: ``full``'s).
+    ariv : {"default", "positive"}, default "default"
+        D3 only: ``"positive"`` truncates a negative ``riv`` at 0.
+
+    See :meth:`AnalysisResult.compare` for the details.
     """
     if not isinstance(full, AnalysisResult):
         raise InputError(f"full must be an AnalysisResult from dmice.analyze, got {type(full).__name__}")

@@ -63,13 +63,7 @@ def _as_dask(data: Any) -> Any:
         return data
     if isinstance(data, pd.DataFrame):
         _check_columns(data)
-        nparts = max(1, math.ceil(len(data) / _settings.get("partition-rows")))
-        import dask
-
-        # the columns keep the frame's own dtypes: dask would turn object columns into strings
-        # (numbers in them included) and the result would not hold the values it was given
-        with dask.config.set({"dataframe.convert-string": False}):
-            return dd.from_pandas(data, npartitions=nparts, sort=False)
+        return _passes.from_pandas(data)
     raise InputError(f"data must be a dask or pandas DataFrame, got {type(data).__name__}")
 
 

@@ -167,7 +167,9 @@ def _as_dask(data: Any) -> Any:
     if isinstance(data, dd.DataFrame):
         return data
     if isinstance(data, pd.DataFrame):
-        return dd.from_pandas(data, npartitions=1, sort=False)
+        from dmice.runtime.passes import from_pandas
+
+        return from_pandas(data)
     raise InputError(f"data must be a dask or pandas DataFrame or a MultipleImputation, "
                      f"got {type(data).__name__}")
 

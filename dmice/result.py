@@ -92,6 +92,8 @@ class MultipleImputation:
     # -- views ------------------------------------------------------------------------------
     @property
     def logged_events(self) -> pd.DataFrame:
+        """What the run decided on its own (methods, dropped predictors, separation, fallbacks,
+        donor scarcity): one row per event with its ``iteration``, ``variable`` and ``event``."""
         return pd.DataFrame(self._events, columns=["iteration", "variable", "event"])
 
     @property
@@ -139,23 +141,44 @@ class MultipleImputation:
 
     @property
     def imputed_columns(self) -> list[str]:
+        """The columns that had missing values and a method, in the input's order."""
         return [c for c in self.columns if self.method.get(c) and self.n_missing.get(c, 0)]
 
     def convergence(self, *, window: int | None = None) -> pd.DataFrame:
         """R-hat (rank-normalised split, Vehtari et al. 2021) and lag-1 autocorrelation of the
-        chain statistics of every imputed variable (R mice's ``convergence()``)."""
+        chain statistics of every imputed variable (R mice's ``convergence()``).
+
+        Parameters
+        ----------
+        window : int, optional
+            Use only the last ``window`` iterations (default: all).
+        """
         from dmice.diagnostics import convergence
 
         return convergence(self.chain_stats, window=window)
 
     def plot_trace(self, variables: list[str] | str | None = None) -> Any:
-        """Trace plots of the chain statistics (mice's ``plot(imp)``); see :func:`dmice.plots.plot_trace`."""
+        """Trace plots of the chain statistics (mice's ``plot(imp)``); see :func:`dmice.plots.plot_trace`.
+
+        Parameters
+        ----------
+        variables : str or list of str, optional
+            The imputed variables to plot (default: all).
+        """
         from dmice.plots import plot_trace
 
         return plot_trace(self, variables)
 
     def plot_densities(self, variables: list[str] | str | None = None, bins: int = 40) -> Any:
-        """Observed (blue) against imputed (red) distributions; see :func:`dmice.plots.plot_densities`."""
+        """Observed (blue) against imputed (red) distributions; see :func:`dmice.plots.plot_densities`.
+
+        Parameters
+        ----------
+        variables : str or list of str, optional
+            The imputed variables to plot (default: all).
+        bins : int, default 40
+            Histogram bins of a continuous variable.
+        """
         from dmice.plots import plot_densities
 
         return plot_densities(self, variables, bins=bins)
@@ -191,6 +214,11 @@ class MultipleImputation:
 
         ``complete("long")`` stacks all m with an ``imputation`` column (mice's
         ``complete(imp, "long")``).  Columns and dtypes are those of the input.
+
+        Parameters
+        ----------
+        k : int or "long", default 1
+            The imputation (1..m), or ``"long"`` for all of them stacked.
         """
         import dask.dataframe as dd
 
@@ -239,6 +267,18 @@ class MultipleImputation:
         one, else an embedded LocalCluster) from the written output and its stored chain
         state, and a new result held on the cluster is returned (the output on disk is not
         changed; write the new result with :meth:`to_parquet`).
+
+        Parameters
+        ----------
+        iterations : int
+            Iterations to add (0 rebuilds the chains of a written output without running any).
+        until_rhat : float, optional
+            Stop earlier once every R-hat is below this value (as :func:`dmice.impute`).
+        progress : {"auto", "bar", "log"}, False or callable, default "auto"
+            Progress reporting, as :func:`dmice.impute`.
+        client : distributed.Client, optional
+            Where a result read from disk is rebuilt (default: the active client, else an
+            embedded LocalCluster).
         """
         iterations = check_int("iterations", iterations, 0)
         if self._session is None:
@@ -263,6 +303,13 @@ class MultipleImputation:
         The new chains use their own random streams (keyed by their chain numbers).  Held on
         the cluster only: for a result read from disk, call :meth:`iterate` with 0 iterations
         first.
+
+        Parameters
+        ----------
+        k : int
+            The number of imputations to add.
+        progress : {"auto", "bar", "log"}, False or callable, default "auto"
+            Progress reporting, as :func:`dmice.impute`.
         """
         k = check_int("k", k, 1)
         if self._session is None:
@@ -278,7 +325,15 @@ class MultipleImputation:
     def manifest_dict(self, files: list[dict[str, Any]], partitions: int) -> dict[str, Any]:
         """The manifest: what the output holds and how it was made.  Levels observed fewer than
         ``min_cell_count`` times are not named in it (:mod:`dmice.disclosure`); the chain state
-        under ``_state/`` keeps what continuing the chains needs."""
+        under ``_state/`` keeps what continuing the chains needs.
+
+        Parameters
+        ----------
+        files : list of dict
+            The data files written (path, bytes, SHA-256, partition, imputation).
+        partitions : int
+            The number of partitions of the data.
+        """
         from dmice import disclosure
 
         sch = self.schema
@@ -442,6 +497,17 @@ class MultipleImputation:
         plots of the opened output need no pass over the data (see :mod:`dmice.plots`).
         Returns ``url``.  Scheduled jobs (``dmice run``) write through :mod:`dmice.job`
         instead: run-scoped, idempotent, optionally compact.
+
+        Parameters
+        ----------
+        url : str
+            The output directory (local path or fsspec URL).
+        overwrite : bool, default False
+            Replace a non-empty output (atomically, as above).
+        storage_options : dict, optional
+            Passed to fsspec unchanged.
+        distributions : bool, default True
+            Keep the binned distributions and the missing-data pattern in the manifest.
         """
         if self._engine is None:
             raise InputError("this result was read from disk; it is already written at "

@@ -48,6 +48,7 @@ import json
 import posixpath
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -1304,3 +1305,112 @@ def incomplete_partition(df: pd.DataFrame, state_url: str, i: int, columns: list
             s.iloc[rows] = None
             df[col] = s
     return df
+
+
+# -- reading the m imputations of a partition together (the analysis's passes) -----------------
+@dataclass(frozen=True)
+class StoredPart:
+    """One partition of one imputation of an output written by dmice (``full`` layout), read
+    by the task that uses it (the analysis's design of a partition group) instead of by a dask
+    task of its own:
+    the m versions of a partition are read where they are designed, in one task, without
+    moving frames between workers.
+
+    ``shared`` names the columns that no imputation changes (the complete ones, which
+    the manifest records as not imputed): a group reads them from its first
+    imputation's file only.
+    """
+
+    url: str
+    path: str  # relative to url, as listed in the manifest
+    storage_options: dict[str, Any] | None
+    dtypes: dict[str, str]
+    shared: tuple[str, ...] = ()
+
+    def read(self, columns: list[str] | None) -> pd.DataFrame:
+        return read_part(self.path, self.url, self.storage_options, self.dtypes, columns)
+
+    def onto(self, first: pd.DataFrame, first_path: str) -> tuple[pd.DataFrame, list[str]]:
+        """This imputation's frame of the partition: ``first`` (the first imputation's, read
+        from ``first_path``) with the columns this file does not share replaced by its own,
+        which alone are read; and those columns."""
+        mine = [c for c in first.columns if c not in self.shared]
+        df = self.read(mine)
+        if len(df) != len(first):
+            raise InputError(f"the imputations' files {first_path!r} and {self.path!r} have "
+                             "different numbers of rows")
+        full = pd.DataFrame({c: (df if c in mine else first)[c].array for c in first.columns},
+                            index=first.index, copy=False)  # no column copied
+        return full, mine
+
+
+@dataclass(frozen=True)
+class CellsPart:
+    """One partition of imputation ``k`` of a ``cells`` output: its input file (``item[0]``,
+    an entry of the input snapshot) and the files of its imputed cells (``item[1]``).  The
+    group of the m imputations reads the input file and each cells file once (see
+    :func:`read_group`)."""
+
+    item: tuple[dict[str, Any], list[dict[str, Any]]]
+    k: int
+    url: str
+    storage_options: dict[str, Any] | None
+    snapshot_url: str
+    fmt: str
+    dtypes: dict[str, str]
+
+
+def read_cells_group(parts: tuple[CellsPart, ...], columns: list[str] | None
+                      ) -> tuple[list[pd.DataFrame], list[str]]:
+    """The m completed frames of one partition of a ``cells`` output: the input file read
+    once (checked against its snapshot checksum), each variable's cells read once and
+    filled in for every imputation."""
+    first = parts[0]
+    f, entries = first.item
+    df = read_input_file(first.snapshot_url, f["path"], first.fmt, first.storage_options,
+                               f["sha256"], first.dtypes)
+    df = df if columns is None else df[columns]
+    df.index = pd.RangeIndex(len(df))
+    cells = read_cells(first.url, first.storage_options,
+                             [e for e in entries if e["variable"] in df.columns])
+    frames = []
+    for p in parts:
+        frames.append(fill_cells(df, {v: c[c["imputation"] == p.k] for v, c in cells.items()},
+                                       int(f["offset"])))
+    return frames, sorted(cells)
+
+
+def read_group(parts: tuple[Any, ...], columns: list[str] | None
+                ) -> tuple[list[pd.DataFrame], list[str] | None]:
+    """The pandas frames of a group's parts (stored parts are read here) and the columns that
+    can differ between them (``None``: any)."""
+    if parts and isinstance(parts[0], CellsPart):
+        return read_cells_group(parts, columns)
+    if not parts or not isinstance(parts[0], StoredPart):
+        return list(parts), None
+    first = parts[0].read(columns)
+    frames, own = [first], None
+    for p in parts[1:]:
+        full, own = p.onto(first, parts[0].path)
+        frames.append(full)
+    return frames, own
+
+
+def stored_parts(url: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None, m: int,
+                 columns: list[str], imputed: set[str], dtypes: dict[str, str]) -> list[list[Any]] | None:
+    """The files of a written output by imputation and partition, to be read a partition group
+    at a time (:func:`read_group`): :class:`StoredPart` of a ``full`` output, :class:`CellsPart`
+    of a ``cells`` one; None when a ``full`` output does not hold one file per imputation and
+    partition (read it through dask instead)."""
+    man = manifest
+    if man.get("layout") == "cells" and man.get("input_snapshot"):
+        snap = man["input_snapshot"]
+        items = cells_items(man)
+        return [[CellsPart(item, k, url, storage_options, snap["url"], snap["format"], man["input_dtypes"])
+                 for item in items] for k in range(1, m + 1)]
+    files = [part_files(man, k) for k in range(1, m + 1)]
+    if any(f is None or len(f) != len(files[0]) for f in files):
+        return None
+    shared = tuple(c for c in columns if c not in imputed)
+    return [[StoredPart(url, rel, storage_options, dict(dtypes), shared if k > 0 else ()) for rel in f]
+            for k, f in enumerate(files)]

@@ -11,6 +11,7 @@ import statsmodels.api as sm
 from conftest import mixed_frame
 
 import dmice
+from dmice import store
 from dmice.errors import InputError
 from dmice.glm import irls
 
@@ -198,7 +199,7 @@ def test_deferred_imputations_are_read_once_when_first_needed(frames, tmp_path):
     for k, f in enumerate(comp):
         f.to_parquet(tmp_path / f"{k}.parquet")
         shared = () if k == 0 else tuple(c for c in base.columns if c not in ("x", "grp"))
-        parts.append(A._StoredPart(str(tmp_path), f"{k}.parquet", None, dtypes, shared))
+        parts.append(store.StoredPart(str(tmp_path), f"{k}.parquet", None, dtypes, shared))
     formula = "e ~ x + z + C(grp) + flag + x:flag + C(g2)"
     ddfs = [dd.from_pandas(f, npartitions=1, sort=False) for f in comp]
     _, terms, design = A._build_spec(formula, ddfs, None, "off")
@@ -207,13 +208,13 @@ def test_deferred_imputations_are_read_once_when_first_needed(frames, tmp_path):
     assert sorted(lazy.later) == [1, 2] and lazy.diffs == [None, None, None]
     travelled = pickle.loads(pickle.dumps(lazy))  # as a worker would spill or send it
     reads = []
-    orig = A._StoredPart.read
+    orig = store.StoredPart.read
 
     def counted(self, columns):
         reads.append(self.path)
         return orig(self, columns)
 
-    A._StoredPart.read = counted
+    store.StoredPart.read = counted
     try:
         threads = [threading.Thread(target=lazy.load, args=(1,)) for _ in range(4)]
         for t in threads:
@@ -232,7 +233,7 @@ def test_deferred_imputations_are_read_once_when_first_needed(frames, tmp_path):
                         np.testing.assert_array_equal(Xg, Xw)
         assert not lazy.later and lazy.source is None
     finally:
-        A._StoredPart.read = orig
+        store.StoredPart.read = orig
 
 
 @pytest.mark.parametrize("defer", [False, True])
@@ -246,8 +247,8 @@ def test_imputation_files_of_different_lengths_are_refused(frames, tmp_path, def
     base.to_parquet(tmp_path / "1.parquet")
     base.iloc[:-3].to_parquet(tmp_path / "2.parquet")
     shared = tuple(c for c in base.columns if c != "x")
-    parts = [A._StoredPart(str(tmp_path), "1.parquet", None, dtypes),
-             A._StoredPart(str(tmp_path), "2.parquet", None, dtypes, shared)]
+    parts = [store.StoredPart(str(tmp_path), "1.parquet", None, dtypes),
+             store.StoredPart(str(tmp_path), "2.parquet", None, dtypes, shared)]
     ddfs = [dd.from_pandas(base, npartitions=1, sort=False)] * 2
     _, _, design = A._build_spec("e ~ x + z", ddfs, None, "off")
     with pytest.raises(InputError, match=r"'1\.parquet' and '2\.parquet' have different numbers of rows"):

@@ -70,3 +70,20 @@ def test_only_the_runtime_computes_on_the_cluster():
                     and not (isinstance(node.func.value, ast.Name) and node.func.value.id in runtime):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.func.attr}()")
     assert not found, found
+
+
+def test_in_memory_data_is_partitioned_in_one_place():
+    """pandas frames become dask frames through dmice.runtime.passes.from_pandas only (one
+    partition size, dtypes kept), not through dd.from_pandas elsewhere."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "dmice").rglob("*.py")):
+        if path.relative_to(ROOT / "dmice").parts[0] == "runtime":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in ("from_pandas", "from_dict", "from_array") \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "dd":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, found

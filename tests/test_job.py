@@ -304,11 +304,11 @@ def test_cells_layout_completes_to_the_full_layout(lake):
 
 
 def test_pooled_analysis_of_a_cells_output_reads_each_input_file_once(lake):
-    from dmice.analysis import _CellsPart
+    from dmice.store import CellsPart
 
     formula = "y ~ x + z + C(c) + s"
     cells = dmice.analyze(str(lake["out_cells"]), formula)
-    assert isinstance(cells._files[0][0], _CellsPart)
+    assert isinstance(cells._files[0][0], CellsPart)
     full = dmice.analyze(str(lake["out_full"]), formula)
     pd.testing.assert_frame_equal(cells.pooled, full.pooled, rtol=1e-10)
     frames = [dmice.open(str(lake["out_cells"])).complete(k).compute() for k in (1, 2)]

@@ -29,6 +29,23 @@ def compute(client: Any, *objs: Any) -> tuple[Any, ...]:
     return dask.compute(*objs)
 
 
+def from_pandas(df: Any) -> Any:
+    """A pandas frame as a dask one of dask config ``dmice.partition-rows`` rows per partition
+    (the one way dmice partitions in-memory data), its columns keeping their own dtypes: dask
+    would turn object columns into strings (numbers in them included), and the data would not
+    be the data given."""
+    import math
+
+    import dask
+    import dask.dataframe as dd
+
+    from dmice import config
+
+    nparts = max(1, math.ceil(len(df) / config.get("partition-rows")))
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_pandas(df, npartitions=nparts, sort=False)
+
+
 def on_cluster(frames: Sequence[Any]) -> bool:
     """Whether any of the dask collections ``frames`` has partitions held on the cluster."""
     from distributed import futures_of
