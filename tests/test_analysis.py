@@ -125,7 +125,7 @@ def test_direct_design_equals_formulaic_on_every_partition(frames, rhs):
     """Formulas of plain numeric and treatment-coded categorical columns are built from the
     columns directly, identical to formulaic's model matrix, also on a partition holding a
     level (``d``) that the partition checked at set-up does not have."""
-    from dmice.analysis import _build_spec
+    from dmice.analysis.spec import _build_spec
 
     ddf = dd.from_pandas(_typed(frames[0]), npartitions=3, sort=False)
     _, terms, design = _build_spec(f"e ~ {rhs}", [ddf], None, None)
@@ -150,7 +150,8 @@ def test_imputations_with_their_own_columns_patch_imputation_one(frames, monkeyp
     """With a direct design, imputations 2..m keep only their own columns: over row blocks,
     their model matrix (shared, own and mixed interaction columns), its score and its full
     statistics equal those of the dense matrix formulaic builds on their data."""
-    import dmice.analysis as A
+    import dmice.analysis.groups as G
+    import dmice.analysis.spec as S
 
     monkeypatch.setattr(irls, "ROW_BLOCK", 97)  # many blocks, the last one partial
     base = _typed(frames[0])
@@ -158,9 +159,9 @@ def test_imputations_with_their_own_columns_patch_imputation_one(frames, monkeyp
     redo = np.random.default_rng(3).random(N) < 0.4  # "imputed" cells
     other.loc[redo, imputed] = frames[1].loc[redo, imputed]
     ddfs = [dd.from_pandas(f, npartitions=1, sort=False) for f in (base, other)]
-    _, terms, design = A._build_spec(formula, ddfs, None, "off")
+    _, terms, design = S._build_spec(formula, ddfs, None, "off")
     assert design.recipes is not None
-    group = A._load_group(design, "binomial", [0, 1], base, other)
+    group = G._load_group(design, "binomial", [0, 1], base, other)
     X, y, w, off = group.arrays(1)
     assert isinstance(X, irls.PatchedX) and y is group.base[1] and off is group.base[3]
     assert [terms[j] for j in X.cols] == [t for t in terms if "x" in t.split(":") or "grp" in t]
@@ -185,7 +186,8 @@ def test_deferred_imputations_are_read_once_when_first_needed(frames, tmp_path):
     import pickle
     import threading
 
-    import dmice.analysis as A
+    import dmice.analysis.groups as G
+    import dmice.analysis.spec as S
 
     base = _typed(frames[0]).assign(g2=frames[2]["grp"])  # a string column no imputation changes
     comp = [base]
@@ -202,9 +204,9 @@ def test_deferred_imputations_are_read_once_when_first_needed(frames, tmp_path):
         parts.append(store.StoredPart(str(tmp_path), f"{k}.parquet", None, dtypes, shared))
     formula = "e ~ x + z + C(grp) + flag + x:flag + C(g2)"
     ddfs = [dd.from_pandas(f, npartitions=1, sort=False) for f in comp]
-    _, terms, design = A._build_spec(formula, ddfs, None, "off")
-    eager = A._load_group(design, "binomial", [0, 1, 2], *parts)
-    lazy = A._load_group(design, "binomial", [0, 1, 2], *parts, defer=True)
+    _, terms, design = S._build_spec(formula, ddfs, None, "off")
+    eager = G._load_group(design, "binomial", [0, 1, 2], *parts)
+    lazy = G._load_group(design, "binomial", [0, 1, 2], *parts, defer=True)
     assert sorted(lazy.later) == [1, 2] and lazy.diffs == [None, None, None]
     travelled = pickle.loads(pickle.dumps(lazy))  # as a worker would spill or send it
     reads = []
@@ -240,7 +242,8 @@ def test_deferred_imputations_are_read_once_when_first_needed(frames, tmp_path):
 def test_imputation_files_of_different_lengths_are_refused(frames, tmp_path, defer):
     """Two imputations' files of one partition with different row counts: a clear error naming
     both files, whether they are read together or the second one later."""
-    import dmice.analysis as A
+    import dmice.analysis.groups as G
+    import dmice.analysis.spec as S
 
     base = _typed(frames[0])
     dtypes = {c: str(t) for c, t in base.dtypes.items()}
@@ -250,16 +253,16 @@ def test_imputation_files_of_different_lengths_are_refused(frames, tmp_path, def
     parts = [store.StoredPart(str(tmp_path), "1.parquet", None, dtypes),
              store.StoredPart(str(tmp_path), "2.parquet", None, dtypes, shared)]
     ddfs = [dd.from_pandas(base, npartitions=1, sort=False)] * 2
-    _, _, design = A._build_spec("e ~ x + z", ddfs, None, "off")
+    _, _, design = S._build_spec("e ~ x + z", ddfs, None, "off")
     with pytest.raises(InputError, match=r"'1\.parquet' and '2\.parquet' have different numbers of rows"):
-        group = A._load_group(design, "binomial", [0, 1], *parts, defer=defer)
+        group = G._load_group(design, "binomial", [0, 1], *parts, defer=defer)
         group.arrays(1)
 
 
 @pytest.mark.parametrize("rhs", ["x + I(x ** 2)", "C(grp, contr.sum) + x", "bs(x, df=3) + z",
                                  "C(grp, levels=['c', 'b', 'a', 'd'])"])
 def test_other_formulas_keep_formulaic(frames, rhs):
-    from dmice.analysis import _build_spec
+    from dmice.analysis.spec import _build_spec
 
     ddf = dd.from_pandas(frames[0], npartitions=2, sort=False)
     assert _build_spec(f"y ~ {rhs}", [ddf], None, None)[2].recipes is None
@@ -327,7 +330,8 @@ def test_max_iter_reached_before_the_warm_start_still_fits_every_imputation(clus
 def _shared_group(frames, family="binomial"):
     """The design group of three completed data sets sharing 70% of their rows (the others
     "imputed"), as analyze builds it on a worker, and the number of model columns."""
-    from dmice.analysis import _build_spec, _load_group
+    from dmice.analysis.groups import _load_group
+    from dmice.analysis.spec import _build_spec
 
     g = np.random.default_rng(5)
     comp = [frames[0]]
@@ -347,7 +351,7 @@ def test_chord_passes_reach_the_newton_estimates_and_end_on_a_full_pass(frames, 
     """Imputations 2..m iterate by chords (score-only passes against imputation 1's
     information) and still end on a full pass at their final estimate: the estimates and
     statistics equal those of Newton's method with full passes throughout."""
-    from dmice.analysis import _group_stats
+    from dmice.analysis.groups import _group_stats
     from dmice.glm.solve import iterate as _iterate
 
     group, p = _shared_group(frames, family)
@@ -410,7 +414,7 @@ def test_chord_matrix_follows_broyden_and_solves_a_linear_score_in_2p_steps():
 
 
 def test_max_iter_during_chords_ends_on_a_full_pass(frames):
-    from dmice.analysis import _group_stats
+    from dmice.analysis.groups import _group_stats
     from dmice.glm.solve import iterate as _iterate
 
     group, p = _shared_group(frames)
@@ -429,7 +433,7 @@ def test_max_iter_during_chords_ends_on_a_full_pass(frames):
 def test_model_spec_reads_only_the_analysis_columns(cluster_client, frames, monkeypatch):
     """The partition the model spec is built from reaches the client with the analysis
     columns only (wide data would otherwise travel whole)."""
-    import dmice.analysis as A
+    import dmice.analysis.spec as A
 
     wide = [dd.from_pandas(f.assign(**{f"extra{i}": 1.0 for i in range(20)}), npartitions=2, sort=False)
             for f in frames]
@@ -494,7 +498,7 @@ MI_FORMULA = "y ~ x + z + C(c, contr.treatment('b')) + s"
 
 
 def test_multiple_imputation_path_and_pandas_list(cluster_client, imputed, tmp_path):
-    from dmice.analysis import _unplaced
+    from dmice.analysis.fit import _unplaced
 
     # held on the cluster: its partitions' designs are built where the chains are (not spread)
     frames = [imputed.complete(k) for k in (1, 2, 3)]
