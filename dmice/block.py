@@ -26,6 +26,7 @@ from scipy.special import expit
 from dmice import post as _post
 from dmice import rng as _rng
 from dmice.glm import kernels as stats
+from dmice.methods.smcfcs import MAX_CANDIDATES as SMCFCS_MAX_CANDIDATES
 from dmice.schema import CONTINUOUS, NOMINAL, ORDINAL, Variable, conform, from_codes, to_codes
 
 
@@ -695,9 +696,7 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
     out_sum: dict[str, np.ndarray] = {"n": np.array(float(len(obs)))}
     out_cat: dict[str, np.ndarray] = {}
     if kind == "smcfcs":
-        from dmice.methods import smcfcs
-
-        return smcfcs.stats_of(block, plan, request)
+        return _smcfcs_stats(block, plan, request)
     if kind == "gram" and j in plan.formulas:  # xcols: the formula design's columns still in the model
         sel = np.append(xcols, plan.formulas[j].width)
         out_sum["G"] = _formula_gram(block, plan, j)[:, sel][:, :, sel]
@@ -744,6 +743,86 @@ def model_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, 
     return {"sum": out_sum, "cat": out_cat}
 
 
+# ---------------------------------------------------------------------------
+# SMC-FCS
+
+
+def _smcfcs_stats(block: Block, plan: Plan, request: dict[str, Any]) -> dict[str, Any]:
+    """SMC-FCS (:mod:`dmice.methods.smcfcs`): the covariate model's Gram matrix and the
+    substantive model's statistics on the completed data."""
+    j = request["var"]
+    v = plan.variables[j]
+    sub = plan.substantive
+    n = block.n
+    key = ("gram", "all")
+    if key not in block.cache:
+        block.cache[key] = block.D0.T @ block.D0
+    G = weighted_gram(block, plan, np.ones(n), imputed_parts(block, plan), base=block.cache[key])
+    sel = np.append(request["xcols"], v.cols[0])
+    out_sum: dict[str, np.ndarray] = {"n": np.array(float(n)), "G": G[:, sel][:, :, sel]}
+    y = block.values[sub.outcome]
+    rows = np.arange(n)
+    designs = formula_designs(block, plan, "substantive", rows, "all", fm=sub.model)
+    if sub.family == "gaussian":
+        out_sum["Gs"] = np.stack([np.column_stack([X, y]).T @ np.column_stack([X, y]) for X in designs])
+    else:
+        res = [stats.logistic(X, y, request["sub_beta"][c]) for c, X in enumerate(designs)]
+        out_sum["gs"] = np.stack([r["g"] for r in res])
+        out_sum["Hs"] = np.stack([r["H"] for r in res])
+    return {"sum": out_sum, "cat": {}}
+
+
+def _smcfcs_impute(block: Block, plan: Plan, order: dict[str, Any], j: int, rows: np.ndarray
+                   ) -> tuple[np.ndarray, int]:
+    """SMC-FCS (:mod:`dmice.methods.smcfcs`): new values of the missing cells of covariate ``j``
+    in every chain, by rejection sampling, and the number of cells that kept their previous value."""
+    from dmice.formulas import design
+
+    v = plan.variables[j]
+    sub = plan.substantive
+    eta = linear_predictor(block, plan, _full_coef(plan, order["xcols"], order["beta"]), rows=rows)
+    y = block.values[sub.outcome][rows]
+    out = block.imp[j].copy()
+    m = plan.m
+    gens = [_rng.generator(plan.seed, _rng.WORKER, plan.chain0 + c, order["iteration"], j, block.part)
+            for c in range(m)]
+    frames = [_formula_frame(block, plan, sub.model, rows, c) for c in range(m)]
+    pending = [np.arange(len(rows)) for _ in range(m)]
+    tried = np.zeros(m, dtype=np.int64)
+    while True:
+        # one batch for every chain: k candidates per pending row (more as fewer rows remain)
+        batch = []
+        for c in range(m):
+            if not len(pending[c]) or tried[c] >= SMCFCS_MAX_CANDIDATES:
+                continue
+            k = int(min(SMCFCS_MAX_CANDIDATES - tried[c], max(1, -(-len(rows) // len(pending[c])))))
+            idx = np.repeat(pending[c], k)
+            cand = v.center + v.scale * (eta[c, idx] + order["sigma"][c] * gens[c].standard_normal(len(idx)))
+            batch.append((c, k, idx, cand))
+        if not batch:
+            break
+        fr = pd.concat([frames[c].iloc[idx] for c, _, idx, _ in batch], ignore_index=True)
+        fr[v.name] = np.concatenate([cand for *_, cand in batch])
+        X = design(sub.model, fr)
+        at = 0
+        for c, k, idx, cand in batch:
+            mu = X[at:at + len(idx)] @ order["sub_beta"][c]
+            at += len(idx)
+            if sub.family == "gaussian":
+                p = np.exp(-0.5 * ((y[idx] - mu) / order["sub_sigma"][c]) ** 2)
+            else:
+                pr = expit(mu)
+                p = np.where(y[idx] == 1, pr, 1 - pr)
+            ok = (gens[c].random(len(idx)) < p).reshape(len(pending[c]), k)
+            hit = ok.any(axis=1)
+            first = ok.argmax(axis=1)
+            out[c, pending[c][hit]] = cand.reshape(len(pending[c]), k)[hit, first[hit]]
+            pending[c] = pending[c][~hit]
+            tried[c] += k
+    failed = int(sum(len(p) for p in pending))
+    return out, failed
+
+
 def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
           request: dict[str, Any] | list[dict[str, Any]] | None) -> Block:
     """Impute ``order['var']`` in all chains, then compute the statistics of ``request`` (or of
@@ -764,9 +843,7 @@ def visit(block: Block, plan: Plan, order: dict[str, Any] | None,
         rows = block.mis[j]
         vals = np.empty((plan.m, len(rows)))
         if len(rows) and order["method"] == "smcfcs":
-            from dmice.methods import smcfcs
-
-            vals[:], failed = smcfcs.impute(block, plan, order, j, rows)
+            vals[:], failed = _smcfcs_impute(block, plan, order, j, rows)
             out["sum"]["smcfcs_failed"] = np.array(float(failed))
         elif len(rows) and "pmm_values" in order:  # pmm on all observed rows: matched on the client
             got = order["pmm_values"][block.part]  # each chain's in the order of its predictions

@@ -232,9 +232,12 @@ def md_pattern(data: Any) -> pd.DataFrame:
         The last row, labelled ``"total"``, holds the number of rows, the missing values
         of each variable and the total number of missing cells.
     """
-    from dmice.result import MultipleImputation
+    import dask.dataframe as dd
 
-    if isinstance(data, MultipleImputation):
+    # a MultipleImputation (recognised by what it has: plots sit beside dmice.result and do
+    # not import it)
+    if not isinstance(data, (pd.DataFrame, dd.DataFrame)) and hasattr(data, "manifest") \
+            and hasattr(data, "imputed_columns"):
         if data._engine is not None:
             return md_pattern(data._ddf)
         stored = (data.manifest or {}).get("missing_pattern")

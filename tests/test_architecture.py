@@ -87,3 +87,34 @@ def test_in_memory_data_is_partitioned_in_one_place():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "dd":
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not found, found
+
+
+def _cycles(graph) -> list[tuple[str, str]]:
+    """Pairs of modules that import each other, directly or through others (lazy imports
+    included; a package and its own modules excepted)."""
+    out = []
+    for a in sorted(graph.modules):
+        for b in sorted(graph.find_modules_directly_imported_by(a)):
+            if b == a or b.startswith(a + ".") or a.startswith(b + "."):
+                continue
+            if graph.chain_exists(importer=b, imported=a):
+                out.append((a, b))
+    return out
+
+
+def test_no_import_cycles():
+    import grimp
+
+    assert _cycles(grimp.build_graph("dmice")) == []
+
+
+def test_the_cycle_check_sees_a_cycle():
+    import grimp
+
+    g = grimp.ImportGraph()
+    for name in ("p", "p.a", "p.b", "p.c"):
+        g.add_module(name)
+    g.add_import(importer="p.a", imported="p.b")
+    g.add_import(importer="p.b", imported="p.c")
+    g.add_import(importer="p.c", imported="p.a")
+    assert ("p.a", "p.b") in _cycles(g)
