@@ -429,7 +429,7 @@ def run(data: Any, config: ImputationConfig, *, checkpoint: str | None = None, c
     # not part of the configuration hash: it changes what is written about the chains, not them
     result.parameters = {**params, "min_cell_count": config.min_cell_count}
     if cluster is not None:
-        weakref.finalize(result, _close_quietly, client, cluster)
+        weakref.finalize(result, _cluster.close, client, cluster, quiet=True)
     return result
 
 
@@ -836,10 +836,6 @@ def _check_memory(client: Any, schema: Schema, m: int, n_cols: int,
             f"dmice.memory.fraction): {advice}), or add workers or worker memory (more, smaller "
             "partitions spread the state over more workers)")
     return est
-
-
-def _close_quietly(client: Any, cluster: Any) -> None:
-    _cluster.close(client, cluster, quiet=True)
 
 
 def open(url: str, *, storage_options: dict[str, Any] | None = None) -> MultipleImputation:  # noqa: A001

@@ -433,19 +433,19 @@ def test_max_iter_during_chords_ends_on_a_full_pass(frames):
 def test_model_spec_reads_only_the_analysis_columns(cluster_client, frames, monkeypatch):
     """The partition the model spec is built from reaches the client with the analysis
     columns only (wide data would otherwise travel whole)."""
-    import dmice.analysis.spec as A
+    from dmice.runtime import passes as A
 
     wide = [dd.from_pandas(f.assign(**{f"extra{i}": 1.0 for i in range(20)}), npartitions=2, sort=False)
             for f in frames]
     seen = []
-    orig = A._compute
+    orig = A.compute
 
     def spy(client, *objs):
         out = orig(client, *objs)
         seen.extend(o for o in out if isinstance(o, pd.DataFrame))
         return out
 
-    monkeypatch.setattr(A, "_compute", spy)
+    monkeypatch.setattr(A, "compute", spy)
     res = dmice.analyze(wide, "y ~ x + z + C(grp)", weights="w")
     assert seen and all(sorted(df.columns) == ["grp", "w", "x", "y", "z"] for df in seen)
     ref = dmice.analyze([dd.from_pandas(f, npartitions=2, sort=False) for f in frames],

@@ -203,10 +203,6 @@ def _is_stringlike(dtype: Any) -> bool:
             and (pd.api.types.is_string_dtype(dtype) or pd.api.types.is_object_dtype(dtype)))
 
 
-def _compute(client: Any, *objs: Any) -> tuple:
-    return _passes.compute(client, *objs)
-
-
 def _distinct(df: pd.DataFrame, columns: list[str]) -> dict[str, list[Any]]:
     return {c: df[c].dropna().unique().tolist() for c in columns}
 
@@ -294,7 +290,7 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
     if strings:
         # global levels: distinct values over all partitions of all imputations
         # (one small task per partition, no shuffle)
-        per_part = _compute(client, *[delayed(_distinct)(pt, strings)
+        per_part = _passes.compute(client, *[delayed(_distinct)(pt, strings)
                                       for fr in frames for pt in fr[strings].to_delayed()])
         for c in strings:
             vals: set = set()
@@ -303,7 +299,7 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
             levels[c] = _sorted_levels(vals)
     probe = _FormulaDesign(None, columns, levels, weights, offset)
     # only the analysis columns of the partition travel to the client
-    (first,) = _compute(client, frames[0][columns].get_partition(0))
+    (first,) = _passes.compute(client, frames[0][columns].get_partition(0))
     try:
         first = probe.prepare(first)
         spec = _formulas.model_matrix(f, first).model_spec
@@ -312,7 +308,7 @@ def _build_spec(formula: str, frames: list[Any], weights: str | None,
             # every partition of imputation 1 instead of the first partition alone
             per_part = math.ceil(_config.get("analysis.spec-sample-rows") / frames[0].npartitions)
             parts = frames[0].to_delayed()
-            samples = _compute(client, *[delayed(_spec_sample)(p, probe, per_part) for p in parts])
+            samples = _passes.compute(client, *[delayed(_spec_sample)(p, probe, per_part) for p in parts])
             spec = _formulas.model_matrix(f, pd.concat(samples, ignore_index=True)).model_spec
     except InputError:
         raise

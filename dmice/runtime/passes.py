@@ -62,8 +62,7 @@ def summarize(client: Client, parts: list[Any]) -> list[dict[str, Any]]:
     """Per-partition summaries, computed on the cluster (one pass over the data)."""
     from dmice.schema import summarize_partition
 
-    futs = client.compute([delayed(summarize_partition)(p) for p in parts])
-    return client.gather(futs)
+    return map_partitions(client, parts, summarize_partition)
 
 
 def encode(client: Client, parts: list[Any], plan: _block.Plan) -> list[Future]:
@@ -110,14 +109,12 @@ def write_parquet(client: Client, ddf: Any, blocks: list[Future], plan: _block.P
     parts = ddf.to_delayed()
     tasks = [delayed(writer or store.write_partition)(p, b, plan, url, i, storage_options)
              for i, (p, b) in enumerate(zip(parts, blocks))]
-    return client.gather(client.compute(tasks))
-
+    return list(compute(client, *tasks))
 
 
 def map_partitions(client: Client, parts: list[Any], func: Callable[..., Any], *args: Any) -> list[Any]:
     """``func(partition, *args)`` computed on the cluster for every partition, gathered in order."""
-    futs = client.compute([delayed(func)(p, *args) for p in parts])
-    return client.gather(futs)
+    return list(compute(client, *[delayed(func)(p, *args) for p in parts]))
 
 
 def _place(client: Any, loads: list[Any], spread: bool) -> list[Future]:
@@ -151,18 +148,13 @@ class Held:
     """
 
     def __init__(self, client: Any, loads: list[Any], spread: bool = False) -> None:
-        import dask
-
         self.client = client
         self._extra: list[Future] = []
         if client is None:
-            self._held: list[Any] = list(dask.compute(*loads))
+            self._held: list[Any] = list(compute(None, *loads))
         else:
             self._held = _place(client, loads, spread)
             wait(self._held)
-
-    def __len__(self) -> int:
-        return len(self._held)
 
     def _where(self) -> list[list[str] | None]:
         where = self.client.who_has(self._held)

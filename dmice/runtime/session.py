@@ -25,6 +25,7 @@ from dmice import store
 from dmice.models import make_model
 from dmice.models.stratified import StratifiedModel
 from dmice.runtime import cluster as _cluster
+from dmice.runtime import passes as _passes
 from dmice.runtime.engine import Engine
 
 log = logging.getLogger("dmice")
@@ -160,8 +161,6 @@ class Session:
         eng = self.engine
         plan = eng.plan
         new_plan = replace(plan, m=k, chain0=plan.chain0 + plan.m)
-        from dmice.runtime import passes as _passes
-
         blocks = _passes.init_fill(eng.client, eng.blocks, new_plan, self.pools)
         new = Engine(eng.client, new_plan, blocks, make_models(new_plan, self.pools, self.params, self.setup),
                      eng.schema)
