@@ -384,12 +384,12 @@ def run(data: Any, config: ImputationConfig, *, checkpoint: str | None = None, c
                            post=post_funcs, by=by_j,
                            design_cache=(_settings.get("design-cache.observed"),
                                          _settings.get("design-cache.missing")))
-        blocks = _passes.encode(client, parts, plan)
-        pools = _passes.gather_pools(client, blocks, plan)
-        blocks = _passes.init_fill(client, blocks, plan, pools)
+        encoded = _passes.encode(client, parts, plan)
+        pools = _passes.gather_pools(client, encoded, plan)
+        blocks = _passes.init_fill(client, encoded, plan, pools)
         setup = {"sets": sets, "labels": _pred.column_labels(variables, n_cols)}
         models = _session.make_models(plan, pools, params, setup, events)
-        eng = _engine.Engine(client, plan, blocks, models, schema)
+        eng = _engine.Engine(client, plan, blocks, models, schema, origin=encoded)
         config_hash = _config_hash(params, variables, rows)
         session = _session.Session(eng, pools=pools, setup=setup, params=params, seq=seq, events=events,
                                    config=config_hash, cluster=cluster)

@@ -1002,6 +1002,19 @@ def with_cells(block: Block, cells: dict[str, np.ndarray], plan: Plan) -> Block:
     return replace(block, imp=imp, out=None)
 
 
+#: ``block.cache`` entries that live for one pmm visit only (the rest never change)
+_VISIT_CACHE = ("pmm-order", "pmm-cand", "pmm-matched")
+
+
+def restore_cells(block: Block, cells: dict[str, np.ndarray], plan: Plan) -> Block:
+    """``block`` (as encoded, or any later state of it) with the imputed cells of a snapshot of
+    the chains (:func:`cells`), as it was when the snapshot was taken: the caches of an
+    unfinished visit are left behind."""
+    new = with_cells(block, cells, plan)
+    new.cache = {k: v for k, v in block.cache.items() if not (isinstance(k, tuple) and k[0] in _VISIT_CACHE)}
+    return new
+
+
 def concat_chains(blocks: list[Block]) -> Block:
     """One block holding the chains of several blocks of the same partition, in order."""
     first = blocks[0]

@@ -68,6 +68,7 @@ class Reporter:
                  max_rhat: Callable[[], float] | None = None, dashboard: str | None = None):
         self.total = total
         self.start = start
+        self.visits = visits_per_iteration
         self.max_rhat = max_rhat
         self.callback = progress if callable(progress) else None
         mode = progress if isinstance(progress, str) else None
@@ -103,6 +104,12 @@ class Reporter:
                      self.start + self.total, seconds, "nan" if math.isnan(rh) else f"{rh:.3f}")
         if self.callback is not None:
             self.callback(iteration, self.start + self.total, seconds)
+
+    def rewind(self, iteration: int) -> None:
+        """The chains went back to ``iteration`` (replayed after a lost worker)."""
+        if self.bar is not None:
+            self.bar.n = max(0, iteration - self.start) * self.visits
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -46,6 +46,13 @@ class LinearModel(BaseModel):
     def stat(self) -> str | None:
         return "gram"
 
+    def get_state(self) -> dict[str, Any]:
+        return {**super().get_state(), "scarcity_logged": self.scarcity_logged}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self.scarcity_logged = bool(state.get("scarcity_logged", False))
+
     def request(self) -> dict[str, Any] | None:
         req = super().request()
         if self.method == "pmm" and not self.exact:  # the donors' fixed design only when not kept yet

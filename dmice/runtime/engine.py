@@ -18,9 +18,17 @@ While the loop runs, each partition's block stays in the memory of the worker th
 encoded it (a registry on the worker, :data:`_RESIDENT`), and a round is one direct
 call per worker instead of two scheduled tasks per partition, which keeps a round's
 latency at one message exchange.  Between runs the blocks
-are ordinary futures again (:attr:`Engine.blocks`).  A worker lost while the loop
-runs takes its partitions' chains with it: the run stops with an error naming the
-partitions, and a run with ``checkpoint=`` resumes from its last checkpoint.
+are ordinary futures again (:attr:`Engine.blocks`).
+
+Lost workers.  The loop keeps a snapshot of the chains: the imputed cells of every
+partition (held by the scheduler as futures, with a replica on a second worker) and the
+client's side (model warm starts, chain statistics, events), taken at the start and then
+every few iterations, as often as their measured cost allows (:data:`SNAPSHOT_SHARE`).
+When a worker holding partitions leaves, every partition is rebuilt from its encoded
+block (a future with the input's lineage: dask recomputes it from the input when it was
+on the lost worker) and the snapshot's cells, and the loop replays from the snapshot's
+iteration.  Every draw is keyed by its iteration, so the chains end exactly as an
+undisturbed run's.  The recovery is logged as an event.
 """
 
 from __future__ import annotations
@@ -42,15 +50,36 @@ from dmice.schema import Schema
 
 log = logging.getLogger("dmice")
 
+#: snapshots of the chains take at most about this share of the loop's time (their
+#: interval, in iterations, follows the measured cost of the last one)
+SNAPSHOT_SHARE = 0.05
+#: the most iterations between two snapshots (what a lost worker may cost to replay)
+SNAPSHOT_MAX_EVERY = 10
+#: recoveries from lost workers in one run, at most
+MAX_RECOVERIES = 5
+#: seconds a recovery waits for a worker to join when none is left
+WORKER_WAIT = 60.0
+#: seconds a failed call waits for the scheduler to confirm a lost worker
+LOSS_WAIT = 5.0
+
+
+class ChainsLost(RuntimeError):
+    """A worker holding partitions of the chains left the cluster."""
+
 
 class Engine:
     """Runs the chained loop for one imputation object on a distributed client."""
 
     def __init__(self, client: Client, plan: _block.Plan, blocks: list[Future],
-                 models: dict[int, ConditionalModel], schema: Schema):
+                 models: dict[int, ConditionalModel], schema: Schema, origin: list[Future] | None = None):
         self.client = client
         self.plan = plan
         self._blocks = list(blocks)
+        # the encoded blocks, futures with the input's lineage: what lost partitions are rebuilt from
+        self._origin = list(origin) if origin is not None else None
+        self._snap: dict[str, Any] | None = None  # the last snapshot of the chains (see the module notes)
+        self.snapshot_every = 1  # iterations between snapshots, from their measured cost
+        self.recoveries: list[dict[str, Any]] = []  # the lost workers recovered from: when, what, how long
         self._key: str | None = None  # registry key while the blocks live on the workers
         self._where: dict[int, str] = {}  # partition -> address of the worker holding it
         self._fresh = True  # self._blocks are the blocks of the registry
@@ -71,14 +100,25 @@ class Engine:
                 raise self._lost(KeyError("worker"))
             self._blocks = [self.client.submit(_snapshot, self._key, i, self._done,
                                                workers=[self._where[i]], pure=False)
-                            for i in range(len(self._blocks))]
+                            for i in range(len(self._where))]
             self._fresh = True
+        if self._blocks is None:
+            raise RuntimeError("the imputation chains were lost with a worker and could not be rebuilt; "
+                               "run the imputation again")
         return self._blocks
+
+    @property
+    def origin(self) -> list[Future] | None:
+        """The encoded blocks lost partitions are rebuilt from (None: none kept)."""
+        return self._origin
 
     @blocks.setter
     def blocks(self, value: list[Future]) -> None:
         self._release(keep=False)
         self._blocks = list(value)
+        self._snap = None  # of other chains
+        if not self._blocks:
+            self._origin = None
 
     def _reside(self) -> None:
         """Move every block into the registry of the worker holding it."""
@@ -86,9 +126,11 @@ class Engine:
             return
         key = f"dmice-{uuid.uuid4().hex}"
         who = self.client.who_has(self._blocks)
-        futs = [self.client.submit(_adopt, b, key, i, self.plan, workers=list(who.get(b.key, ()))[:1] or None,
-                                   pure=False)
-                for i, b in enumerate(self._blocks)]
+        futs = []
+        for i, b in enumerate(self._blocks):
+            at = list(who.get(b.key, ()))[:1]  # where the block is; anywhere if that worker left
+            futs.append(self.client.submit(_adopt, b, key, i, self.plan, pure=False,
+                                           **({"workers": at, "allow_other_workers": True} if at else {})))
         addresses = self.client.gather(futs)
         self._where = dict(enumerate(addresses))
         self._key = key
@@ -101,10 +143,15 @@ class Engine:
             return
         try:
             if keep:
-                blocks = self.blocks
-                wait(blocks)
+                try:
+                    self._wait(self.blocks)
+                except ChainsLost:
+                    self._blocks = None  # type: ignore[assignment]
+                    raise
         finally:
             key, self._key = self._key, None
+            if not self._fresh:  # the chains of the registry are given up
+                self._blocks = None  # type: ignore[assignment]
             try:
                 self.client.run(_drop, key, workers=sorted(set(self._where.values())))
             except Exception as e:  # noqa: BLE001 - a lost worker has nothing left to drop
@@ -112,26 +159,150 @@ class Engine:
 
     def _gone(self) -> list[int]:
         """The partitions whose worker is no longer in the cluster."""
-        alive = set(self.client.scheduler_info().get("workers", {}))
+        alive = set(self._alive())
         return sorted(i for i, a in self._where.items() if a not in alive)
 
-    def _lost(self, err: BaseException) -> RuntimeError:
+    def _wait(self, futures: list[Future]) -> None:
+        """Wait for tasks pinned to the workers of the partitions; a task pinned to a worker that
+        left would wait for ever, so a lost worker ends the wait (:class:`ChainsLost`)."""
+        while True:
+            try:
+                wait(futures, timeout=1.0)
+                return
+            except TimeoutError:
+                if self._gone():
+                    for f in futures:
+                        f.cancel()
+                    raise self._lost(TimeoutError("pinned task")) from None
+
+    def _was_lost(self) -> bool:
+        """After a failed call: whether a worker holding partitions left (the scheduler may hear
+        of it a moment after the caller does, so it is asked for up to :data:`LOSS_WAIT` s)."""
+        deadline = time.perf_counter() + LOSS_WAIT
+        while not self._gone():
+            if time.perf_counter() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def _lost(self, err: BaseException) -> ChainsLost:
         gone = self._gone()
         what = f"partitions {gone}" if gone else "some partitions"
-        return RuntimeError(f"the worker holding {what} of the imputation chains was lost at iteration "
-                            f"{self.iteration + 1} ({type(err).__name__}); the chains cannot continue. "
-                            "Run again; with checkpoint= a run resumes from its last checkpoint")
+        e = ChainsLost(f"the worker holding {what} of the imputation chains was lost at iteration "
+                       f"{self.iteration + 1} ({type(err).__name__}); the chains cannot continue. "
+                       "Run again; with checkpoint= a run resumes from its last checkpoint")
+        e.partitions = gone  # type: ignore[attr-defined]
+        return e
+
+    # -- snapshots and lost workers (see the module notes) ------------------------------------
+    def _alive(self) -> list[str]:
+        return sorted(self.client.nthreads())
+
+    def _take_snapshot(self, events: list[dict[str, Any]]) -> None:
+        """Snapshot the chains as they are now: each partition's imputed cells kept twice, by the
+        worker holding the partition and by another one, and the client's side."""
+        if self._origin is None:  # nothing to rebuild a partition from
+            return
+        t0 = time.perf_counter()
+        self._reside()
+        alive = self._alive()
+        cells = []
+        try:
+            for i, a in sorted(self._where.items()):
+                own = self.client.submit(_cells, self._key, i, self._done, workers=[a], pure=False)
+                others = [w for w in alive if w != a]
+                b = others[i % len(others)] if others else None
+                copy = self.client.submit(_same, own, workers=[b], allow_other_workers=False,
+                                          pure=False) if b is not None else None
+                cells.append((own, a, copy, b))
+            self._wait([f for c in cells for f in (c[0], c[2]) if f is not None])
+        except OSError as e:
+            if self._was_lost():
+                raise self._lost(e) from e
+            raise
+        for c in cells:
+            for f in (c[0], c[2]):
+                if f is not None and f.status != "finished":
+                    if self._gone():
+                        raise self._lost(KeyError("worker"))
+                    f.result()  # the worker's error
+        self._snap = {"iteration": self.iteration, "cells": cells, "models": self.model_state(),
+                      "chain_stats": len(self.chain_stats), "events": len(events),
+                      "seconds": time.perf_counter() - t0}
+
+    def _snapshot_interval(self, iteration_seconds: float) -> int:
+        """Iterations between snapshots: as few as keep their cost within :data:`SNAPSHOT_SHARE`
+        of the loop's time (at most :data:`SNAPSHOT_MAX_EVERY`)."""
+        cost = self._snap["seconds"] if self._snap is not None else 0.0
+        every = int(np.ceil(cost / max(SNAPSHOT_SHARE * iteration_seconds, 1e-9)))
+        return min(SNAPSHOT_MAX_EVERY, max(1, every))
+
+    def _recover(self, err: ChainsLost, events: list[dict[str, Any]], progress: Any) -> bool:
+        """Rebuild every partition from its encoded block and the last snapshot's cells, on the
+        workers there are, and put the client's side back to the snapshot.  False when it
+        cannot (no snapshot, a snapshot lost with both its copies, too many recoveries)."""
+        snap = self._snap
+        if snap is None or self._origin is None or len(self.recoveries) >= MAX_RECOVERIES:
+            return False
+        t0 = time.perf_counter()
+        lost_at = self.iteration + 1
+        gone = list(getattr(err, "partitions", []))
+        key, self._key = self._key, None
+        alive = self._alive()
+        if key is not None and alive:
+            try:
+                self.client.run(_drop, key, workers=alive)
+            except Exception as e:  # noqa: BLE001 - another worker may be going too
+                log.debug("could not empty the block registry: %s", type(e).__name__)
+        while not alive and time.perf_counter() - t0 < WORKER_WAIT:  # e.g. a nanny restarting it
+            time.sleep(0.5)
+            alive = self._alive()
+        picked = []
+        for own, a, copy, b in snap["cells"]:
+            if a in alive:
+                picked.append(own)
+            elif b in alive:
+                picked.append(copy)
+            else:
+                log.warning("dmice: both copies of a snapshot of the chains were lost with their workers")
+                return False
+        blocks = [self.client.submit(_block.restore_cells, o, c, self.plan, pure=False)
+                  for o, c in zip(self._origin, picked)]
+        wait(blocks)
+        failed = [i for i, f in enumerate(blocks) if f.status != "finished"]
+        if failed:
+            log.warning("dmice: partitions %s could not be rebuilt from the input", failed)
+            return False
+        self._blocks, self._fresh, self._done, self._where = blocks, True, 0, {}
+        self.load_model_state(snap["models"])
+        self.iteration = snap["iteration"]
+        del self.chain_stats[snap["chain_stats"]:]
+        del events[snap["events"]:]
+        self._snap = None  # a new one, its copies on workers that are there, when the loop resumes
+        secs = time.perf_counter() - t0
+        self.recoveries.append({"iteration": lost_at, "partitions": gone, "replayed_from": snap["iteration"],
+                                "seconds": round(secs, 3)})
+        msg = (f"a worker holding partitions {gone} was lost at iteration {lost_at}: every partition "
+               f"was rebuilt from the input and the chains replayed from iteration {snap['iteration']} "
+               f"(rebuilt in {secs:.1f} s); the result equals that of an undisturbed run")
+        log.warning("dmice: %s", msg)
+        events.append({"iteration": lost_at, "variable": "", "event": msg})
+        if progress is not None and hasattr(progress, "rewind"):
+            progress.rewind(snap["iteration"])
+        return True
 
     # -- rounds ----------------------------------------------------------------------------
     def _round(self, order: dict[str, Any] | None,
                request: dict[str, Any] | list[dict[str, Any]] | None) -> dict[str, Any]:
         self._reside()
+        if self._gone():  # a call to a worker that left waits for the connection timeout (30 s)
+            raise self._lost(KeyError("worker"))
         workers = sorted(set(self._where.values()))
         try:
             got = self.client.run(_visit_resident, self._key, self._done + 1, Sealed(order),
                                   Sealed(request), workers=workers)
         except OSError as e:  # distributed's CommClosedError is an OSError too
-            if not self._gone():
+            if not self._was_lost():
                 raise  # an error of the visit itself
             raise self._lost(e) from e
         outs: dict[int, Any] = {}
@@ -139,6 +310,8 @@ class Engine:
             outs.update(per_worker)
         if len(outs) != len(self._where):
             raise self._lost(KeyError("partition"))
+        if self._fresh:  # the futures of the blocks before the loop: stale now, and not kept (a
+            self._blocks = []  # worker lost would have the scheduler recompute them for nothing)
         self._fresh = False
         self._done += 1
         self.rounds += 1
@@ -157,8 +330,15 @@ class Engine:
         run of that many iterations: every draw is keyed by its iteration, and the statistics a
         fused visit computes for the next iteration are recomputed identically by a new round.
         """
+        target = self.iteration + iterations
         try:
-            self._loop(iterations, visit_sequence, events, progress, after_iteration)
+            while True:
+                try:
+                    self._loop(target - self.iteration, visit_sequence, events, progress, after_iteration)
+                    break
+                except ChainsLost as e:
+                    if not self._recover(e, events, progress):
+                        raise
         except BaseException:
             # the blocks as of the last round the client took in (a round in flight on the
             # workers when the client stopped is not part of them), unless a worker is gone
@@ -177,6 +357,8 @@ class Engine:
               progress: Any, after_iteration: Callable[[int], bool] | None) -> None:
         flat = [(self.iteration + i + 1, j) for i in range(iterations) for j in visit_sequence]
         pending: dict[str, Any] | None = None  # statistics computed for flat[k] by the previous round
+        if flat and (self._snap is None or self._snap["iteration"] != self.iteration):
+            self._take_snapshot(events)
         if self.iteration == 0:
             # a first visit of a linear model needs statistics of the initial fill, which the
             # cold-start rounds do not change: they ride along with the first of them
@@ -218,6 +400,10 @@ class Engine:
                     progress.iteration(it, secs)
                 if after_iteration is not None and after_iteration(it):
                     break
+                self.snapshot_every = self._snapshot_interval(secs)
+                if k + 1 < len(flat) and (self._snap is None or it - self._snap["iteration"] >= self.snapshot_every):
+                    self._take_snapshot(events)
+                    t_iter = time.perf_counter()
 
     # -- pmm matched among the workers --------------------------------------------------------
     def _match_among_workers(self, model: Any) -> bool:
@@ -246,11 +432,15 @@ class Engine:
                    for r in ranges]
         back = [[submit(operator.getitem, matched[r], p, workers=[where[r]], pure=False) for r in ranges]
                 for p in parts]
+        collect = [submit(_pmm_collect, self._key, p, self._done, sealed, back[p], workers=[where[p]], pure=False)
+                   for p in parts]
         try:
-            scarce = self.client.gather([submit(_pmm_collect, self._key, p, self._done, sealed, back[p],
-                                                workers=[where[p]], pure=False) for p in parts])
-        except OSError as e:
-            if not self._gone():
+            self._wait(collect)
+            scarce = self.client.gather(collect)
+        except ChainsLost:
+            raise
+        except Exception as e:  # a task moved off a lost worker fails on its new one
+            if not self._was_lost():
                 raise
             raise self._lost(e) from e
         return [float(sum(s[c] for s in scarce)) for c in range(len(scarce[0]))] if scarce else []
@@ -372,6 +562,27 @@ def _snapshot(key: str, part: int, done: int) -> _block.Block:
         pass
     raise RuntimeError(f"the imputation chains of partition {part} are not on this worker: the "
                        "worker that held them was lost; run the imputation again")
+
+
+def _cells(key: str, part: int, done: int) -> dict[str, np.ndarray] | None:
+    """Task: the imputed cells of partition ``part`` after round ``done`` (:func:`dmice.block.cells`),
+    for a snapshot; None when this worker does not hold them (the task rerun by the scheduler
+    after the worker that ran it was lost: the snapshot's other copy is used then)."""
+    from distributed import get_worker
+
+    entry = _RESIDENT.get((key, get_worker().address))
+    if entry is None or part not in entry["blocks"]:
+        return None
+    if entry["round"] == done:
+        return _block.cells(entry["blocks"][part])
+    if entry["round"] == done + 1:
+        return _block.cells(entry["previous"][part])
+    return None
+
+
+def _same(x: Any) -> Any:
+    """Task: its argument (a copy of a snapshot's cells on another worker)."""
+    return x
 
 
 def _resident(key: str, part: int, done: int) -> _block.Block:

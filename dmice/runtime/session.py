@@ -163,7 +163,7 @@ class Session:
         new_plan = replace(plan, m=k, chain0=plan.chain0 + plan.m)
         blocks = _passes.init_fill(eng.client, eng.blocks, new_plan, self.pools)
         new = Engine(eng.client, new_plan, blocks, make_models(new_plan, self.pools, self.params, self.setup),
-                     eng.schema)
+                     eng.schema, origin=eng.origin)
         events: list[dict[str, Any]] = []
         if self.seq and eng.iteration:
             _run(new, eng.iteration, self.seq, events, progress, None, None, 1, None, self.config)
