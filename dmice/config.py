@@ -33,6 +33,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "design-cache.missing": ("bytes0", "a size in bytes >= 0, such as '8 MiB'"),
     "analysis.spec-sample-rows": ("count", "a whole number of rows >= 1"),
     "lock.ttl": ("seconds", "a duration > 0, such as '600s' or '10 minutes'"),
+    "faults.paused-wait": ("seconds", "a duration > 0, such as '120s' or '5 minutes'"),
 }
 
 

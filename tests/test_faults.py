@@ -131,3 +131,31 @@ def test_without_a_snapshot_the_loss_is_reported(cluster3, monkeypatch):
     # the cluster still works
     assert np.isfinite(dmice.impute(ddf, m=1, max_iter=1, seed=1, client=cluster3,
                                     progress=None).complete(1)["x"].compute()).all()
+
+
+def test_a_paused_worker_ends_the_run_with_an_error_naming_it(monkeypatch):
+    """A worker paused by dask (memory above its pause threshold) runs no task: the chains do not
+    wait for it for ever, the run ends with an error naming its partitions and what to change."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    def pause(dask_worker):
+        from distributed.core import Status
+
+        dask_worker.status = Status.paused
+
+    # no memory limit: nothing un-pauses the worker behind the test's back
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      memory_limit=0) as cl, Client(cl) as c:
+        monkeypatch.setattr(_engine, "SNAPSHOT_SHARE", 1e9)  # a snapshot after every iteration
+        original = _engine.Engine._round
+
+        def round_(self, order, request):
+            if self.iteration + 1 == 2 and self._where:
+                c.run(pause, workers=[self._where[0]])
+            return original(self, order, request)
+
+        monkeypatch.setattr(_engine.Engine, "_round", round_)
+        with dask.config.set({"dmice.faults.paused-wait": "2s"}):
+            with pytest.raises(RuntimeError, match=r"partitions \[0.*paused by dask for 2 s"):
+                dmice.impute(_data(), m=2, max_iter=4, seed=1, client=c, progress=None)

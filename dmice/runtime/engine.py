@@ -80,6 +80,7 @@ class Engine:
         self._snap: dict[str, Any] | None = None  # the last snapshot of the chains (see the module notes)
         self.snapshot_every = 1  # iterations between snapshots, from their measured cost
         self.recoveries: list[dict[str, Any]] = []  # the lost workers recovered from: when, what, how long
+        self.snapshots: list[dict[str, Any]] = []  # the snapshots taken: iteration, seconds
         self._key: str | None = None  # registry key while the blocks live on the workers
         self._where: dict[int, str] = {}  # partition -> address of the worker holding it
         self._fresh = True  # self._blocks are the blocks of the registry
@@ -163,17 +164,40 @@ class Engine:
         return sorted(i for i, a in self._where.items() if a not in alive)
 
     def _wait(self, futures: list[Future]) -> None:
-        """Wait for tasks pinned to the workers of the partitions; a task pinned to a worker that
-        left would wait for ever, so a lost worker ends the wait (:class:`ChainsLost`)."""
+        """Wait for tasks pinned to the workers of the partitions.  A task pinned to a worker that
+        left would wait for ever: a lost worker ends the wait (:class:`ChainsLost`).  A worker
+        paused by dask (its memory above ``distributed.worker.memory.pause``) runs no task: the
+        wait ends with an error naming it once it has been paused for dask config
+        ``dmice.faults.paused-wait`` seconds."""
+        from dmice import config
+
+        limit = config.get("faults.paused-wait")
+        paused_since: dict[str, float] = {}
         while True:
             try:
                 wait(futures, timeout=1.0)
                 return
             except TimeoutError:
-                if self._gone():
-                    for f in futures:
-                        f.cancel()
-                    raise self._lost(TimeoutError("pinned task")) from None
+                pass
+            if self._gone():
+                for f in futures:
+                    f.cancel()
+                raise self._lost(TimeoutError("pinned task")) from None
+            info = self.client.scheduler_info().get("workers", {})
+            now = time.perf_counter()
+            mine = set(self._where.values())
+            paused = {a for a in mine if str(info.get(a, {}).get("status", "")).endswith("paused")}
+            paused_since = {a: paused_since.get(a, now) for a in paused}
+            late = sorted(a for a, t in paused_since.items() if now - t >= limit)
+            if late:
+                for f in futures:
+                    f.cancel()
+                parts = sorted(i for i, a in self._where.items() if a in late)
+                raise RuntimeError(
+                    f"the worker holding partitions {parts} of the imputation chains has been paused by "
+                    f"dask for {limit:g} s: its memory is above distributed.worker.memory.pause. Give "
+                    "the workers more memory (memory_limit), use more workers or partitions, or wait "
+                    "longer (dask config dmice.faults.paused-wait)")
 
     def _was_lost(self) -> bool:
         """After a failed call: whether a worker holding partitions left (the scheduler may hear
@@ -226,9 +250,10 @@ class Engine:
                     if self._gone():
                         raise self._lost(KeyError("worker"))
                     f.result()  # the worker's error
+        secs = time.perf_counter() - t0
         self._snap = {"iteration": self.iteration, "cells": cells, "models": self.model_state(),
-                      "chain_stats": len(self.chain_stats), "events": len(events),
-                      "seconds": time.perf_counter() - t0}
+                      "chain_stats": len(self.chain_stats), "events": len(events), "seconds": secs}
+        self.snapshots.append({"iteration": self.iteration, "seconds": round(secs, 4)})
 
     def _snapshot_interval(self, iteration_seconds: float) -> int:
         """Iterations between snapshots: as few as keep their cost within :data:`SNAPSHOT_SHARE`
