@@ -1006,10 +1006,12 @@ def with_cells(block: Block, cells: dict[str, np.ndarray], plan: Plan) -> Block:
 _VISIT_CACHE = ("pmm-order", "pmm-cand", "pmm-matched")
 
 
-def restore_cells(block: Block, cells: dict[str, np.ndarray], plan: Plan) -> Block:
+def restore_cells(block: Block, cells: dict[str, np.ndarray] | None, plan: Plan) -> Block:
     """``block`` (as encoded, or any later state of it) with the imputed cells of a snapshot of
     the chains (:func:`cells`), as it was when the snapshot was taken: the caches of an
     unfinished visit are left behind."""
+    if cells is None:
+        raise ValueError(f"the snapshot of partition {block.part}'s imputed cells was lost")
     new = with_cells(block, cells, plan)
     new.cache = {k: v for k, v in block.cache.items() if not (isinstance(k, tuple) and k[0] in _VISIT_CACHE)}
     return new

@@ -282,15 +282,17 @@ class Engine:
         while not alive and time.perf_counter() - t0 < WORKER_WAIT:  # e.g. a nanny restarting it
             time.sleep(0.5)
             alive = self._alive()
+        # each partition's cells from a copy still held by a worker that is there (dask may have
+        # kept either copy's data on the other one's worker, so the holders are asked)
+        pairs = [[f for f in (own, copy) if f is not None] for own, _, copy, _ in snap["cells"]]
+        held = self.client.who_has([f for pr in pairs for f in pr])
         picked = []
-        for own, a, copy, b in snap["cells"]:
-            if a in alive:
-                picked.append(own)
-            elif b in alive:
-                picked.append(copy)
-            else:
+        for pr in pairs:
+            there = [f for f in pr if set(held.get(f.key, ())) & set(alive)]
+            if not there:
                 log.warning("dmice: both copies of a snapshot of the chains were lost with their workers")
                 return False
+            picked.append(there[0])
         blocks = [self.client.submit(_block.restore_cells, o, c, self.plan, pure=False)
                   for o, c in zip(self._origin, picked)]
         wait(blocks)
