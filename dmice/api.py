@@ -386,10 +386,11 @@ def run(data: Any, config: ImputationConfig, *, checkpoint: str | None = None, c
                                          _settings.get("design-cache.missing")))
         encoded = _passes.encode(client, parts, plan)
         pools = _passes.gather_pools(client, encoded, plan)
-        blocks = _passes.init_fill(client, encoded, plan, pools)
+        filled = _passes.init_fill(client, encoded, plan, pools)
         setup = {"sets": sets, "labels": _pred.column_labels(variables, n_cols)}
         models = _session.make_models(plan, pools, params, setup, events)
-        eng = _engine.Engine(client, plan, blocks, models, schema, origin=encoded)
+        eng = _engine.Engine(client, plan, filled, models, schema, origin=encoded)
+        del filled  # the engine's from here: it lets them go once the chains have moved on
         config_hash = _config_hash(params, variables, rows)
         session = _session.Session(eng, pools=pools, setup=setup, params=params, seq=seq, events=events,
                                    config=config_hash, cluster=cluster)
