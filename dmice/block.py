@@ -1006,10 +1006,13 @@ def with_cells(block: Block, cells: dict[str, np.ndarray], plan: Plan) -> Block:
 _VISIT_CACHE = ("pmm-order", "pmm-cand", "pmm-matched")
 
 
-def restore_cells(block: Block, cells: dict[str, np.ndarray] | None, plan: Plan) -> Block:
+def restore_cells(block: Block, cells: dict[str, np.ndarray] | None, plan: Plan,
+                  other: dict[str, np.ndarray] | None = None) -> Block:
     """``block`` (as encoded, or any later state of it) with the imputed cells of a snapshot of
-    the chains (:func:`cells`), as it was when the snapshot was taken: the caches of an
-    unfinished visit are left behind."""
+    the chains (:func:`cells`; ``other``, the snapshot's other copy, when ``cells`` is None), as
+    it was when the snapshot was taken: the caches of an unfinished visit are left behind."""
+    if cells is None:
+        cells = other
     if cells is None:
         raise ValueError(f"the snapshot of partition {block.part}'s imputed cells was lost")
     new = with_cells(block, cells, plan)

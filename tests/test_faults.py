@@ -24,7 +24,7 @@ from tests.conftest import mixed_frame
 def cluster3():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=None) as cl:
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cl:
         with Client(cl) as c:
             yield c
 
@@ -145,7 +145,7 @@ def test_a_paused_worker_ends_the_run_with_an_error_naming_it(monkeypatch):
         dask_worker.status = Status.paused
 
     # no memory limit: nothing un-pauses the worker behind the test's back
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
                       memory_limit=0) as cl, Client(cl) as c:
         monkeypatch.setattr(_engine, "SNAPSHOT_SHARE", 1e9)  # a snapshot after every iteration
         original = _engine.Engine._round
@@ -159,3 +159,23 @@ def test_a_paused_worker_ends_the_run_with_an_error_naming_it(monkeypatch):
         with dask.config.set({"dmice.faults.paused-wait": "2s"}):
             with pytest.raises(RuntimeError, match=r"partitions \[0.*paused by dask for 2 s"):
                 dmice.impute(_data(), m=2, max_iter=4, seed=1, client=c, progress=None)
+
+
+def test_a_worker_lost_after_the_run_keeps_the_result(cluster3):
+    """The result's blocks at rest are the encoded blocks with a snapshot of the final cells: a
+    worker lost after the run (before the imputations are written) costs a recomputation, not
+    the result."""
+    import time
+
+    imp = dmice.impute(_data(), m=2, max_iter=3, seed=4, client=cluster3, progress=None)
+    want = _completed(imp, 2)
+    blocks = imp._engine.blocks
+    address = sorted(cluster3.who_has(blocks)[blocks[0].key])[0]
+    os.kill(cluster3.run(os.getpid, workers=[address])[address], signal.SIGKILL)
+    t0 = time.time()
+    while address in cluster3.nthreads() and time.time() - t0 < 30:
+        time.sleep(0.1)
+    assert address not in cluster3.nthreads()
+    for a, b in zip(want, _completed(imp, 2)):
+        pd.testing.assert_frame_equal(a, b)
+    imp.close()

@@ -81,6 +81,7 @@ class Engine:
         self.snapshot_every = 1  # iterations between snapshots, from their measured cost
         self.recoveries: list[dict[str, Any]] = []  # the lost workers recovered from: when, what, how long
         self.snapshots: list[dict[str, Any]] = []  # the snapshots taken: iteration, seconds
+        self._events: list[dict[str, Any]] | None = None  # the events of the running loop
         self._key: str | None = None  # registry key while the blocks live on the workers
         self._where: dict[int, str] = {}  # partition -> address of the worker holding it
         self._fresh = True  # self._blocks are the blocks of the registry
@@ -145,7 +146,7 @@ class Engine:
         try:
             if keep:
                 try:
-                    self._wait(self.blocks)
+                    self._wait(self._at_rest())
                 except ChainsLost:
                     self._blocks = None  # type: ignore[assignment]
                     raise
@@ -157,6 +158,19 @@ class Engine:
                 self.client.run(_drop, key, workers=sorted(set(self._where.values())))
             except Exception as e:  # noqa: BLE001 - a lost worker has nothing left to drop
                 log.debug("could not empty the block registry: %s", type(e).__name__)
+
+    def _at_rest(self) -> list[Future]:
+        """The blocks as futures that outlive the registry, and a worker lost later: each
+        partition's encoded block with a snapshot of its current cells (dask recomputes a lost
+        one from the input and the snapshot's other copy)."""
+        if self._fresh or self._origin is None:
+            return self.blocks
+        if self._snap is None or self._snap.get("round") != (self._key, self._done):
+            self._take_snapshot(self._events if self._events is not None else [])
+        self._blocks = [self.client.submit(_block.restore_cells, o, own, self.plan, copy, pure=False)
+                        for o, (own, _, copy, _) in zip(self._origin, self._snap["cells"])]
+        self._fresh = True
+        return self._blocks
 
     def _gone(self) -> list[int]:
         """The partitions whose worker is no longer in the cluster."""
@@ -251,7 +265,8 @@ class Engine:
                         raise self._lost(KeyError("worker"))
                     f.result()  # the worker's error
         secs = time.perf_counter() - t0
-        self._snap = {"iteration": self.iteration, "cells": cells, "models": self.model_state(),
+        self._snap = {"iteration": self.iteration, "round": (self._key, self._done), "cells": cells,
+                      "models": self.model_state(),
                       "chain_stats": len(self.chain_stats), "events": len(events), "seconds": secs}
         self.snapshots.append({"iteration": self.iteration, "seconds": round(secs, 4)})
 
@@ -358,6 +373,7 @@ class Engine:
         fused visit computes for the next iteration are recomputed identically by a new round.
         """
         target = self.iteration + iterations
+        self._events = events
         try:
             while True:
                 try:
