@@ -372,7 +372,9 @@ def run(data: Any, config: ImputationConfig, *, checkpoint: str | None = None, c
         schema = Schema(variables=variables, n_rows=sum(rows), n_cols_encoded=n_cols,
                         partition_rows=rows)
         seq = _visit_sequence(schema, visit_sequence)
-        _check_memory(client, schema, m, n_cols, summaries)
+        memory = _check_memory(client, schema, m, n_cols, summaries)
+        log.info("dmice: the chains' state takes an estimated %s at peak on the busiest of %d workers "
+                 "(%s in all)", _size(memory["busiest"]), memory["workers"], _size(sum(memory["peak"])))
         for e in events:
             log.info("logged event: %s: %s", e["variable"], e["event"])
         pool_rate = {j: min(1.0, (donor_pool or INIT_POOL) / v.n_observed)
@@ -394,6 +396,7 @@ def run(data: Any, config: ImputationConfig, *, checkpoint: str | None = None, c
         config_hash = _config_hash(params, variables, rows)
         session = _session.Session(eng, pools=pools, setup=setup, params=params, seq=seq, events=events,
                                    config=config_hash, cluster=cluster)
+        session.memory = memory
         log.info("dmice: %d rows, %d partitions, %d columns to impute, m=%d; set up in %.2f s",
                  schema.n_rows, len(parts), len(models), m, time.perf_counter() - t0)
         restored = _state if _state is not None else None
@@ -811,14 +814,15 @@ def _check_memory(client: Any, schema: Schema, m: int, n_cols: int,
                   summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Refuse a run whose chains cannot fit in the workers' memory, before any block is built."""
     limits = _cluster.memory_limits(client)
-    if not limits or not all(limits):
-        return None  # no limit known: nothing to compare with
     missing = [{v.name: int(s[v.name]["n_missing"]) for v in schema.variables if v.imputed}
                for s in summaries] if summaries and all(summaries) else None
     est = resident_bytes(schema, m, n_cols, missing)
     peak = sorted(est["peak"], reverse=True)
-    per_worker = math.ceil(len(peak) / len(limits))
+    per_worker = math.ceil(len(peak) / max(len(limits), 1))
     worst = sum(peak[:per_worker])  # the worker that gets the largest partitions
+    est = {**est, "busiest": worst, "workers": len(limits)}
+    if not limits or not all(limits):
+        return est  # no limit known: nothing to compare with
     limit = min(limits)
     fraction = _settings.get("memory.fraction")
     usable = fraction * limit - WORKER_BASELINE

@@ -201,6 +201,12 @@ class MultipleImputation:
             lines.append(f"  {self.verdict()}")
         if self._events:
             lines.append(f"  {len(self._events)} logged events (see .logged_events)")
+        memory = getattr(self._session, "memory", None) if self._session is not None else None
+        if memory:
+            from dask.utils import format_bytes
+
+            lines.append(f"  state on the workers: about {format_bytes(memory['busiest'])} at peak on the busiest of "
+                         f"{memory['workers']} workers (estimate)")
         return "\n".join(lines)
 
     # -- completed data ----------------------------------------------------------------------

@@ -226,3 +226,23 @@ def test_screening_drops_overflowed_columns_instead_of_failing():
     A[2, :] = A[:, 2] = np.inf
     drop, why = screen(A, np.ones(4, dtype=bool))
     assert drop == [2] and why == ["not finite"]
+
+
+def test_the_state_estimate_is_in_the_log_and_the_repr(cluster_client, caplog):
+    """The estimate of the state on the workers (what the refusal compares with the workers'
+    memory) is logged when the run starts and shown in the result's repr."""
+    import logging
+
+    from dask.utils import format_bytes
+
+    from dmice import api
+
+    df = _base(5_000)
+    df.loc[::3, "x"] = np.nan
+    with caplog.at_level(logging.INFO, logger="dmice"):
+        imp = dmice.impute(df, m=3, max_iter=1, seed=2)
+    est = api.resident_bytes(imp.schema, 3, imp._engine.plan.n_cols)
+    busiest = max(est["peak"])
+    assert any("state takes an estimated" in r.getMessage() for r in caplog.records)
+    assert f"about {format_bytes(busiest)} at peak on the busiest of" in repr(imp)
+    imp.close()

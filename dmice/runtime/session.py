@@ -140,6 +140,9 @@ class Session:
         self.events = events
         self.config = config
         self.cluster = cluster
+        #: the estimate of the state on the workers (``dmice.api.resident_bytes``, with the peak of
+        #: the busiest worker as ``busiest``), when the run made one
+        self.memory: dict[str, Any] | None = None
 
     @property
     def client(self) -> Any:
