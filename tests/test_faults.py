@@ -179,3 +179,29 @@ def test_a_worker_lost_after_the_run_keeps_the_result(cluster3):
     for a, b in zip(want, _completed(imp, 2)):
         pd.testing.assert_frame_equal(a, b)
     imp.close()
+
+
+def test_a_worker_lost_while_a_checkpoint_is_written(cluster3, monkeypatch, tmp_path):
+    """A checkpoint's files are written from the workers mid-loop; a worker lost just then is
+    recovered from like any other (the write waited for ever on a task pinned to it)."""
+    ddf = _data()
+    kw = dict(m=2, max_iter=4, seed=9, client=cluster3, progress=None)
+    plain = dmice.impute(ddf, **kw)
+    want = _completed(plain, 2)
+    plain.close()
+    killed: list[str] = []
+    original = _engine.Engine.save_state
+
+    def save(self, *a, **k):
+        if not killed and self.iteration == 2:
+            address = self._where[0]
+            os.kill(cluster3.run(os.getpid, workers=[address])[address], signal.SIGKILL)
+            killed.append(address)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(_engine.Engine, "save_state", save)
+    imp = dmice.impute(ddf, checkpoint=str(tmp_path / "ckpt"), **kw)
+    assert killed and len(imp._engine.recoveries) == 1
+    for a, b in zip(want, _completed(imp, 2)):
+        pd.testing.assert_frame_equal(a, b)
+    imp.close()

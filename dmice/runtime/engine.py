@@ -511,8 +511,11 @@ class Engine:
         (paths relative to ``url``, bytes, SHA-256)."""
         from dmice import store
 
+        blocks = self.blocks
         futs = [self.client.submit(store.write_state_partition, b, url, i, storage_options, pure=False)
-                for i, b in enumerate(self.blocks)]
+                for i, b in enumerate(blocks)]
+        if self._key is not None:  # mid-loop: the blocks are tasks pinned to the partitions' workers
+            self._wait(blocks + futs)
         files = self.client.gather(futs)
         return files + store.write_state_meta(url, storage_options, {**meta, "iteration": self.iteration},
                                               self.model_state(), chain_stats)
