@@ -811,8 +811,10 @@ def _size(b: float) -> str:
 
 
 def _check_memory(client: Any, schema: Schema, m: int, n_cols: int,
-                  summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Refuse a run whose chains cannot fit in the workers' memory, before any block is built."""
+                  summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Refuse a run whose chains cannot fit in the workers' memory, before any block is built.
+    Returns the estimate (:func:`resident_bytes`, with ``busiest``: the peak of the worker that
+    gets the largest partitions, and ``workers``: their number)."""
     limits = _cluster.memory_limits(client)
     missing = [{v.name: int(s[v.name]["n_missing"]) for v in schema.variables if v.imputed}
                for s in summaries] if summaries and all(summaries) else None

@@ -21,7 +21,7 @@ latency at one message exchange.  Between runs the blocks
 are ordinary futures again (:attr:`Engine.blocks`).
 
 Lost workers.  The loop keeps a snapshot of the chains: the imputed cells of every
-partition (held by the scheduler as futures, with a replica on a second worker) and the
+partition (task results kept by its worker, and a copy kept by a second worker) and the
 client's side (model warm starts, chain statistics, events), taken at the start and then
 every few iterations, as often as their measured cost allows (:data:`SNAPSHOT_SHARE`).
 When a worker holding partitions leaves, every partition is rebuilt from its encoded
@@ -167,6 +167,8 @@ class Engine:
             return self.blocks
         if self._snap is None or self._snap.get("round") != (self._key, self._done):
             self._take_snapshot(self._events if self._events is not None else [])
+        if self._snap is None:  # none taken
+            return self.blocks
         self._blocks = [self.client.submit(_block.restore_cells, o, own, self.plan, copy, pure=False)
                         for o, (own, _, copy, _) in zip(self._origin, self._snap["cells"])]
         self._fresh = True
@@ -250,7 +252,8 @@ class Engine:
                 own = self.client.submit(_cells, self._key, i, self._done, workers=[a], pure=False)
                 others = [w for w in alive if w != a]
                 b = others[i % len(others)] if others else None
-                copy = self.client.submit(_same, own, workers=[b], allow_other_workers=False,
+                # on b; elsewhere only if b leaves first (a task pinned to a lost worker would wait)
+                copy = self.client.submit(_same, own, workers=[b], allow_other_workers=True,
                                           pure=False) if b is not None else None
                 cells.append((own, a, copy, b))
             self._wait([f for c in cells for f in (c[0], c[2]) if f is not None])

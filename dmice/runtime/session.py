@@ -181,6 +181,7 @@ class Session:
             eng.chain_stats.append({**r, "chain": r["chain"] + plan.m})
         self.events.extend({**e, "event": f"added chains: {e['event']}"} for e in events)
         self.params = {**self.params, "m": plan.m + k}
+        self.memory = None  # the estimate was made for the former m
 
     def close(self) -> None:
         """Release the chains on the workers and close the embedded cluster, if dmice started one."""
