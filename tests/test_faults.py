@@ -205,3 +205,33 @@ def test_a_worker_lost_while_a_checkpoint_is_written(cluster3, monkeypatch, tmp_
     for a, b in zip(want, _completed(imp, 2)):
         pd.testing.assert_frame_equal(a, b)
     imp.close()
+
+
+def test_a_snapshot_copy_recomputed_after_the_loss_is_not_used(cluster3, monkeypatch):
+    """The scheduler recomputes a lost snapshot task on another worker, where it finds no cells:
+    the recovery must take the other copy, not that empty one (found by a kill followed by a
+    pause long enough for the recomputation to finish before the loss is noticed)."""
+    import time
+
+    ddf = _data()
+    kw = dict(m=2, max_iter=3, seed=13, client=cluster3, progress=None)
+    plain = dmice.impute(ddf, **kw)
+    want = _completed(plain, 2)
+    plain.close()
+    original = _engine.Engine._round
+    killed: list[str] = []
+
+    def round_(self, order, request):
+        if not killed and self.iteration + 1 == 2 and self._where:
+            address = self._where[0]
+            os.kill(cluster3.run(os.getpid, workers=[address])[address], signal.SIGKILL)
+            killed.append(address)
+            time.sleep(3)
+        return original(self, order, request)
+
+    monkeypatch.setattr(_engine.Engine, "_round", round_)
+    imp = dmice.impute(ddf, **kw)
+    assert killed and len(imp._engine.recoveries) == 1
+    for a, b in zip(want, _completed(imp, 2)):
+        pd.testing.assert_frame_equal(a, b)
+    imp.close()

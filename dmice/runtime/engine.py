@@ -304,9 +304,18 @@ class Engine:
         # kept either copy's data on the other one's worker, so the holders are asked)
         pairs = [[f for f in (own, copy) if f is not None] for own, _, copy, _ in snap["cells"]]
         held = self.client.who_has([f for pr in pairs for f in pr])
+        cands = [f for pr in pairs for f in pr if set(held.get(f.key, ())) & set(alive)]
+        # a copy the scheduler recomputed after its worker left holds no cells (see _cells): each
+        # candidate is asked, where it is, whether it holds them
+        checks = [self.client.submit(_holds_cells, f, pure=False) for f in cands]
+        try:
+            wait(checks, timeout=30)
+        except TimeoutError:
+            pass
+        valid = {f.key for f, ch in zip(cands, checks) if ch.status == "finished" and ch.result()}
         picked = []
         for pr in pairs:
-            there = [f for f in pr if set(held.get(f.key, ())) & set(alive)]
+            there = [f for f in pr if f.key in valid]
             if not there:
                 log.warning("dmice: both copies of a snapshot of the chains were lost with their workers")
                 return False
@@ -627,6 +636,11 @@ def _cells(key: str, part: int, done: int) -> dict[str, np.ndarray] | None:
     if entry["round"] == done + 1:
         return _block.cells(entry["previous"][part])
     return None
+
+
+def _holds_cells(x: Any) -> bool:
+    """Task: whether a snapshot's copy holds cells (not the None of a recomputed one)."""
+    return x is not None
 
 
 def _same(x: Any) -> Any:
