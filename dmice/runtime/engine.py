@@ -252,8 +252,9 @@ class Engine:
                 own = self.client.submit(_cells, self._key, i, self._done, workers=[a], pure=False)
                 others = [w for w in alive if w != a]
                 b = others[i % len(others)] if others else None
-                # on b; elsewhere only if b leaves first (a task pinned to a lost worker would wait)
-                copy = self.client.submit(_same, own, workers=[b], allow_other_workers=True,
+                # on b only (a copy placed next to its original would be lost with it); if b
+                # leaves first, the wait below ends on a lost worker or times out
+                copy = self.client.submit(_same, own, workers=[b], allow_other_workers=False,
                                           pure=False) if b is not None else None
                 cells.append((own, a, copy, b))
             self._wait([f for c in cells for f in (c[0], c[2]) if f is not None])
